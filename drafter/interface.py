@@ -1,0 +1,29 @@
+"""The contract between the decode loop and any drafter, in-process or remote. One Drafter object is
+one generation session: the verifier sends an update per step and gets a tree (or None) back."""
+from dataclasses import dataclass
+from typing import Protocol
+
+from drafter.tree import DraftTree
+
+
+@dataclass
+class Feedback:
+    """The verifier's verdict on the previous tree."""
+    accepted: list[int]             # node ids of the accepted root-to-node path (may be empty)
+    target_probs: list[float]       # per node: target probability of its token given its path
+
+
+@dataclass
+class VerifierUpdate:
+    new_tokens: list[int]           # tokens committed since the last update (the prompt on the first)
+    feedback: Feedback | None       # verdict on the previous tree, None if there was none
+    max_nodes: int                  # node budget for the tree to return
+    vocab_size: int
+
+
+class Drafter(Protocol):
+    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+        """Absorb the update and propose a tree within update.max_nodes, or None to skip drafting."""
+
+    def close(self) -> None:
+        """End the session and free its state."""

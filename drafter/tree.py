@@ -1,0 +1,50 @@
+"""DraftTree: the drafter's proposal, flat arrays in topological order."""
+from dataclasses import dataclass, field
+
+
+class TreeError(ValueError):
+    """A draft tree that breaks the contract; the message names the bad node and value."""
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """tokens[i] is the drafted token of node i; parents[i] is its parent node, or -1 when node i
+    continues the last committed token directly. Parents come before children (parents[i] < i).
+    Siblings may repeat a token (sampled trees do); deterministic verification takes the first.
+
+    Validated on construction against the target's vocabulary and the node budget."""
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+    vocab_size: int
+    max_nodes: int
+    depths: tuple[int, ...] = field(init=False, repr=False)  # root nodes have depth 1
+
+    def __post_init__(self):
+        tokens, parents = tuple(int(t) for t in self.tokens), tuple(int(p) for p in self.parents)
+        n = len(tokens)
+        if n == 0:
+            raise TreeError("empty draft tree: propose None for no draft")
+        if n > self.max_nodes:
+            raise TreeError(f"draft tree has {n} nodes, over the budget of {self.max_nodes}")
+        if len(parents) != n:
+            raise TreeError(f"draft tree has {n} tokens but {len(parents)} parents")
+        depths = []
+        for i, (tok, par) in enumerate(zip(tokens, parents)):
+            if not 0 <= tok < self.vocab_size:
+                raise TreeError(f"node {i}: token {tok} outside the vocabulary [0, {self.vocab_size})")
+            if not -1 <= par < i:
+                raise TreeError(f"node {i}: parent {par} must be -1 or an earlier node (parents before children)")
+            depths.append(1 if par < 0 else depths[par] + 1)
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "parents", parents)
+        object.__setattr__(self, "depths", tuple(depths))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths)
+
+    def path_tokens(self, nodes: list[int]) -> list[int]:
+        return [self.tokens[i] for i in nodes]

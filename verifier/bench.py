@@ -1,0 +1,99 @@
+"""`specdraft bench`: target forward costs from one run (no timed assertions; these machines are noisy).
+
+Prints ms per plain decode step and per tree forward for several N in fp32 and bf16, and the ratio of
+our decode step to transformers' `generate` on the same weights, both measured as
+(time for 1 + n tokens - time for 1 token) / n after the same prompt."""
+import random
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from drafter.tree import DraftTree
+from verifier.engine import generate
+from verifier.rules import SamplingParams
+from verifier.target import TorchTarget
+from verifier.assets import DTYPES, load_transformer
+
+
+def random_tree(n: int, vocab: int, rng: random.Random) -> DraftTree:
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, n)]
+    return DraftTree([rng.randrange(vocab) for _ in range(n)], parents, vocab, n)
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def ours_ms_per_token(target: TorchTarget, prompt: list[int], n: int) -> float:
+    def run(k):
+        t0 = time.perf_counter()
+        for _ in generate(target, prompt, SamplingParams(), k, stop_ids=set()):
+            pass
+        return time.perf_counter() - t0
+    run(2)
+    return 1000 * (run(1 + n) - run(1)) / n
+
+
+def hf_ms_per_token(hf, prompt: list[int], n: int) -> float:
+    ids = torch.tensor([prompt])
+
+    def run(k):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(ids))
+        return time.perf_counter() - t0
+    run(2)
+    return 1000 * (run(1 + n) - run(1)) / n
+
+
+def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(0)
+    results = {}
+    jobs = [(dtype, kind) for dtype in DTYPES for kind in ["decode", *tree_sizes, "ours-gen", "hf-gen"]]
+    bar = tqdm(jobs, desc="bench", unit="case")
+    for dtype in DTYPES:
+        target = TorchTarget(load_transformer(path, dtype, prefix_len + max(tree_sizes) + gen_tokens + 8))
+        vocab = target.vocab_size
+        prompt = [rng.randrange(vocab) for _ in range(prefix_len)]
+        target.prefill(prompt)
+        r = results[dtype] = {}
+        bar.set_postfix_str(f"{dtype} decode")
+        r["decode_ms"] = median_ms(lambda: target.verify_forward(1, None), reps)
+        bar.update()
+        for n in tree_sizes:
+            bar.set_postfix_str(f"{dtype} tree N={n}")
+            tree = random_tree(n, vocab, rng)
+            r[f"tree{n}_ms"] = median_ms(lambda: target.verify_forward(1, tree), reps)
+            r[f"tree{n}_over_decode"] = r[f"tree{n}_ms"] / r["decode_ms"]
+            bar.update()
+        bar.set_postfix_str(f"{dtype} ours generate")
+        r["ours_generate_ms_per_token"] = ours_ms_per_token(target, prompt, gen_tokens)
+        bar.update()
+        bar.set_postfix_str(f"{dtype} transformers generate")
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        r["hf_generate_ms_per_token"] = hf_ms_per_token(hf, prompt, gen_tokens)
+        r["ours_over_hf"] = r["ours_generate_ms_per_token"] / r["hf_generate_ms_per_token"]
+        bar.update()
+        del hf
+    bar.close()
+    return results
+
+
+def print_bench(results: dict, tree_sizes: list[int], prefix_len: int) -> None:
+    cols = ["decode ms"] + [f"N={n} ms (x decode)" for n in tree_sizes] + ["ours gen ms/tok", "HF gen ms/tok", "ours/HF"]
+    print(f"\ntarget forward costs, {prefix_len}-token prefix, {torch.get_num_threads()} threads")
+    print(f"{'dtype':<10}" + "".join(f"{c:>20}" for c in cols))
+    for dtype, r in results.items():
+        cells = [f"{r['decode_ms']:.1f}"] + [f"{r[f'tree{n}_ms']:.1f} ({r[f'tree{n}_over_decode']:.2f})" for n in tree_sizes]
+        cells += [f"{r['ours_generate_ms_per_token']:.1f}", f"{r['hf_generate_ms_per_token']:.1f}", f"{r['ours_over_hf']:.2f}"]
+        print(f"{dtype:<10}" + "".join(f"{c:>20}" for c in cells))

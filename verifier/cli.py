@@ -1,0 +1,102 @@
+"""The `specdraft` command."""
+import argparse
+import logging
+import sys
+
+EPILOG = "Bad input (config key, type, missing file) exits with code 2 and one line naming it."
+
+
+def cmd_eval(args) -> None:
+    from verifier.config import load_config, validate
+    from verifier.evaluate import print_table, run_eval
+
+    cfg = load_config(args.config)
+    if args.full:
+        cfg.eval.num_prompts = 0
+    for key in ("num_prompts", "max_new_tokens", "output"):
+        if getattr(args, key) is not None:
+            setattr(cfg.eval, key, getattr(args, key))
+    if args.datasets:
+        cfg.eval.datasets = args.datasets.split(",")
+    if args.no_baseline:
+        cfg.eval.baseline = False
+    report = run_eval(validate(cfg))
+    print_table(report)
+    print(f"report: {cfg.eval.output}")
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from verifier.assets import model_dir
+    from verifier.bench import print_bench, run_bench
+    from verifier.config import load_config
+
+    cfg = load_config(args.config)
+    if cfg.target.threads:
+        torch.set_num_threads(cfg.target.threads)
+    sizes = [int(n) for n in args.tree_sizes.split(",")]
+    results = run_bench(model_dir(cfg.target.model), args.prefix_len, sizes, args.reps, args.gen_tokens)
+    print_bench(results, sizes, args.prefix_len)
+
+
+def cmd_prepare(args) -> None:
+    from verifier.assets import model_dir
+
+    print(model_dir(args.model))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specdraft", description="Speculative-decoding drafting service.", epilog=EPILOG)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="offline acceptance-rate evaluation on MT-Bench and HumanEval",
+                       description="Decode each prompt plainly (AR) and speculatively with the same target in one run; "
+                                   "print tau, acceptance per depth, drafting/verify ms, tokens/s, speedup and, at "
+                                   "temperature 0, whether the outputs equal AR exactly. Writes a JSON report.",
+                       epilog=EPILOG)
+    e.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    e.add_argument("--num-prompts", type=int, help="prompts per dataset (overrides eval.num_prompts; 0 = all)")
+    e.add_argument("--full", action="store_true", help="every prompt of every dataset (80 MT-Bench + 164 HumanEval)")
+    e.add_argument("--max-new-tokens", type=int, help="overrides eval.max_new_tokens")
+    e.add_argument("--datasets", help="comma-separated subset of mt_bench,humaneval")
+    e.add_argument("--output", help="JSON report path (overrides eval.output)")
+    e.add_argument("--no-baseline", action="store_true", help="skip the AR baseline (no speedup or exact match)")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="target forward costs: decode step, tree forwards, ratio to transformers",
+                       description="Measure, in one run, ms per decode step and per tree forward in fp32 and bf16, "
+                                   "and our decode speed against transformers' generate on the same weights.",
+                       epilog=EPILOG)
+    b.add_argument("--config", default="configs/default.yaml", help="YAML config for the target (default: %(default)s)")
+    b.add_argument("--tree-sizes", default="16,32,64", help="tree node counts N (default: %(default)s)")
+    b.add_argument("--prefix-len", type=int, default=128, help="cached context before each forward (default: %(default)s)")
+    b.add_argument("--reps", type=int, default=10, help="timed repetitions per case, median reported (default: %(default)s)")
+    b.add_argument("--gen-tokens", type=int, default=32, help="tokens per generate timing (default: %(default)s)")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
+    r.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name (default: %(default)s)")
+    r.set_defaults(func=cmd_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from verifier.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"specdraft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Deployment / evaluation config: dataclasses with defaults that run, loaded from YAML strictly
+(an unknown key, a wrong type or a bad value is a ConfigError naming the key)."""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from drafter.ngram import NgramConfig
+from verifier.rules import SamplingParams
+
+DATASETS = ("mt_bench", "humaneval")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TargetConfig:
+    model: str = "smollm2-135m-instruct"   # an embedded model's name or a safetensors model folder
+    dtype: typing.Literal["float32", "bfloat16"] = "float32"
+    max_seq_len: int = 2048                 # KV cache slots: prompt + generated + one tree
+    threads: int = 0                        # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class DrafterConfig:
+    kind: typing.Literal["ngram"] = "ngram"
+    max_nodes: int = 8                      # node budget per draft tree
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    num_prompts: int = 6                    # per dataset; 0 = all
+    max_new_tokens: int = 96
+    output: str = "reports/eval.json"
+    baseline: bool = True                   # also run plain AR decoding for speedup and exact match
+
+
+@dataclass
+class Config:
+    target: TargetConfig = field(default_factory=TargetConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(hint)))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check(v, typing.get_args(hint)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        return _check(value, hint, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data, key: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{key + '.' if key else ''}{k}: unknown key (known: {', '.join(sorted(names))})")
+    return cls(**{k: _check(v, hints[k], f"{key + '.' if key else ''}{k}") for k, v in data.items()})
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks the types cannot express."""
+    positive = {"target.max_seq_len": cfg.target.max_seq_len, "drafter.max_nodes": cfg.drafter.max_nodes,
+                "drafter.ngram.max_depth": cfg.drafter.ngram.max_depth, "drafter.ngram.min_ngram": cfg.drafter.ngram.min_ngram,
+                "drafter.ngram.max_matches": cfg.drafter.ngram.max_matches, "eval.max_new_tokens": cfg.eval.max_new_tokens}
+    nonneg = {"target.threads": cfg.target.threads, "sampling.top_k": cfg.sampling.top_k,
+              "eval.num_prompts": cfg.eval.num_prompts, "sampling.temperature": cfg.sampling.temperature}
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+    for key, v in nonneg.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+    if cfg.drafter.ngram.max_ngram < cfg.drafter.ngram.min_ngram:
+        raise ConfigError(f"drafter.ngram.max_ngram: {cfg.drafter.ngram.max_ngram} < min_ngram {cfg.drafter.ngram.min_ngram}")
+    if not 0 < cfg.sampling.top_p <= 1:
+        raise ConfigError(f"sampling.top_p: must be in (0, 1], got {cfg.sampling.top_p}")
+    for i, name in enumerate(cfg.eval.datasets):
+        if name not in DATASETS:
+            raise ConfigError(f"eval.datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return validate(_build(Config, data, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,58 @@
+"""The decode loop: prefill -> repeat {draft tree -> tree forward -> verification rule -> commit ->
+feedback} -> stop at a stop token or max_new_tokens. Without a drafter the same loop is plain
+autoregressive decoding on the same backend (the baseline). Committed tokens stream out per step."""
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from drafter.interface import Drafter, Feedback, VerifierUpdate
+from verifier.rules import SamplingParams, next_tokens, verify
+from verifier.target import Target
+
+
+@dataclass
+class Step:
+    tokens: list[int]       # committed by this step, in order (already cut at a stop token / budget)
+    accepted: int           # draft tokens accepted (tokens = accepted draft tokens + 1 bonus)
+    tree_nodes: int         # 0 for a plain decoding step
+    tree_depth: int
+    draft_s: float
+    verify_s: float         # target forward + rule + commit
+
+
+def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+             stop_ids: set[int], drafter: Drafter | None = None, max_nodes: int = 32) -> Iterator[Step]:
+    """Yield one Step per target forward (the first from the prefill)."""
+    generator = torch.Generator().manual_seed(params.seed)
+    t0 = time.perf_counter()
+    logits = target.prefill(prompt)
+    first = int(next_tokens(logits[None], params, generator)[0][0])
+    yield Step([first], 0, 0, 0, 0.0, time.perf_counter() - t0)
+    produced, pending = 1, first
+    new_tokens, feedback = prompt + [first], None
+    while produced < max_new_tokens and pending not in stop_ids:
+        t0 = time.perf_counter()
+        # never draft past the generation budget or the KV cache
+        budget = min(max_nodes, max_new_tokens - produced - 1, target.max_seq_len - target.length - 1)
+        tree = None
+        if drafter is not None and budget > 0:
+            tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size))
+        t1 = time.perf_counter()
+        logits = target.verify_forward(pending, tree)
+        verdict = verify(logits, tree, params, generator)
+        target.commit(verdict.accepted)
+        t2 = time.perf_counter()
+        tokens = (tree.path_tokens(verdict.accepted) if tree else []) + [verdict.bonus]
+        for i, tok in enumerate(tokens):  # plain decoding would have stopped at the first stop token
+            if tok in stop_ids:
+                tokens = tokens[:i + 1]
+                break
+        tokens = tokens[:max_new_tokens - produced]
+        produced += len(tokens)
+        pending = tokens[-1]
+        new_tokens = tokens
+        feedback = Feedback(verdict.accepted, verdict.target_probs) if tree else None
+        yield Step(tokens, len(verdict.accepted), len(tree) if tree else 0, tree.depth if tree else 0,
+                   t1 - t0, t2 - t1)

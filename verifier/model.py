@@ -1,0 +1,163 @@
+"""Llama-family target model in plain torch (gpt-fast style): fused projections, one preallocated KV
+cache for all layers, and a forward that takes explicit cache slots, RoPE positions and an attention
+mask, so prefill, plain decoding and tree verification are the same call."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 49152
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        rope = cfg.get("rope_parameters") or {}
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg["num_key_value_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"],
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            norm_eps=float(cfg["rms_norm_eps"]),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in fp32, as the reference implementation does, also under bf16
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim], rotate-half layout (HF weights)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [1, H, T, D]; cos/sin: [T, D]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        a = args
+        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def forward(self, x, cos, sin, kv, start: int, mask):
+        # x: [1, T, dim]; kv: [2, 1, H_kv, S, D] this layer's cache; mask: [T, start+T] bool or None
+        a = self.args
+        t = x.shape[1]
+        q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        q = apply_rope(q.view(1, t, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
+        kv[0, :, :, start:start + t] = k
+        kv[1, :, :, start:start + t] = v.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        keys, values = kv[0, :, :, :start + t], kv[1, :, :, :start + t]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(1, t, a.n_heads * a.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, kv, start, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv, start, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, max_seq_len: int):
+        super().__init__()
+        self.args = args
+        self.max_seq_len = max_seq_len
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args, max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # All layers' K and V in one tensor so that KV compaction is a single gather.
+        self.register_buffer("kv", torch.zeros(args.n_layers, 2, 1, args.n_kv_heads, max_seq_len, args.head_dim),
+                             persistent=False)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens, positions: [T] int64; the T new entries are written to cache slots start..start+T-1.
+        mask: [T, start+T] bool (True = may attend) or None, which means causal over the new tokens
+        and full view of the cache before them.
+        Returns logits [T, V] float32 and the final hidden states [T, dim] (before the last norm)."""
+        t = tokens.shape[0]
+        if mask is None and t > 1:
+            mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+        mask = None if mask is None else mask.to(self.kv.device)
+        x = self.tok_embeddings(tokens).unsqueeze(0)  # [1, T, dim]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, self.kv[i], start, mask)
+        hidden = x[0]
+        h = self.norm(x)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight)[0].float(), hidden
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load Llama weights named as in transformers (model.layers.N.self_attn.q_proj.weight, ...)."""
+        own = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+        if self.output is not None:
+            own["output.weight"] = sd["lm_head.weight"]
+        for i in range(self.args.n_layers):
+            p = f"model.layers.{i}."
+            own[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
+                [sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
+            own[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+            own[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+            own[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+            own[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+            own[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        self.load_state_dict(own, strict=True)

@@ -1,0 +1,62 @@
+"""The target backend interface and our torch implementation of it.
+
+Cache convention: the last committed token is *pending*, not yet in the KV cache; every forward takes
+it as its first input. So a step is: verify_forward(pending, tree) -> logits for the pending token and
+every node; commit(accepted) keeps the pending token's and the accepted nodes' KV, drops the rest."""
+from typing import Protocol
+
+import torch
+
+from drafter.tree import DraftTree
+from kernels import compact_kv, verify_attention_mask
+from verifier.model import Transformer
+
+
+class Target(Protocol):
+    vocab_size: int
+    max_seq_len: int
+    length: int  # committed tokens in the KV cache
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        """Start a new sequence; returns the logits [V] after its last token."""
+
+    def verify_forward(self, pending: int, tree: DraftTree | None) -> torch.Tensor:
+        """Logits [N+1, V]: row 0 after `pending`, row i+1 after draft node i (N = 0 without a tree)."""
+
+    def commit(self, accepted: list[int]) -> None:
+        """Keep the pending token and the accepted nodes (root to deepest) of the last forward."""
+
+
+class TorchTarget:
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.vocab_size = model.args.vocab_size
+        self.max_seq_len = model.max_seq_len
+        self.length = 0
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        if not 0 < n <= self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the KV cache of {self.max_seq_len}")
+        logits, _ = self.model(torch.tensor(tokens), torch.arange(n), 0, None)
+        self.length = n
+        return logits[-1]
+
+    def verify_forward(self, pending: int, tree: DraftTree | None) -> torch.Tensor:
+        start = self.length
+        n = 0 if tree is None else len(tree)
+        if start + n + 1 > self.max_seq_len:
+            raise ValueError(f"KV cache full: {start} cached + {n + 1} new > {self.max_seq_len}")
+        if tree is None:
+            logits, _ = self.model(torch.tensor([pending]), torch.tensor([start]), start, None)
+            return logits
+        tokens = torch.tensor((pending,) + tree.tokens)
+        positions = start + torch.tensor((0,) + tree.depths)  # depth along the path, as sequential decoding
+        mask = verify_attention_mask(start, torch.tensor(tree.parents))
+        logits, _ = self.model(tokens, positions, start, mask)
+        return logits
+
+    def commit(self, accepted: list[int]) -> None:
+        # the forward wrote the pending token at slot `length` and node i at slot length + 1 + i
+        compact_kv(self.model.kv, torch.tensor(accepted, dtype=torch.long) + self.length + 1, self.length + 1)
+        self.length += 1 + len(accepted)
