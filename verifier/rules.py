@@ -53,16 +53,10 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return sample_per_node(probs, generator), probs
 
 
-def verify(logits: torch.Tensor, tree: DraftTree | None, params: SamplingParams,
-           generator: torch.Generator | None) -> Verdict:
-    """Greedy (temperature 0) or lossless sampling for a deterministic tree: at each node the target
-    picks its token y (argmax, or a sample of p); if a child carries y, descend into the first such
-    child, else emit y and stop. Every visited node uses an independent draw from its own target
-    distribution, so the emitted tokens are distributed exactly as plain decoding's."""
-    choice, probs = next_tokens(logits, params, generator)  # [N+1], [N+1, V]
-    choice = choice.tolist()
-    if tree is None:
-        return Verdict([], choice[0], [])
+def walk(tree: DraftTree, choice: list[int]) -> tuple[list[int], int]:
+    """Follow the target's choices through the tree. choice[0] is its token after the last committed
+    token, choice[i+1] its token after node i. Descend into the first child carrying the chosen token;
+    stop at the first node without one. Returns (accepted node ids, bonus token)."""
     children: dict[int, list[int]] = {}
     for i, par in enumerate(tree.parents):
         children.setdefault(par, []).append(i)
@@ -71,9 +65,21 @@ def verify(logits: torch.Tensor, tree: DraftTree | None, params: SamplingParams,
         want = choice[node + 1]
         nxt = next((c for c in children.get(node, ()) if tree.tokens[c] == want), None)
         if nxt is None:
-            break
+            return accepted, want
         accepted.append(nxt)
         node = nxt
+
+
+def verify(logits: torch.Tensor, tree: DraftTree | None, params: SamplingParams,
+           generator: torch.Generator | None) -> Verdict:
+    """Greedy (temperature 0) or lossless sampling for a deterministic tree: at each node the target
+    picks its token (argmax, or a sample of p) and the walk descends while a child carries it. Each
+    visited node uses an independent draw from its own target distribution, so the emitted tokens are
+    distributed exactly as plain decoding's."""
+    choice, probs = next_tokens(logits, params, generator)  # [N+1], [N+1, V]
+    choice = choice.tolist()
+    if tree is None:
+        return Verdict([], choice[0], [])
+    accepted, bonus = walk(tree, choice)
     rows = torch.tensor([p + 1 for p in tree.parents])
-    tp = probs[rows, torch.tensor(tree.tokens)].tolist()
-    return Verdict(accepted, want, tp)
+    return Verdict(accepted, bonus, probs[rows, torch.tensor(tree.tokens)].tolist())

@@ -1,0 +1,64 @@
+"""Fakes for unit tests, named as such: a table-driven target over a tiny vocabulary and a drafter
+that proposes a fixed tree. Never used outside tests."""
+import functools
+
+import torch
+
+from drafter.tree import DraftTree
+
+
+def fake_logits(context: tuple[int, ...], vocab: int, seed: int = 0) -> torch.Tensor:
+    """Deterministic next-token logits [V] for a context: depends on the last two tokens, spread
+    enough that no token is negligible or dominant."""
+    return _fake_logits(tuple(context[-2:]), vocab, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _fake_logits(last_two: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash((seed,) + last_two) % (2**31))
+    return 1.5 * torch.randn(vocab, generator=g)
+
+
+class FakeTarget:
+    """Implements the Target protocol with fake_logits; its 'KV cache' is the committed token list."""
+
+    def __init__(self, vocab: int, max_seq_len: int = 10_000, seed: int = 0):
+        self.vocab_size, self.max_seq_len, self.seed = vocab, max_seq_len, seed
+        self.committed: list[int] = []
+        self.length = 0
+        self._last = None
+
+    def prefill(self, tokens):
+        self.committed = list(tokens)
+        self.length = len(tokens)
+        return fake_logits(tuple(self.committed), self.vocab_size, self.seed)
+
+    def verify_forward(self, pending, tree):
+        rows = [tuple(self.committed) + (pending,)]
+        if tree is not None:
+            paths = []
+            for i, par in enumerate(tree.parents):
+                paths.append((paths[par] if par >= 0 else ()) + (tree.tokens[i],))
+                rows.append(rows[0] + paths[-1])
+        self._last = (pending, tree)
+        return torch.stack([fake_logits(r, self.vocab_size, self.seed) for r in rows])
+
+    def commit(self, accepted):
+        pending, tree = self._last
+        self.committed += [pending] + [tree.tokens[i] for i in accepted]
+        self.length = len(self.committed)
+
+
+class FixedTreeDrafter:
+    """Proposes the same tree shape every step: tokens[i] for node i under parents[i]."""
+
+    def __init__(self, tokens, parents):
+        self.tokens, self.parents = tokens, parents
+
+    def draft(self, update):
+        n = min(len(self.tokens), update.max_nodes)
+        keep = [i for i in range(n) if self.parents[i] < n]
+        return DraftTree([self.tokens[i] for i in keep], [self.parents[i] for i in keep], update.vocab_size, update.max_nodes)
+
+    def close(self):
+        pass

@@ -1,0 +1,65 @@
+"""The `specdraft` command: strict config errors (exit 2, one line naming the key or file) and a real
+`specdraft eval` process on the real model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from verifier.cli import main
+from verifier.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("target: {modle: x}\n", "target.modle: unknown key"),
+    ("eval: {num_prompts: many}\n", "eval.num_prompts: expected int, got 'many'"),
+    ("eval: {baseline: 1}\n", "eval.baseline: expected bool, got 1"),
+    ("target: {dtype: float16}\n", "target.dtype: 'float16' is not one of float32, bfloat16"),
+    ("eval: {datasets: [mt_bench, gsm8k]}\n", "eval.datasets[1]: 'gsm8k' is not one of"),
+    ("sampling: {top_p: 1.5}\n", "sampling.top_p: must be in (0, 1]"),
+    ("drafter: {max_nodes: 0}\n", "drafter.max_nodes: must be > 0"),
+    ("drafter: {ngram: {max_ngram: 1, min_ngram: 2}}\n", "drafter.ngram.max_ngram: 1 < min_ngram 2"),
+    ("target: [1, 2]\n", "target: expected a mapping"),
+    ("eval: {num_prompts: 3\n", "not valid YAML"),
+])
+def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_text, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and str(cfg) in err, err
+
+
+def test_missing_config_file_and_model_folder(tmp_path, capsys):
+    assert main(["eval", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: config file not found" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"target: {{model: {tmp_path / 'no-model'}}}\n")
+    assert main(["eval", "--config", str(cfg)]) == 2
+    assert "no-model: not a model folder" in capsys.readouterr().err
+
+
+def test_shipped_configs_load_and_defaults_match_default_yaml():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        load_config(path)
+    assert load_config(ROOT / "configs" / "default.yaml") == Config()
+
+
+@pytest.mark.model
+def test_eval_process_on_the_real_model(tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "verifier.cli", "eval", "--config", str(ROOT / "configs" / "default.yaml"),
+         "--num-prompts", "1", "--max-new-tokens", "24", "--output", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup" in proc.stdout and "mt_bench" in proc.stdout and "humaneval" in proc.stdout
+    report = json.loads(out.read_text())
+    for name in ("mt_bench", "humaneval"):
+        s = report["datasets"][name]
+        assert s["prompts"] == 1 and s["exact_match"] is True and s["tau"] >= 1.0
+        assert 0 < s["speedup"] and s["verify_ms_per_step"] > 0
+        assert report["outputs"][name][0]["text"]

@@ -1,0 +1,109 @@
+"""The decode loop on the real target at temperature 0: speculative output equals plain greedy
+decoding token for token, whatever the drafter proposes."""
+import inspect
+import random
+
+import pytest
+
+from drafter.ngram import NgramConfig, NgramDrafter
+from drafter.tree import DraftTree
+from verifier.engine import generate
+from verifier.rules import SamplingParams
+
+pytestmark = pytest.mark.model
+
+MESSAGES = [
+    "Write a Python function that checks whether a number is prime.",
+    "Compose an engaging travel blog post about a recent trip to Hawaii.",
+    "Explain the difference between a list and a tuple in Python, with examples.",
+]
+GREEDY = SamplingParams()
+
+
+class OracleDrafter:
+    """Fake drafter that knows the AR output: drafts its next `depth` tokens as a chain plus a wrong
+    sibling at every level, so long paths are accepted and rejected branches sit between them."""
+
+    def __init__(self, reference, depth=6):
+        self.ref, self.n, self.depth = reference, 0, depth  # n = tokens committed so far
+        self.rng = random.Random(0)
+
+    def draft(self, update):
+        self.n += len(update.new_tokens)
+        nxt = self.ref[self.n:self.n + self.depth]
+        if not nxt:
+            return None
+        tokens, parents, last = [], [], -1
+        for tok in nxt[:update.max_nodes // 2]:
+            tokens += [(tok + 1 + self.rng.randrange(100)) % update.vocab_size, tok]  # wrong sibling first
+            parents += [last, last]
+            last = len(tokens) - 1
+        return DraftTree(tokens, parents, update.vocab_size, update.max_nodes) if tokens else None
+
+    def close(self):
+        pass
+
+
+class GarbageDrafter:
+    """Fake drafter proposing random tokens: everything is rejected, output must not change."""
+
+    def __init__(self):
+        self.rng = random.Random(1)
+
+    def draft(self, update):
+        n = update.max_nodes
+        return DraftTree([self.rng.randrange(update.vocab_size) for _ in range(n)],
+                         [-1] + [self.rng.randrange(-1, i) for i in range(1, n)], update.vocab_size, n)
+
+    def close(self):
+        pass
+
+
+def prompt_ids(tokenizer, text):
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+
+
+def run(target, prompt, drafter, max_new=48, stops=frozenset({2}), max_nodes=12):
+    return [t for s in generate(target, prompt, GREEDY, max_new, set(stops), drafter, max_nodes) for t in s.tokens]
+
+
+@pytest.fixture(scope="module")
+def prompts_and_ar(target_fp32, tokenizer):
+    out = []
+    for text in MESSAGES:
+        ids = prompt_ids(tokenizer, text)
+        out.append((ids, run(target_fp32, ids, None)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ngram", "oracle", "garbage"])
+def test_greedy_speculative_equals_ar_token_for_token(kind, target_fp32, prompts_and_ar):
+    for ids, ar in prompts_and_ar:
+        drafter = {"ngram": lambda: NgramDrafter(NgramConfig()), "oracle": lambda: OracleDrafter(ids + ar),
+                   "garbage": GarbageDrafter}[kind]()
+        assert run(target_fp32, ids, drafter) == ar
+
+
+def test_oracle_drafts_are_accepted_in_long_runs(target_fp32, prompts_and_ar):
+    ids, ar = prompts_and_ar[0]
+    steps = list(generate(target_fp32, ids, GREEDY, 48, {2}, OracleDrafter(ids + ar), 12))
+    assert max(s.accepted for s in steps) == 6  # the whole drafted chain
+    assert len(steps) < len(ar) / 3
+
+
+def test_stop_token_inside_an_accepted_path_ends_generation_like_ar(target_fp32, prompts_and_ar):
+    ids, ar = prompts_and_ar[1]
+    stop = ar[10]  # a token the oracle will draft mid-chain
+    expected = ar[:ar.index(stop) + 1]
+    assert run(target_fp32, ids, None, stops={stop}) == expected
+    assert run(target_fp32, ids, OracleDrafter(ids + ar), stops={stop}) == expected
+
+
+def test_generation_streams_steps(target_fp32, prompts_and_ar):
+    ids, ar = prompts_and_ar[0]
+    stream = generate(target_fp32, ids, GREEDY, 48, {2}, NgramDrafter(NgramConfig()))
+    assert inspect.isgenerator(stream)
+    first = next(stream)  # available before the rest is decoded
+    assert first.tokens == ar[:1] and first.tree_nodes == 0
+    assert first.tokens + [t for s in stream for t in s.tokens] == ar
