@@ -10,7 +10,9 @@ from drafter.tree import DraftTree
 class Feedback:
     """The verifier's verdict on the previous tree."""
     accepted: list[int]             # node ids of the accepted root-to-node path (may be empty)
-    target_probs: list[float]       # per node: target probability of its token given its path
+    target_probs: dict[int, float]  # node -> target probability of its token given its path, for every
+                                    # node whose parent the verifier evaluated (the accepted path's
+                                    # children and the roots)
 
 
 @dataclass

@@ -42,7 +42,7 @@ def compact_kv(kv: torch.Tensor, src: torch.Tensor, dst_start: int) -> None:
 def sample_per_node(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One independent sample from each row of probs [M, V] -> [M] int64.
 
-    Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks index x with probability p(x);
-    one vectorised draw for all tree nodes (and the same code path for plain decoding, M = 1)."""
+    Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks index x with probability p(x).
+    The decode loop draws one row per visited node (M = 1); rules over many rows draw them at once."""
     e = torch.empty(probs.shape, dtype=torch.float32, device=probs.device).exponential_(1.0, generator=generator)
     return (probs.float() / e).argmax(dim=-1)

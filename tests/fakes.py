@@ -20,7 +20,8 @@ def _fake_logits(last_two: tuple[int, ...], vocab: int, seed: int) -> torch.Tens
 
 
 class FakeTarget:
-    """Implements the Target protocol with fake_logits; its 'KV cache' is the committed token list."""
+    """Implements the Target protocol with fake_logits; its 'KV cache' is the committed token list and
+    its state rows are the logits themselves."""
 
     def __init__(self, vocab: int, max_seq_len: int = 10_000, seed: int = 0):
         self.vocab_size, self.max_seq_len, self.seed = vocab, max_seq_len, seed
@@ -31,7 +32,7 @@ class FakeTarget:
     def prefill(self, tokens):
         self.committed = list(tokens)
         self.length = len(tokens)
-        return fake_logits(tuple(self.committed), self.vocab_size, self.seed)
+        return fake_logits(tuple(self.committed), self.vocab_size, self.seed)[None]
 
     def verify_forward(self, pending, tree):
         rows = [tuple(self.committed) + (pending,)]
@@ -42,6 +43,9 @@ class FakeTarget:
                 rows.append(rows[0] + paths[-1])
         self._last = (pending, tree)
         return torch.stack([fake_logits(r, self.vocab_size, self.seed) for r in rows])
+
+    def logits(self, rows):
+        return rows
 
     def commit(self, accepted):
         pending, tree = self._last

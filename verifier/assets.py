@@ -86,9 +86,7 @@ def load_transformer(path: Path, dtype: str, max_seq_len: int) -> Transformer:
     cfg = json.loads((path / "config.json").read_text())
     model = Transformer(ModelArgs.from_hf_config(cfg), max_seq_len)
     model.load_hf_state_dict(load_file(path / "model.safetensors"))
-    model = model.to(DTYPES[dtype]).eval()
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep RoPE in fp32
-    return model
+    return model.to(DTYPES[dtype]).finalize()
 
 
 def load_tokenizer(path: Path):

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from drafter.interface import Drafter, Feedback, VerifierUpdate
-from verifier.rules import SamplingParams, next_tokens, verify
+from verifier.rules import SamplingParams, next_token, verify
 from verifier.target import Target
 
 
@@ -27,8 +27,8 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
     """Yield one Step per target forward (the first from the prefill)."""
     generator = torch.Generator().manual_seed(params.seed)
     t0 = time.perf_counter()
-    logits = target.prefill(prompt)
-    first = int(next_tokens(logits[None], params, generator)[0][0])
+    states = target.prefill(prompt)
+    first, _ = next_token(target.logits(states[-1:])[0], params, generator)
     yield Step([first], 0, 0, 0, 0.0, time.perf_counter() - t0)
     produced, pending = 1, first
     new_tokens, feedback = prompt + [first], None
@@ -40,8 +40,8 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
         if drafter is not None and budget > 0:
             tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size))
         t1 = time.perf_counter()
-        logits = target.verify_forward(pending, tree)
-        verdict = verify(logits, tree, params, generator)
+        states = target.verify_forward(pending, tree)
+        verdict = verify(lambda row: target.logits(states[row:row + 1])[0], tree, params, generator)
         target.commit(verdict.accepted)
         t2 = time.perf_counter()
         tokens = (tree.path_tokens(verdict.accepted) if tree else []) + [verdict.bonus]

@@ -1,6 +1,7 @@
 """Llama-family target model in plain torch (gpt-fast style): fused projections, one preallocated KV
 cache for all layers, and a forward that takes explicit cache slots, RoPE positions and an attention
-mask, so prefill, plain decoding and tree verification are the same call."""
+mask, so prefill, plain decoding and tree verification are the same call. The LM head is separate
+(`lm_head`): verification needs logits only at the tree nodes it visits."""
 from dataclasses import dataclass
 
 import torch
@@ -128,11 +129,10 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None) -> torch.Tensor:
         """tokens, positions: [T] int64; the T new entries are written to cache slots start..start+T-1.
         mask: [T, start+T] bool (True = may attend) or None, which means causal over the new tokens
-        and full view of the cache before them.
-        Returns logits [T, V] float32 and the final hidden states [T, dim] (before the last norm)."""
+        and full view of the cache before them. Returns the final (normed) hidden states [T, dim]."""
         t = tokens.shape[0]
         if mask is None and t > 1:
             mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
@@ -141,10 +141,25 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, self.kv[i], start, mask)
-        hidden = x[0]
-        h = self.norm(x)
+        return self.norm(x)[0]
+
+    @torch.no_grad()
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [M, dim] -> logits [M, V] float32."""
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight)[0].float(), hidden
+        return F.linear(h.reshape(-1, self.args.dim), weight).float()
+
+    def finalize(self) -> "Transformer":
+        """Call once the weights are loaded and cast. Keeps the RoPE tables in fp32, and stores fp32
+        weight matrices column-major (same shape and values, W^T contiguous): on CPU the fp32
+        single-row products of decoding run ~2x faster that way in the LM head and ~12% faster over
+        the whole step, at no cost for tree forwards. bf16 stays row-major, where it is fast (and
+        ~35x slower column-major)."""
+        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dtype == torch.float32:
+                m.weight.data = m.weight.data.t().contiguous().t()
+        return self.eval()
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load Llama weights named as in transformers (model.layers.N.self_attn.q_proj.weight, ...)."""

@@ -1,9 +1,11 @@
 """Verification rules: pure functions of (target logits per tree node, draft tree, sampling params,
 rng) -> Verdict. No model inside; the decode loop feeds them.
 
-Row 0 of `logits` is the target's next-token distribution after the last committed token (the parent
-of the draft roots); row i+1 is the distribution after draft node i."""
+Logits come per *row*, on demand: row 0 is the target's next-token distribution after the last
+committed token (the parent of the draft roots), row i+1 the distribution after draft node i. A rule
+asks only for the rows it visits, so the target's LM head runs ~tau times per step, not N+1 times."""
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -23,7 +25,7 @@ class SamplingParams:
 class Verdict:
     accepted: list[int]        # accepted node ids, root to deepest
     bonus: int                 # the token the target adds after the accepted path
-    target_probs: list[float]  # per draft node: target probability of its token given its path
+    target_probs: dict[int, float]  # node -> target probability of its token, for nodes whose parent was visited
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -43,26 +45,27 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
-    """The target's own choice at every row: argmax at temperature 0, else one independent sample per
-    row. Returns (tokens [M] int64, probs [M, V]); probs at temperature 0 is the plain softmax, used
-    only for feedback."""
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+    """The target's own choice from logits [V]: argmax at temperature 0, else a sample of the filtered
+    distribution. Returns (token, probs [V]); probs at temperature 0 is the plain softmax, used only
+    for feedback. Plain decoding and every visited tree node go through this one function."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1), logits.softmax(dim=-1)
-    probs = target_probs(logits, params)
-    return sample_per_node(probs, generator), probs
+        return int(logits.argmax()), logits.softmax(dim=-1)
+    probs = target_probs(logits[None], params)
+    return int(sample_per_node(probs, generator)[0]), probs[0]
 
 
-def walk(tree: DraftTree, choice: list[int]) -> tuple[list[int], int]:
-    """Follow the target's choices through the tree. choice[0] is its token after the last committed
-    token, choice[i+1] its token after node i. Descend into the first child carrying the chosen token;
-    stop at the first node without one. Returns (accepted node ids, bonus token)."""
+def walk(tree: DraftTree, choose: Callable[[int], int]) -> tuple[list[int], int]:
+    """Follow the target's choices through the tree. choose(row) is its token at a row (row 0 after
+    the last committed token, row i+1 after node i); it is called once per visited row, in order.
+    Descend into the first child carrying the chosen token; stop at the first node without one.
+    Returns (accepted node ids, bonus token)."""
     children: dict[int, list[int]] = {}
     for i, par in enumerate(tree.parents):
         children.setdefault(par, []).append(i)
     accepted, node = [], -1
     while True:
-        want = choice[node + 1]
+        want = choose(node + 1)
         nxt = next((c for c in children.get(node, ()) if tree.tokens[c] == want), None)
         if nxt is None:
             return accepted, want
@@ -70,16 +73,21 @@ def walk(tree: DraftTree, choice: list[int]) -> tuple[list[int], int]:
         node = nxt
 
 
-def verify(logits: torch.Tensor, tree: DraftTree | None, params: SamplingParams,
+def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, params: SamplingParams,
            generator: torch.Generator | None) -> Verdict:
-    """Greedy (temperature 0) or lossless sampling for a deterministic tree: at each node the target
-    picks its token (argmax, or a sample of p) and the walk descends while a child carries it. Each
-    visited node uses an independent draw from its own target distribution, so the emitted tokens are
-    distributed exactly as plain decoding's."""
-    choice, probs = next_tokens(logits, params, generator)  # [N+1], [N+1, V]
-    choice = choice.tolist()
+    """Greedy (temperature 0) or lossless sampling for a deterministic tree: at each visited node the
+    target picks its token (argmax, or a fresh sample of p) and the walk descends while a child
+    carries it. Each visited node uses an independent draw from its own target distribution, so the
+    emitted tokens are distributed exactly as plain decoding's. row_logits(row) -> logits [V]."""
+    probs: dict[int, torch.Tensor] = {}
+
+    def choose(row: int) -> int:
+        token, probs[row] = next_token(row_logits(row), params, generator)
+        return token
+
     if tree is None:
-        return Verdict([], choice[0], [])
-    accepted, bonus = walk(tree, choice)
-    rows = torch.tensor([p + 1 for p in tree.parents])
-    return Verdict(accepted, bonus, probs[rows, torch.tensor(tree.tokens)].tolist())
+        return Verdict([], choose(0), {})
+    accepted, bonus = walk(tree, choose)
+    target = {i: float(probs[par + 1][tok]) for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents))
+              if par + 1 in probs}
+    return Verdict(accepted, bonus, target)

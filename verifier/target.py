@@ -1,8 +1,9 @@
 """The target backend interface and our torch implementation of it.
 
 Cache convention: the last committed token is *pending*, not yet in the KV cache; every forward takes
-it as its first input. So a step is: verify_forward(pending, tree) -> logits for the pending token and
-every node; commit(accepted) keeps the pending token's and the accepted nodes' KV, drops the rest."""
+it as its first input. So a step is: verify_forward(pending, tree) -> one state row for the pending
+token and one per node; logits(rows) only for the rows the verification rule visits; commit(accepted)
+keeps the pending token's and the accepted nodes' KV, drops the rest."""
 from typing import Protocol
 
 import torch
@@ -18,10 +19,13 @@ class Target(Protocol):
     length: int  # committed tokens in the KV cache
 
     def prefill(self, tokens: list[int]) -> torch.Tensor:
-        """Start a new sequence; returns the logits [V] after its last token."""
+        """Start a new sequence; returns a state row per prompt token [T, ...]."""
 
     def verify_forward(self, pending: int, tree: DraftTree | None) -> torch.Tensor:
-        """Logits [N+1, V]: row 0 after `pending`, row i+1 after draft node i (N = 0 without a tree)."""
+        """State rows [N+1, ...]: row 0 after `pending`, row i+1 after draft node i (N = 0 without a tree)."""
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [M, V] float32 for state rows [M, ...]."""
 
     def commit(self, accepted: list[int]) -> None:
         """Keep the pending token and the accepted nodes (root to deepest) of the last forward."""
@@ -38,9 +42,9 @@ class TorchTarget:
         n = len(tokens)
         if not 0 < n <= self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens does not fit the KV cache of {self.max_seq_len}")
-        logits, _ = self.model(torch.tensor(tokens), torch.arange(n), 0, None)
+        states = self.model(torch.tensor(tokens), torch.arange(n), 0, None)
         self.length = n
-        return logits[-1]
+        return states
 
     def verify_forward(self, pending: int, tree: DraftTree | None) -> torch.Tensor:
         start = self.length
@@ -48,13 +52,14 @@ class TorchTarget:
         if start + n + 1 > self.max_seq_len:
             raise ValueError(f"KV cache full: {start} cached + {n + 1} new > {self.max_seq_len}")
         if tree is None:
-            logits, _ = self.model(torch.tensor([pending]), torch.tensor([start]), start, None)
-            return logits
+            return self.model(torch.tensor([pending]), torch.tensor([start]), start, None)
         tokens = torch.tensor((pending,) + tree.tokens)
         positions = start + torch.tensor((0,) + tree.depths)  # depth along the path, as sequential decoding
         mask = verify_attention_mask(start, torch.tensor(tree.parents))
-        logits, _ = self.model(tokens, positions, start, mask)
-        return logits
+        return self.model(tokens, positions, start, mask)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(rows)
 
     def commit(self, accepted: list[int]) -> None:
         # the forward wrote the pending token at slot `length` and node i at slot length + 1 + i

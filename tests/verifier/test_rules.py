@@ -61,7 +61,7 @@ def test_walk_with_independent_node_samples_is_exactly_lossless(tokens, parents,
         w = math.prod(p[i][c] for i, c in enumerate(choice))
         if w == 0:
             continue
-        accepted, bonus = walk(tree, list(choice))
+        accepted, bonus = walk(tree, choice.__getitem__)
         emitted = tree.path_tokens(accepted) + [bonus]
         for rest in itertools.product(range(V), repeat=D - len(emitted)):
             seq = tuple(emitted) + rest
@@ -83,17 +83,21 @@ def test_greedy_follows_argmax_and_takes_the_bonus_token():
     logits = torch.full((5, 5), -1.0)
     for row, best in enumerate([2, 0, 3, 0, 4]):  # after root: 2 -> node 1; after node 1: 3 -> node 2; ...
         logits[row, best] = 1.0
-    v = verify(logits, tree, SamplingParams(), None)
+    visited = []
+    v = verify(lambda r: visited.append(r) or logits[r], tree, SamplingParams(), None)
     assert v.accepted == [1, 2] and v.bonus == 0
-    assert len(v.target_probs) == 4 and v.target_probs[1] == pytest.approx(torch.softmax(logits[0], 0)[2].item())
+    assert visited == [0, 2, 3]  # the LM head is needed only along the walk
+    # feedback covers nodes whose parent row was evaluated: roots 0, 1 and children 2 (of 1), 3 (of 2)
+    assert set(v.target_probs) == {0, 1, 2, 3}
+    assert v.target_probs[1] == pytest.approx(torch.softmax(logits[0], 0)[2].item())
 
 
 def test_greedy_rejects_everything_when_root_token_differs():
     tree = DraftTree([1, 2], [-1, 0], 5, 8)
     logits = torch.zeros(3, 5)
     logits[0, 3] = 5.0
-    v = verify(logits, tree, SamplingParams(), None)
-    assert v.accepted == [] and v.bonus == 3
+    v = verify(logits.__getitem__, tree, SamplingParams(), None)
+    assert v.accepted == [] and v.bonus == 3 and set(v.target_probs) == {0}
 
 
 def test_top_k_top_p_match_plain_sampling_filters():
@@ -160,11 +164,10 @@ def test_statistical_test_has_power_against_a_biased_rule(monkeypatch):
     (a classic non-lossless shortcut) must be rejected by the same test."""
     import verifier.engine as engine
 
-    def biased(logits, tree, params, generator):
-        v = verify(logits, tree, params, generator)
-        probs = target_probs(logits, params)
-        if tree is not None and not v.accepted and probs[0, tree.tokens[0]] >= 0.25:
-            return Verdict([0], int(probs[1].argmax()), v.target_probs)
+    def biased(row_logits, tree, params, generator):
+        v = verify(row_logits, tree, params, generator)
+        if tree is not None and not v.accepted and v.target_probs[0] >= 0.25:
+            return Verdict([0], int(row_logits(1).argmax()), v.target_probs)
         return v
 
     monkeypatch.setattr(engine, "verify", biased)
