@@ -11,7 +11,7 @@ from drafter.tree import DraftTree
 @dataclass
 class NgramConfig:
     max_ngram: int = 3      # longest suffix looked up
-    min_ngram: int = 1      # shortest suffix worth a match
+    min_ngram: int = 2      # shortest suffix worth a match (1-token matches mostly get rejected)
     max_depth: int = 8      # tokens taken from each earlier occurrence
     max_matches: int = 8    # earlier occurrences merged into one tree
 

@@ -45,12 +45,13 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+def next_token(logits: torch.Tensor, params: SamplingParams,
+               generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
     """The target's own choice from logits [V]: argmax at temperature 0, else a sample of the filtered
-    distribution. Returns (token, probs [V]); probs at temperature 0 is the plain softmax, used only
-    for feedback. Plain decoding and every visited tree node go through this one function."""
+    distribution. Returns (token, that distribution [V], or None at temperature 0). Plain decoding
+    and every visited tree node go through this one function."""
     if params.temperature == 0:
-        return int(logits.argmax()), logits.softmax(dim=-1)
+        return int(logits.argmax()), None
     probs = target_probs(logits[None], params)
     return int(sample_per_node(probs, generator)[0]), probs[0]
 
@@ -79,14 +80,16 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
     target picks its token (argmax, or a fresh sample of p) and the walk descends while a child
     carries it. Each visited node uses an independent draw from its own target distribution, so the
     emitted tokens are distributed exactly as plain decoding's. row_logits(row) -> logits [V]."""
-    probs: dict[int, torch.Tensor] = {}
+    if tree is None:
+        return Verdict([], next_token(row_logits(0), params, generator)[0], {})
+    probs: dict[int, torch.Tensor] = {}  # visited row -> the target distribution there [V]
 
     def choose(row: int) -> int:
-        token, probs[row] = next_token(row_logits(row), params, generator)
+        logits = row_logits(row)
+        token, dist = next_token(logits, params, generator)
+        probs[row] = logits.softmax(dim=-1) if dist is None else dist  # greedy: plain softmax, for feedback
         return token
 
-    if tree is None:
-        return Verdict([], choose(0), {})
     accepted, bonus = walk(tree, choose)
     target = {i: float(probs[par + 1][tok]) for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents))
               if par + 1 in probs}
