@@ -63,3 +63,10 @@ def test_eval_process_on_the_real_model(tmp_path):
         assert s["prompts"] == 1 and s["exact_match"] is True and s["tau"] >= 1.0
         assert 0 < s["speedup"] and s["verify_ms_per_step"] > 0
         assert report["outputs"][name][0]["text"]
+
+
+def test_bad_bench_flag_exits_2_naming_it(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--tree-sizes", "16,abc"])
+    assert e.value.code == 2
+    assert "--tree-sizes: '16,abc' is not a comma-separated list" in capsys.readouterr().err

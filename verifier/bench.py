@@ -2,7 +2,8 @@
 
 Prints ms per plain decode step and per tree forward for several N in fp32 and bf16, and the ratio of
 our decode step to transformers' `generate` on the same weights, both measured as
-(time for 1 + n tokens - time for 1 token) / n after the same prompt. A decode step is forward + LM
+(time for 1 + n tokens - time for 1 token) / n after the same prompt, three interleaved repetitions,
+medians reported. A decode step is forward + LM
 head; a tree forward is forward + the LM head on one row (verification adds one ~decode-LM-head per
 further visited node, about tau - 1 per step)."""
 import random
@@ -34,17 +35,22 @@ def median_ms(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def ours_ms_per_token(target: TorchTarget, prompt: list[int], n: int) -> float:
+def ms_per_token(run, n: int) -> float:
+    """run(k) generates k tokens after the prompt and returns seconds; the prefill and first token
+    cancel in the difference."""
+    return 1000 * (run(1 + n) - run(1)) / n
+
+
+def ours_generate(target: TorchTarget, prompt: list[int]):
     def run(k):
         t0 = time.perf_counter()
         for _ in generate(target, prompt, SamplingParams(), k, stop_ids=set()):
             pass
         return time.perf_counter() - t0
-    run(2)
-    return 1000 * (run(1 + n) - run(1)) / n
+    return run
 
 
-def hf_ms_per_token(hf, prompt: list[int], n: int) -> float:
+def hf_generate(hf, prompt: list[int]):
     ids = torch.tensor([prompt])
 
     def run(k):
@@ -52,8 +58,7 @@ def hf_ms_per_token(hf, prompt: list[int], n: int) -> float:
         with torch.no_grad():
             hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(ids))
         return time.perf_counter() - t0
-    run(2)
-    return 1000 * (run(1 + n) - run(1)) / n
+    return run
 
 
 def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_tokens: int) -> dict:
@@ -61,7 +66,7 @@ def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_token
 
     rng = random.Random(0)
     results = {}
-    jobs = [(dtype, kind) for dtype in DTYPES for kind in ["decode", *tree_sizes, "ours-gen", "hf-gen"]]
+    jobs = [(dtype, kind) for dtype in DTYPES for kind in ["decode", *tree_sizes, "generate"]]
     bar = tqdm(jobs, desc="bench", unit="case")
     for dtype in DTYPES:
         target = TorchTarget(load_transformer(path, dtype, prefix_len + max(tree_sizes) + gen_tokens + 8))
@@ -78,13 +83,14 @@ def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_token
             r[f"tree{n}_ms"] = median_ms(lambda: target.logits(target.verify_forward(1, tree)[:1]), reps)
             r[f"tree{n}_over_decode"] = r[f"tree{n}_ms"] / r["decode_ms"]
             bar.update()
-        bar.set_postfix_str(f"{dtype} ours generate")
-        r["ours_generate_ms_per_token"] = ours_ms_per_token(target, prompt, gen_tokens)
-        bar.update()
-        bar.set_postfix_str(f"{dtype} transformers generate")
+        bar.set_postfix_str(f"{dtype} generate: ours vs transformers")
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-        r["hf_generate_ms_per_token"] = hf_ms_per_token(hf, prompt, gen_tokens)
-        r["ours_over_hf"] = r["ours_generate_ms_per_token"] / r["hf_generate_ms_per_token"]
+        ours, theirs = ours_generate(target, prompt), hf_generate(hf, prompt)
+        ours(2), theirs(2)  # warm-up
+        pairs = [(ms_per_token(ours, gen_tokens), ms_per_token(theirs, gen_tokens)) for _ in range(3)]  # interleaved
+        r["ours_generate_ms_per_token"] = statistics.median(o for o, _ in pairs)
+        r["hf_generate_ms_per_token"] = statistics.median(h for _, h in pairs)
+        r["ours_over_hf"] = statistics.median(o / h for o, h in pairs)
         bar.update()
         del hf
     bar.close()

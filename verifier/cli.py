@@ -6,6 +6,16 @@ import sys
 EPILOG = "Bad input (config key, type, missing file) exits with code 2 and one line naming it."
 
 
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
+    return values
+
+
 def cmd_eval(args) -> None:
     from verifier.config import load_config, validate
     from verifier.evaluate import print_table, run_eval
@@ -35,9 +45,8 @@ def cmd_bench(args) -> None:
     cfg = load_config(args.config)
     if cfg.target.threads:
         torch.set_num_threads(cfg.target.threads)
-    sizes = [int(n) for n in args.tree_sizes.split(",")]
-    results = run_bench(model_dir(cfg.target.model), args.prefix_len, sizes, args.reps, args.gen_tokens)
-    print_bench(results, sizes, args.prefix_len)
+    results = run_bench(model_dir(cfg.target.model), args.prefix_len, args.tree_sizes, args.reps, args.gen_tokens)
+    print_bench(results, args.tree_sizes, args.prefix_len)
 
 
 def cmd_prepare(args) -> None:
@@ -70,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
                                    "and our decode speed against transformers' generate on the same weights.",
                        epilog=EPILOG)
     b.add_argument("--config", default="configs/default.yaml", help="YAML config for the target (default: %(default)s)")
-    b.add_argument("--tree-sizes", default="16,32,64", help="tree node counts N (default: %(default)s)")
+    b.add_argument("--tree-sizes", type=positive_ints, default=[16, 32, 64], help="tree node counts N (default: 16,32,64)")
     b.add_argument("--prefix-len", type=int, default=128, help="cached context before each forward (default: %(default)s)")
     b.add_argument("--reps", type=int, default=10, help="timed repetitions per case, median reported (default: %(default)s)")
     b.add_argument("--gen-tokens", type=int, default=32, help="tokens per generate timing (default: %(default)s)")
