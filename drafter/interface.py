@@ -3,6 +3,8 @@ one generation session: the verifier sends an update per step and gets a tree (o
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from drafter.tree import DraftTree
 
 
@@ -21,6 +23,11 @@ class VerifierUpdate:
     feedback: Feedback | None       # verdict on the previous tree, None if there was none
     max_nodes: int                  # node budget for the tree to return
     vocab_size: int
+    # Target hidden states [M, dim] (final, normed) of the tokens that entered the target's KV cache
+    # since the last update: the prompt on the first update, then the previous newest token and the
+    # accepted draft tokens. So they cover every committed token but the newest one, which the target
+    # has not read yet. None if the backend exposes none.
+    hidden: torch.Tensor | None = None
 
 
 class Drafter(Protocol):

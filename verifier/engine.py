@@ -31,14 +31,14 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
     first, _ = next_token(target.logits(states[-1:])[0], params, generator)
     yield Step([first], 0, 0, 0, 0.0, time.perf_counter() - t0)
     produced, pending = 1, first
-    new_tokens, feedback = prompt + [first], None
+    new_tokens, feedback, hidden = prompt + [first], None, states
     while produced < max_new_tokens and pending not in stop_ids:
         t0 = time.perf_counter()
         # never draft past the generation budget or the KV cache
         budget = min(max_nodes, max_new_tokens - produced - 1, target.max_seq_len - target.length - 1)
         tree = None
         if drafter is not None and budget > 0:
-            tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size))
+            tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size, hidden))
         t1 = time.perf_counter()
         states = target.verify_forward(pending, tree)
         verdict = verify(lambda row: target.logits(states[row:row + 1])[0], tree, params, generator)
@@ -54,5 +54,6 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
         pending = tokens[-1]
         new_tokens = tokens
         feedback = Feedback(verdict.accepted, verdict.target_probs) if tree else None
+        hidden = states[[0] + [i + 1 for i in verdict.accepted]]  # rows of pending + accepted nodes
         yield Step(tokens, len(verdict.accepted), len(tree) if tree else 0, tree.depth if tree else 0,
                    t1 - t0, t2 - t1)

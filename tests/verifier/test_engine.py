@@ -4,6 +4,7 @@ import inspect
 import random
 
 import pytest
+import torch
 
 from drafter.ngram import NgramConfig, NgramDrafter
 from drafter.tree import DraftTree
@@ -107,3 +108,31 @@ def test_generation_streams_steps(target_fp32, prompts_and_ar):
     first = next(stream)  # available before the rest is decoded
     assert first.tokens == ar[:1] and first.tree_nodes == 0
     assert first.tokens + [t for s in stream for t in s.tokens] == ar
+
+
+class RecordingDrafter:
+    """Wraps a drafter and records every update it receives."""
+
+    def __init__(self, inner):
+        self.inner, self.updates = inner, []
+
+    def draft(self, update):
+        self.updates.append(update)
+        return self.inner.draft(update)
+
+    def close(self):
+        pass
+
+
+def test_drafter_receives_hidden_states_of_every_committed_token_but_the_newest(target_fp32, prompts_and_ar):
+    ids, ar = prompts_and_ar[0]
+    rec = RecordingDrafter(OracleDrafter(ids + ar))  # long accepted paths: rows of accepted nodes are covered
+    out = run(target_fp32, ids, rec, max_new=24)
+    hidden = [u.hidden for u in rec.updates]
+    tokens = [t for u in rec.updates for t in u.new_tokens]
+    assert tokens == (ids + out)[:len(tokens)]
+    assert sum(h.shape[0] for h in hidden) == len(tokens) - 1  # every token but the newest
+    assert all(h.shape[0] == len(u.new_tokens) - (i == 0) for i, (h, u) in enumerate(zip(hidden, rec.updates)))
+    seq = tokens[:-1]
+    ref = target_fp32.prefill(seq)  # the same tokens read in one plain prefill
+    assert (torch.cat(hidden) - ref).abs().max() < 1e-3
