@@ -69,4 +69,11 @@ def test_bad_bench_flag_exits_2_naming_it(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--tree-sizes", "16,abc"])
     assert e.value.code == 2
-    assert "--tree-sizes: '16,abc' is not a comma-separated list" in capsys.readouterr().err
+    assert "--tree-sizes: 'abc' is not a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_generate_streams_text_and_reports_tau(capsys):
+    assert main(["--log-level", "WARNING", "generate", "List three colors.", "--max-new-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "12 tokens in" in err and "tau" in err

@@ -6,14 +6,18 @@ import sys
 EPILOG = "Bad input (config key, type, missing file) exits with code 2 and one line naming it."
 
 
-def positive_ints(text: str) -> list[int]:
+def positive_int(text: str) -> int:
     try:
-        values = [int(v) for v in text.split(",")]
+        value = int(text)
     except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
-    return values
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    return [positive_int(v) for v in text.split(",")]
 
 
 def cmd_eval(args) -> None:
@@ -33,6 +37,35 @@ def cmd_eval(args) -> None:
     report = run_eval(validate(cfg))
     print_table(report)
     print(f"report: {cfg.eval.output}")
+
+
+def cmd_generate(args) -> None:
+    import time
+
+    from verifier.assets import load_tokenizer, load_transformer, model_dir, stop_ids
+    from verifier.config import load_config
+    from verifier.engine import generate
+    from verifier.evaluate import make_drafter
+    from verifier.target import TorchTarget
+
+    cfg = load_config(args.config)
+    path = model_dir(cfg.target.model)
+    tokenizer = load_tokenizer(path)
+    target = TorchTarget(load_transformer(path, cfg.target.dtype, cfg.target.max_seq_len))
+    prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                                return_dict=True)["input_ids"])
+    drafter = None if args.no_draft else make_drafter(cfg.drafter)
+    out, shown, steps, t0 = [], "", 0, time.perf_counter()
+    for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stop_ids(path, tokenizer), drafter,
+                         cfg.drafter.max_nodes):
+        out += step.tokens
+        steps += 1
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)  # stream what this step committed
+        shown = text
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(out)} tokens in {steps} target forwards, tau {len(out) / steps:.2f}, {len(out) / dt:.1f} tok/s]",
+          file=sys.stderr)
 
 
 def cmd_bench(args) -> None:
@@ -74,15 +107,24 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baseline", action="store_true", help="skip the AR baseline (no speedup or exact match)")
     e.set_defaults(func=cmd_eval)
 
+    g = sub.add_parser("generate", help="stream one chat answer, speculatively decoded",
+                       description="Answer one user message with the configured target, drafter and sampling, "
+                                   "printing text as each step commits it; stats go to stderr.", epilog=EPILOG)
+    g.add_argument("prompt", help="the user message")
+    g.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=256, help="(default: %(default)s)")
+    g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
+    g.set_defaults(func=cmd_generate)
+
     b = sub.add_parser("bench", help="target forward costs: decode step, tree forwards, ratio to transformers",
                        description="Measure, in one run, ms per decode step and per tree forward in fp32 and bf16, "
                                    "and our decode speed against transformers' generate on the same weights.",
                        epilog=EPILOG)
     b.add_argument("--config", default="configs/default.yaml", help="YAML config for the target (default: %(default)s)")
     b.add_argument("--tree-sizes", type=positive_ints, default=[16, 32, 64], help="tree node counts N (default: 16,32,64)")
-    b.add_argument("--prefix-len", type=int, default=128, help="cached context before each forward (default: %(default)s)")
-    b.add_argument("--reps", type=int, default=10, help="timed repetitions per case, median reported (default: %(default)s)")
-    b.add_argument("--gen-tokens", type=int, default=32, help="tokens per generate timing (default: %(default)s)")
+    b.add_argument("--prefix-len", type=positive_int, default=128, help="cached context before each forward (default: %(default)s)")
+    b.add_argument("--reps", type=positive_int, default=10, help="timed repetitions per case, median reported (default: %(default)s)")
+    b.add_argument("--gen-tokens", type=positive_int, default=32, help="tokens per generate timing (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
