@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from verifier.config import TargetConfig
 from verifier.model import ModelArgs, Transformer
+from verifier.target import TorchTarget
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never let transformers reach a hub
@@ -99,3 +101,18 @@ def stop_ids(path: Path, tokenizer) -> set[int]:
     eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     return {i for i in ids if i is not None}
+
+
+def load_target(cfg: TargetConfig) -> tuple[TorchTarget, object, set[int]]:
+    """The configured target, its tokenizer and its stop token ids."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    path = model_dir(cfg.model)
+    tokenizer = load_tokenizer(path)
+    return TorchTarget(load_transformer(path, cfg.dtype, cfg.max_seq_len)), tokenizer, stop_ids(path, tokenizer)
+
+
+def chat_prompt(tokenizer, message: str) -> list[int]:
+    """Token ids of one user message in the model's chat template, ready for the assistant's answer."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])

@@ -42,22 +42,17 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     import time
 
-    from verifier.assets import load_tokenizer, load_transformer, model_dir, stop_ids
+    from verifier.assets import chat_prompt, load_target
     from verifier.config import load_config
     from verifier.engine import generate
     from verifier.evaluate import make_drafter
-    from verifier.target import TorchTarget
 
     cfg = load_config(args.config)
-    path = model_dir(cfg.target.model)
-    tokenizer = load_tokenizer(path)
-    target = TorchTarget(load_transformer(path, cfg.target.dtype, cfg.target.max_seq_len))
-    prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                                return_dict=True)["input_ids"])
+    target, tokenizer, stops = load_target(cfg.target)
+    prompt = chat_prompt(tokenizer, args.prompt)
     drafter = None if args.no_draft else make_drafter(cfg.drafter)
     out, shown, steps, t0 = [], "", 0, time.perf_counter()
-    for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stop_ids(path, tokenizer), drafter,
-                         cfg.drafter.max_nodes):
+    for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stops, drafter, cfg.drafter.max_nodes):
         out += step.tokens
         steps += 1
         text = tokenizer.decode(out, skip_special_tokens=True)

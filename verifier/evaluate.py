@@ -14,10 +14,9 @@ import torch
 from tqdm import tqdm
 
 from drafter.ngram import NgramDrafter
-from verifier.assets import load_tokenizer, load_transformer, model_dir, package_file, stop_ids
+from verifier.assets import chat_prompt, load_target, package_file
 from verifier.config import Config, DrafterConfig
 from verifier.engine import generate
-from verifier.target import TorchTarget
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +77,13 @@ def summarize(records: list[dict], temperature: float) -> dict:
 
 
 def run_eval(cfg: Config) -> dict:
-    if cfg.target.threads:
-        torch.set_num_threads(cfg.target.threads)
-    path = model_dir(cfg.target.model)
-    tokenizer = load_tokenizer(path)
-    target = TorchTarget(load_transformer(path, cfg.target.dtype, cfg.target.max_seq_len))
-    stops = stop_ids(path, tokenizer)
+    target, tokenizer, stops = load_target(cfg.target)
     room = cfg.target.max_seq_len - cfg.eval.max_new_tokens - cfg.drafter.max_nodes - 1
     jobs = []
     for name in cfg.eval.datasets:
         prompts = load_prompts(name)
         for pid, text in prompts[:cfg.eval.num_prompts or None]:
-            ids = list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     return_dict=True)["input_ids"])
+            ids = chat_prompt(tokenizer, text)
             if len(ids) > room:
                 log.warning("%s: prompt of %d tokens leaves no room in target.max_seq_len=%d; skipped",
                             pid, len(ids), cfg.target.max_seq_len)

@@ -8,6 +8,7 @@ import torch
 
 from drafter.ngram import NgramConfig, NgramDrafter
 from drafter.tree import DraftTree
+from verifier.assets import chat_prompt
 from verifier.engine import generate
 from verifier.rules import SamplingParams
 
@@ -60,11 +61,6 @@ class GarbageDrafter:
         pass
 
 
-def prompt_ids(tokenizer, text):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              return_dict=True)["input_ids"])
-
-
 def run(target, prompt, drafter, max_new=48, stops=frozenset({2}), max_nodes=12):
     return [t for s in generate(target, prompt, GREEDY, max_new, set(stops), drafter, max_nodes) for t in s.tokens]
 
@@ -73,7 +69,7 @@ def run(target, prompt, drafter, max_new=48, stops=frozenset({2}), max_nodes=12)
 def prompts_and_ar(target_fp32, tokenizer):
     out = []
     for text in MESSAGES:
-        ids = prompt_ids(tokenizer, text)
+        ids = chat_prompt(tokenizer, text)
         out.append((ids, run(target_fp32, ids, None)))
     return out
 
