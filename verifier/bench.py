@@ -14,10 +14,10 @@ import torch
 from tqdm import tqdm
 
 from drafter.tree import DraftTree
+from verifier.assets import DTYPES, load_transformer
 from verifier.engine import generate
 from verifier.rules import SamplingParams
 from verifier.target import TorchTarget
-from verifier.assets import DTYPES, load_transformer
 
 
 def random_tree(n: int, vocab: int, rng: random.Random) -> DraftTree:

@@ -7,6 +7,7 @@ import torch
 
 from drafter.tree import DraftTree
 from verifier.assets import load_transformer
+from verifier.bench import random_tree
 from verifier.target import TorchTarget
 
 pytestmark = pytest.mark.model
@@ -35,10 +36,6 @@ def target_bf16(model_path):
 def hf_last_logits(hf, tokens):
     with torch.no_grad():
         return hf(torch.tensor([tokens])).logits[0].float()
-
-
-def random_tree(n, rng):
-    return DraftTree([rng.randrange(49152) for _ in range(n)], [-1] + [rng.randrange(-1, i) for i in range(1, n)], 49152, n)
 
 
 def path_tokens(tree, i):
@@ -71,7 +68,7 @@ def test_bf16_prefill_logits_match_transformers_bf16(model_path, target_bf16):
 def test_tree_logits_equal_transformers_on_each_path(target_fp32, hf_fp32):
     rng = random.Random(1)
     prefix = [rng.randrange(49152) for _ in range(40)]
-    tree = random_tree(12, rng)
+    tree = random_tree(12, 49152, rng)
     target_fp32.prefill(prefix[:-1])
     logits = target_fp32.logits(target_fp32.verify_forward(prefix[-1], tree))
     assert (logits[0] - hf_last_logits(hf_fp32, prefix)[-1]).abs().max() < FP32_TOL
@@ -85,7 +82,7 @@ def test_tree_logits_equal_sequential_decoding_of_each_path(dtype, target_fp32, 
     target, tol = (target_fp32, FP32_TOL) if dtype == "float32" else (target_bf16, BF16_TOL)
     rng = random.Random(2)
     prefix = [rng.randrange(49152) for _ in range(30)]
-    tree = random_tree(16, rng)
+    tree = random_tree(16, 49152, rng)
     target.prefill(prefix[:-1])
     logits = target.logits(target.verify_forward(prefix[-1], tree))
     for i in range(len(tree)):
