@@ -3,9 +3,8 @@
 Prints ms per plain decode step and per tree forward for several N in fp32 and bf16, and the ratio of
 our decode step to transformers' `generate` on the same weights, both measured as
 (time for 1 + n tokens - time for 1 token) / n after the same prompt, three interleaved repetitions,
-medians reported. A decode step is forward + LM
-head; a tree forward is forward + the LM head on one row (verification adds one ~decode-LM-head per
-further visited node, about tau - 1 per step)."""
+medians reported. A decode step is forward + LM head; a tree forward is forward + the LM head on one
+row (verification adds one single-row LM head per further visited node, about tau - 1 per step)."""
 import random
 import statistics
 import time
