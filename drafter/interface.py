@@ -1,11 +1,20 @@
 """The contract between the decode loop and any drafter, in-process or remote. One Drafter object is
 one generation session: the verifier sends an update per step and gets a tree (or None) back."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from drafter.tree import DraftTree
+
+
+@dataclass
+class SamplingParams:
+    """How the verifier samples from the target; drafters that sample their trees may follow it."""
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1 = off
+    seed: int = 0              # the verifier's own rng seed (not sent to a remote drafter)
 
 
 @dataclass
@@ -15,6 +24,8 @@ class Feedback:
     target_probs: dict[int, float]  # node -> target probability of its token given its path, for every
                                     # node whose parent the verifier evaluated (the accepted path's
                                     # children and the roots)
+    # Optional: node (-1 = the roots' parent) -> the target's top-k (tokens, probs) at that row.
+    target_topk: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -28,6 +39,7 @@ class VerifierUpdate:
     # accepted draft tokens. So they cover every committed token but the newest one, which the target
     # has not read yet. None if the backend exposes none.
     hidden: torch.Tensor | None = None
+    sampling: SamplingParams | None = None
 
 
 class Drafter(Protocol):

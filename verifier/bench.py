@@ -12,16 +12,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from drafter.tree import DraftTree
+from drafter.synthetic import random_tree
 from verifier.assets import DTYPES, load_transformer
 from verifier.engine import generate
 from verifier.rules import SamplingParams
 from verifier.target import TorchTarget
-
-
-def random_tree(n: int, vocab: int, rng: random.Random) -> DraftTree:
-    parents = [-1] + [rng.randrange(-1, i) for i in range(1, n)]
-    return DraftTree([rng.randrange(vocab) for _ in range(n)], parents, vocab, n)
 
 
 def median_ms(fn, reps: int) -> float:

@@ -45,12 +45,12 @@ def cmd_generate(args) -> None:
     from verifier.assets import chat_prompt, load_target
     from verifier.config import load_config
     from verifier.engine import generate
-    from verifier.evaluate import make_drafter
+    from verifier.evaluate import drafter_factory
 
     cfg = load_config(args.config)
     target, tokenizer, stops = load_target(cfg.target)
     prompt = chat_prompt(tokenizer, args.prompt)
-    drafter = None if args.no_draft else make_drafter(cfg.drafter)
+    drafter = None if args.no_draft else drafter_factory(cfg.drafter, target.vocab_size)("generate")
     out, shown, steps, t0 = [], "", 0, time.perf_counter()
     for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stops, drafter, cfg.drafter.max_nodes):
         out += step.tokens
@@ -59,6 +59,8 @@ def cmd_generate(args) -> None:
         print(text[len(shown):], end="", flush=True)  # stream what this step committed
         shown = text
     dt = time.perf_counter() - t0
+    if drafter is not None:
+        drafter.close()
     print(f"\n[{len(out)} tokens in {steps} target forwards, tau {len(out) / steps:.2f}, {len(out) / dt:.1f} tok/s]",
           file=sys.stderr)
 
@@ -75,6 +77,25 @@ def cmd_bench(args) -> None:
         torch.set_num_threads(cfg.target.threads)
     results = run_bench(model_dir(cfg.target.model), args.prefix_len, args.tree_sizes, args.reps, args.gen_tokens)
     print_bench(results, args.tree_sizes, args.prefix_len)
+
+
+def cmd_serve_drafter(args) -> None:
+    import asyncio
+    import json
+
+    from drafter.server import serve
+    from verifier.assets import model_dir
+    from verifier.config import load_config, validate
+
+    cfg = load_config(args.config)
+    if args.address:
+        cfg.server.address = args.address
+    validate(cfg)
+    vocab = json.loads((model_dir(cfg.target.model) / "config.json").read_text())["vocab_size"]
+    host = cfg.server.address.rpartition(":")[0]
+    # hidden_dim 0: the drafters served so far (ngram, random) take no target hidden states
+    asyncio.run(serve(cfg.server, cfg.drafter, vocab, 0, cfg.target.model,
+                      ready=lambda port: print(f"listening on {host}:{port}", flush=True)))
 
 
 def cmd_prepare(args) -> None:
@@ -121,6 +142,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=positive_int, default=10, help="timed repetitions per case, median reported (default: %(default)s)")
     b.add_argument("--gen-tokens", type=positive_int, default=32, help="tokens per generate timing (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve-drafter", help="run the drafter as a gRPC sidecar (specdraft.v1)",
+                       description="Serve draft trees over gRPC (specdraft.v1.Drafter, plus grpc.health.v1 and "
+                                   "server reflection) with the drafter and limits of the config's drafter and "
+                                   "server sections. Prints 'listening on HOST:PORT' once ready; SIGTERM or Ctrl-C "
+                                   "drains open sessions for server.drain_s and exits.", epilog=EPILOG)
+    s.add_argument("--config", default="configs/sidecar.yaml", help="YAML config (default: %(default)s)")
+    s.add_argument("--address", help="host:port to listen on (overrides server.address; port 0 = any free port)")
+    s.set_defaults(func=cmd_serve_drafter)
 
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
     r.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name (default: %(default)s)")

@@ -1,6 +1,7 @@
 """Deployment / evaluation config: dataclasses with defaults that run, loaded from YAML strictly
 (an unknown key, a wrong type or a bad value is a ConfigError naming the key)."""
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from drafter.ngram import NgramConfig
-from verifier.rules import SamplingParams
+from drafter.build import DrafterConfig
+from drafter.interface import SamplingParams
+from drafter.server import ServerConfig
 
 DATASETS = ("mt_bench", "humaneval")
 
@@ -27,13 +29,6 @@ class TargetConfig:
 
 
 @dataclass
-class DrafterConfig:
-    kind: typing.Literal["ngram"] = "ngram"
-    max_nodes: int = 8                      # node budget per draft tree
-    ngram: NgramConfig = field(default_factory=NgramConfig)
-
-
-@dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     num_prompts: int = 6                    # per dataset; 0 = all
@@ -48,6 +43,7 @@ class Config:
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
 
 
 def _check(value, hint, key: str):
@@ -89,11 +85,17 @@ def _build(cls, data, key: str):
 
 def validate(cfg: Config) -> Config:
     """Value checks the types cannot express."""
-    positive = {"target.max_seq_len": cfg.target.max_seq_len, "drafter.max_nodes": cfg.drafter.max_nodes,
-                "drafter.ngram.max_depth": cfg.drafter.ngram.max_depth, "drafter.ngram.min_ngram": cfg.drafter.ngram.min_ngram,
-                "drafter.ngram.max_matches": cfg.drafter.ngram.max_matches, "eval.max_new_tokens": cfg.eval.max_new_tokens}
+    d, s = cfg.drafter, cfg.server
+    positive = {"target.max_seq_len": cfg.target.max_seq_len, "drafter.max_nodes": d.max_nodes,
+                "drafter.ngram.max_depth": d.ngram.max_depth, "drafter.ngram.min_ngram": d.ngram.min_ngram,
+                "drafter.ngram.max_matches": d.ngram.max_matches, "eval.max_new_tokens": cfg.eval.max_new_tokens,
+                "drafter.grpc.timeout_ms": d.grpc.timeout_ms, "drafter.grpc.max_backoff_s": d.grpc.max_backoff_s,
+                "server.max_sessions": s.max_sessions, "server.max_nodes": s.max_nodes,
+                "server.max_message_mb": s.max_message_mb, "server.session_ttl_s": s.session_ttl_s,
+                "server.workers": s.workers}
     nonneg = {"target.threads": cfg.target.threads, "sampling.top_k": cfg.sampling.top_k,
-              "eval.num_prompts": cfg.eval.num_prompts, "sampling.temperature": cfg.sampling.temperature}
+              "eval.num_prompts": cfg.eval.num_prompts, "sampling.temperature": cfg.sampling.temperature,
+              "server.drain_s": s.drain_s}
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
@@ -104,6 +106,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"drafter.ngram.max_ngram: {cfg.drafter.ngram.max_ngram} < min_ngram {cfg.drafter.ngram.min_ngram}")
     if not 0 < cfg.sampling.top_p <= 1:
         raise ConfigError(f"sampling.top_p: must be in (0, 1], got {cfg.sampling.top_p}")
+    for key, addr in (("drafter.grpc.address", d.grpc.address), ("server.address", s.address)):
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"{key}: {addr!r} is not host:port")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("server.tls_cert, server.tls_key: give both (TLS) or neither")
+    for key, path in (("server.tls_cert", s.tls_cert), ("server.tls_key", s.tls_key), ("drafter.grpc.tls_ca", d.grpc.tls_ca)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{key}: {path}: file not found")
+    for key, var in (("server.token_env", s.token_env), ("drafter.grpc.token_env", d.grpc.token_env)):
+        if var and not os.environ.get(var):
+            raise ConfigError(f"{key}: environment variable {var} is not set or empty")
     for i, name in enumerate(cfg.eval.datasets):
         if name not in DATASETS:
             raise ConfigError(f"eval.datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")

@@ -38,7 +38,7 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
         budget = min(max_nodes, max_new_tokens - produced - 1, target.max_seq_len - target.length - 1)
         tree = None
         if drafter is not None and budget > 0:
-            tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size, hidden))
+            tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size, hidden, params))
         t1 = time.perf_counter()
         states = target.verify_forward(pending, tree)
         verdict = verify(lambda row: target.logits(states[row:row + 1])[0], tree, params, generator)

@@ -9,13 +9,15 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from drafter.ngram import NgramDrafter
+from drafter.build import DrafterConfig, make_drafter
+from drafter.interface import Drafter
 from verifier.assets import chat_prompt, load_target, package_file
-from verifier.config import Config, DrafterConfig
+from verifier.config import Config, ConfigError
 from verifier.engine import generate
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,26 @@ def load_prompts(name: str) -> list[tuple[str, str]]:
     return [(r["task_id"], f"Complete the following Python function.\n\n```python\n{r['prompt']}```") for r in rows]
 
 
-def make_drafter(cfg: DrafterConfig):
-    return NgramDrafter(cfg.ngram)
+def drafter_factory(cfg: DrafterConfig, vocab_size: int) -> Callable[[str], Drafter]:
+    """label -> a fresh drafter session: in-process, or a stream to the sidecar (checked once here, so
+    a wrong address or a sidecar for another vocabulary is a config error, not a silent plain run)."""
+    if cfg.mode == "inprocess":
+        return lambda label: make_drafter(cfg)
+    import grpc
+
+    from verifier.remote import RemoteDrafter, connect, server_info
+
+    channel = connect(cfg.grpc)
+    try:
+        info = server_info(channel, cfg.grpc)
+    except grpc.RpcError as e:
+        raise ConfigError(f"drafter.grpc.address: no specdraft drafter at {cfg.grpc.address} "
+                          f"({e.code().name}: {e.details()})") from None
+    if info.vocab_size != vocab_size:
+        raise ConfigError(f"drafter.grpc.address: the sidecar at {cfg.grpc.address} drafts for a vocabulary of "
+                          f"{info.vocab_size}, the target has {vocab_size}")
+    log.info("drafting through the sidecar at %s (%s drafter, %s)", cfg.grpc.address, info.drafter, info.model)
+    return lambda label: RemoteDrafter(channel, cfg.grpc, label)
 
 
 def run_prompt(target, prompt_ids, cfg: Config, stops, drafter) -> dict:
@@ -63,6 +83,7 @@ def summarize(records: list[dict], temperature: float) -> dict:
         "draft_ms_per_step": 1000 * sum(s.draft_s for s in spec_steps) / max(len(spec_steps), 1),
         "verify_ms_per_step": 1000 * sum(s.verify_s for s in spec_steps) / max(len(spec_steps), 1),
         "spec_tokens_per_s": n_tokens / spec_s,
+        "fallback_rounds": sum(r["fallback_rounds"] for r in records),
     }
     if "ar" in records[0]:
         ar_tokens = sum(len(r["ar"]["tokens"]) for r in records)
@@ -79,6 +100,7 @@ def summarize(records: list[dict], temperature: float) -> dict:
 def run_eval(cfg: Config) -> dict:
     target, tokenizer, stops = load_target(cfg.target)
     room = cfg.target.max_seq_len - cfg.eval.max_new_tokens - cfg.drafter.max_nodes - 1
+    new_drafter = drafter_factory(cfg.drafter, target.vocab_size)
     jobs = []
     for name in cfg.eval.datasets:
         prompts = load_prompts(name)
@@ -95,9 +117,10 @@ def run_eval(cfg: Config) -> dict:
         rec = {"id": pid, "prompt_tokens": len(ids)}
         if cfg.eval.baseline:
             rec["ar"] = run_prompt(target, ids, cfg, stops, None)
-        drafter = make_drafter(cfg.drafter)
+        drafter = new_drafter(pid)
         rec["spec"] = run_prompt(target, ids, cfg, stops, drafter)
         drafter.close()
+        rec["fallback_rounds"] = getattr(drafter, "fallbacks", 0)  # sidecar rounds lost to faults or deadlines
         records[name].append(rec)
         steps = rec["spec"]["steps"]
         bar.set_postfix(tau=f"{(len(rec['spec']['tokens']) - 1) / max(len(steps) - 1, 1):.2f}")

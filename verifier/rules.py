@@ -9,16 +9,11 @@ from typing import Callable
 
 import torch
 
+from drafter.interface import SamplingParams
 from drafter.tree import DraftTree
 from kernels import sample_per_node
 
-
-@dataclass
-class SamplingParams:
-    temperature: float = 0.0   # 0 = greedy
-    top_k: int = 0             # 0 = off
-    top_p: float = 1.0         # 1 = off
-    seed: int = 0
+__all__ = ["SamplingParams", "Verdict", "next_token", "target_probs", "verify", "walk"]
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 
 from drafter.tree import DraftTree
 from verifier.assets import load_transformer
-from verifier.bench import random_tree
+from drafter.synthetic import random_tree
 from verifier.target import TorchTarget
 
 pytestmark = pytest.mark.model

@@ -1,0 +1,36 @@
+"""Which drafter a config names, and where it runs: in this process (`mode: inprocess`, built here) or
+behind a specdraft gRPC sidecar (`mode: grpc`, reached by verifier/remote.py)."""
+import typing
+from dataclasses import dataclass, field
+
+from drafter.interface import Drafter
+from drafter.ngram import NgramConfig, NgramDrafter
+from drafter.synthetic import RandomDrafter
+
+KINDS = ("ngram", "random")
+
+
+@dataclass
+class RemoteConfig:
+    """How the verifier reaches a sidecar."""
+    address: str = "127.0.0.1:50051"
+    timeout_ms: float = 50.0       # per-round deadline; a late tree costs one plain decoding step
+    token_env: str = ""            # environment variable holding the shared-secret token; "" = none
+    tls_ca: str = ""               # PEM file of the CA that signed the server's certificate; "" = plaintext
+    max_backoff_s: float = 5.0     # reconnection backoff doubles from 50 ms up to this
+
+
+@dataclass
+class DrafterConfig:
+    mode: typing.Literal["inprocess", "grpc"] = "inprocess"
+    kind: typing.Literal["ngram", "random"] = "ngram"  # random: benchmark trees, never a speed-up
+    max_nodes: int = 8                      # node budget per draft tree
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    grpc: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+def make_drafter(cfg: DrafterConfig) -> Drafter:
+    """A fresh in-process drafter (one per generation session) of the configured kind."""
+    if cfg.kind == "random":
+        return RandomDrafter()
+    return NgramDrafter(cfg.ngram)

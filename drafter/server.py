@@ -1,0 +1,237 @@
+"""The drafter as a gRPC sidecar (`specdraft serve-drafter`): one bidirectional stream per generation
+session, each with its own drafter state, on an asyncio server. Drafting runs in a thread pool so a
+slow drafter never blocks the other streams; the standard health and reflection services ride along.
+
+A bad update ends its own stream with a precise status; every other session goes on."""
+import asyncio
+import bisect
+import collections
+import hmac
+import logging
+import os
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from drafter.build import DrafterConfig, make_drafter
+from drafter.tree import DraftTree
+from proto import drafter_pb2 as pb
+from proto import drafter_pb2_grpc as pb_grpc
+from proto.wire import API_VERSION, WireError, msg_to_update
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "specdraft.v1.Drafter"
+
+
+@dataclass
+class ServerConfig:
+    address: str = "127.0.0.1:50051"   # host:port; loopback by default, port 0 = any free port
+    max_sessions: int = 64             # open streams at once; more get RESOURCE_EXHAUSTED
+    max_nodes: int = 256               # cap on the node budget of any tree
+    max_message_mb: float = 16.0       # larger messages get RESOURCE_EXHAUSTED
+    session_ttl_s: float = 300.0       # a session idle this long is evicted
+    drain_s: float = 5.0               # on SIGTERM/SIGINT, open streams get this long to finish
+    workers: int = 4                   # drafting threads
+    tls_cert: str = ""                 # PEM certificate chain; with tls_key turns TLS on
+    tls_key: str = ""
+    token_env: str = ""                # environment variable holding the shared-secret token; "" = none
+
+
+class Session:
+    def __init__(self, sid: str, drafter):
+        self.id, self.drafter, self.label = sid, drafter, ""
+        self.rounds = self.tokens = self.nodes = self.accepted = self.feedback_rounds = 0
+        self.last_seen = time.monotonic()
+        self.prev_parents: tuple[int, ...] | None = None  # the last tree sent, to check feedback against
+
+
+class Stats:
+    """Server-wide counters; latencies and round times kept for a bounded window."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.sessions_total = self.sessions_evicted = self.rounds = self.nodes = 0
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=20_000)
+        self.round_times: collections.deque[float] = collections.deque(maxlen=200_000)
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def add_round(self, nodes: int, ms: float) -> None:
+        self.rounds += 1
+        self.nodes += nodes
+        self.latency_ms.append(ms)
+        self.round_times.append(time.monotonic())
+
+    def percentile(self, q: float) -> float:
+        lat = sorted(self.latency_ms)
+        return lat[min(int(q * len(lat)), len(lat) - 1)] if lat else 0.0
+
+    def rounds_per_s(self, window: float = 60.0) -> float:
+        now = time.monotonic()
+        times = list(self.round_times)
+        recent = len(times) - bisect.bisect_left(times, now - window)
+        return recent / min(window, max(now - self.start, 1e-9))
+
+
+class DrafterService(pb_grpc.DrafterServicer):
+    def __init__(self, cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int,
+                 model: str):
+        self.cfg, self.drafter_cfg = cfg, drafter_cfg
+        self.vocab_size, self.hidden_dim, self.model = vocab_size, hidden_dim, model
+        self.token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
+        self.sessions: dict[str, Session] = {}
+        self.stats = Stats()
+        self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft")
+        self.closing = False
+
+    async def _fail(self, context, code: grpc.StatusCode, message: str):
+        self.stats.errors[code.name] += 1
+        log.warning("%s: %s", code.name, message)
+        await context.abort(code, message)
+
+    async def _authorize(self, context) -> None:
+        if not self.token:
+            return
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+            await self._fail(context, grpc.StatusCode.UNAUTHENTICATED,
+                             "missing or wrong shared-secret token (metadata 'authorization: Bearer <token>')")
+
+    async def Session(self, request_iterator, context):
+        await self._authorize(context)
+        if self.closing:
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if len(self.sessions) >= self.cfg.max_sessions:
+            await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{len(self.sessions)} sessions open, the server's limit is {self.cfg.max_sessions}")
+        sess = Session(uuid.uuid4().hex[:16], make_drafter(self.drafter_cfg))
+        self.sessions[sess.id] = sess
+        self.stats.sessions_total += 1
+        loop = asyncio.get_running_loop()
+        requests = request_iterator.__aiter__()
+        ended = "client closed"
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(requests.__anext__(), self.cfg.session_ttl_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    self.stats.sessions_evicted += 1
+                    ended = "evicted"
+                    await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                     f"session {sess.id} idle for more than {self.cfg.session_ttl_s} s; evicted")
+                t0 = time.perf_counter()
+                first = sess.rounds == 0
+                try:
+                    update = msg_to_update(msg, self.vocab_size, self.hidden_dim, sess.prev_parents,
+                                           self.cfg.max_nodes, first)
+                except WireError as e:
+                    ended = "bad update"
+                    await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
+                if first:
+                    sess.label = msg.client_label
+                    log.info("session %s opened (%s, %d prompt tokens)", sess.id, sess.label or "no label",
+                             len(update.new_tokens))
+                tree: DraftTree | None = None
+                if update.max_nodes > 0:
+                    tree = await loop.run_in_executor(self.pool, sess.drafter.draft, update)
+                sess.rounds += 1
+                sess.tokens += len(update.new_tokens)
+                sess.last_seen = time.monotonic()
+                if update.feedback is not None:
+                    sess.feedback_rounds += 1
+                    sess.accepted += len(update.feedback.accepted)
+                n = len(tree) if tree else 0
+                sess.nodes += n
+                sess.prev_parents = tree.parents if tree else None
+                ms = 1000 * (time.perf_counter() - t0)
+                self.stats.add_round(n, ms)
+                yield pb.DraftTree(session_id=sess.id, round=msg.round, tokens=tree.tokens if tree else (),
+                                   parents=tree.parents if tree else (), draft_ms=ms)
+        except asyncio.CancelledError:
+            ended = "client cancelled"
+            raise
+        finally:
+            del self.sessions[sess.id]
+            sess.drafter.close()
+            log.info("session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree", sess.id, ended,
+                     sess.rounds, sess.tokens, sess.nodes / max(sess.rounds, 1))
+
+    async def GetInfo(self, request, context):
+        await self._authorize(context)
+        from importlib.metadata import version
+
+        return pb.ServerInfo(api_version=API_VERSION, server_version=version("specdraft"), drafter=self.drafter_cfg.kind,
+                             model=self.model, vocab_size=self.vocab_size, draft_vocab_size=self.vocab_size,
+                             hidden_dim=self.hidden_dim, tree_builders=[TREE_BUILDERS[self.drafter_cfg.kind]],
+                             max_nodes=self.cfg.max_nodes, max_sessions=self.cfg.max_sessions,
+                             auth_required=bool(self.token))
+
+    async def GetStats(self, request, context):
+        await self._authorize(context)
+        s = self.stats
+        return pb.ServerStats(sessions_open=len(self.sessions), sessions_total=s.sessions_total,
+                              sessions_evicted=s.sessions_evicted, rounds_total=s.rounds,
+                              rounds_per_s=s.rounds_per_s(), mean_nodes=s.nodes / max(s.rounds, 1),
+                              latency_p50_ms=s.percentile(0.5), latency_p90_ms=s.percentile(0.9),
+                              latency_p99_ms=s.percentile(0.99), errors=dict(s.errors),
+                              uptime_s=time.monotonic() - s.start)
+
+    async def GetSessionStats(self, request, context):
+        await self._authorize(context)
+        sess = self.sessions.get(request.session_id)
+        if sess is None:
+            await self._fail(context, grpc.StatusCode.NOT_FOUND, f"session {request.session_id!r}: no such open session")
+        return pb.SessionStats(session_id=sess.id, client_label=sess.label, rounds=sess.rounds, tokens=sess.tokens,
+                               mean_nodes=sess.nodes / max(sess.rounds, 1),
+                               mean_accepted=sess.accepted / max(sess.feedback_rounds, 1),
+                               idle_s=time.monotonic() - sess.last_seen)
+
+
+TREE_BUILDERS = {"ngram": "prompt-lookup trie (deterministic)", "random": "random trees of the full budget (benchmark)"}
+
+
+async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int, model: str,
+                ready=None) -> None:
+    """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions are refused and
+    open streams get cfg.drain_s to finish. ready(port) is called once the port is bound."""
+    limit = int(cfg.max_message_mb * 2**20)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit),
+                                      ("grpc.so_reuseport", 0)])
+    service = DrafterService(cfg, drafter_cfg, vocab_size, hidden_dim, model)
+    pb_grpc.add_DrafterServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if cfg.tls_cert:
+        with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+            port = server.add_secure_port(cfg.address, grpc.ssl_server_credentials([(k.read(), c.read())]))
+    else:
+        port = server.add_insecure_port(cfg.address)
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = cfg.address.rsplit(":", 1)[0]
+    log.info("specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s", drafter_cfg.kind, vocab_size, API_VERSION,
+             host, port, " with TLS" if cfg.tls_cert else "", " with token auth" if service.token else "")
+    if ready is not None:
+        ready(port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining %d open sessions for up to %.1f s", len(service.sessions), cfg.drain_s)
+    service.closing = True
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(cfg.drain_s)
+    service.pool.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)

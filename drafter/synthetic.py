@@ -1,0 +1,26 @@
+"""Random trees of exactly the requested size. A benchmark and load-test drafter (`kind: random`): it
+measures what the transport and the verifier cost for a given tree size, and earns nothing."""
+import random
+
+from drafter.interface import VerifierUpdate
+from drafter.tree import DraftTree
+
+
+def random_tree(n: int, vocab: int, rng: random.Random) -> DraftTree:
+    """n nodes, each under a uniformly chosen earlier node or the root, random tokens."""
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, n)]
+    return DraftTree([rng.randrange(vocab) for _ in range(n)], parents, vocab, n)
+
+
+class RandomDrafter:
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+        if update.max_nodes <= 0:
+            return None
+        tree = random_tree(update.max_nodes, update.vocab_size, self.rng)
+        return DraftTree(tree.tokens, tree.parents, update.vocab_size, update.max_nodes)
+
+    def close(self) -> None:
+        pass

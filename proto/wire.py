@@ -1,0 +1,138 @@
+"""Between the in-process contract (drafter/interface.py, drafter/tree.py) and specdraft.v1 messages.
+Encoding is trusted; decoding an update checks every field against the session and raises WireError
+naming the first bad one (the server turns it into INVALID_ARGUMENT)."""
+import math
+
+import torch
+
+from drafter.interface import Feedback, SamplingParams, VerifierUpdate
+from proto import drafter_pb2 as pb
+
+API_VERSION = "specdraft.v1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A message field that breaks the contract; the text names the field and the bad value."""
+
+
+def tensor_to_msg(t: torch.Tensor) -> pb.Tensor:
+    t = t.detach().contiguous().cpu()
+    return pb.Tensor(dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
+                     data=t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def msg_to_tensor(msg: pb.Tensor, field: str) -> torch.Tensor:
+    if msg.dtype not in DTYPES:
+        raise WireError(f"{field}.dtype: {msg.dtype!r} is not one of {', '.join(DTYPES)}")
+    shape = list(msg.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"{field}.shape: negative size in {shape}")
+    dtype = DTYPES[msg.dtype]
+    want = math.prod(shape) * dtype.itemsize
+    if len(msg.data) != want:
+        raise WireError(f"{field}.data: {len(msg.data)} bytes, but {msg.dtype} {shape} needs {want}")
+    if want == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(msg.data), dtype=dtype).view(shape)
+
+
+def update_to_msg(update: VerifierUpdate, round_: int, first: bool, label: str = "") -> pb.VerifierUpdate:
+    msg = pb.VerifierUpdate(round=round_, new_tokens=update.new_tokens, max_nodes=update.max_nodes)
+    if first:
+        msg.vocab_size, msg.client_label = update.vocab_size, label
+    if update.hidden is not None:
+        msg.hidden.CopyFrom(tensor_to_msg(update.hidden))
+    if update.sampling is not None:
+        s = update.sampling
+        msg.sampling.CopyFrom(pb.SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p))
+    if update.feedback is not None:
+        fb = update.feedback
+        msg.feedback.accepted.extend(fb.accepted)
+        msg.feedback.prob_nodes.extend(fb.target_probs.keys())
+        msg.feedback.probs.extend(fb.target_probs.values())
+        for node, (tokens, probs) in fb.target_topk.items():
+            msg.feedback.target_topk.add(node=node, tokens=tokens, probs=probs)
+    return msg
+
+
+def _tokens(values, vocab: int, field: str) -> list[int]:
+    for i, t in enumerate(values):
+        if not 0 <= t < vocab:
+            raise WireError(f"{field}[{i}]: token {t} outside the vocabulary [0, {vocab})")
+    return list(values)
+
+
+def _probs(values, field: str) -> list[float]:
+    for i, p in enumerate(values):
+        if not 0.0 <= p <= 1.0:  # NaN fails too
+            raise WireError(f"{field}[{i}]: {p} is not a probability")
+    return list(values)
+
+
+def msg_to_update(msg: pb.VerifierUpdate, vocab: int, hidden_dim: int, prev_parents: tuple[int, ...] | None,
+                  max_nodes: int, first: bool) -> VerifierUpdate:
+    """Check an update against the session: vocab is the server's vocabulary, hidden_dim the width the
+    drafter expects (0 = any), prev_parents the parents of the tree last sent (None if none), max_nodes
+    the server's cap on the budget."""
+    if first and msg.vocab_size != vocab:
+        raise WireError(f"vocab_size: {msg.vocab_size} on the first update, but this drafter serves a "
+                        f"vocabulary of {vocab}")
+    if not first and msg.vocab_size not in (0, vocab):
+        raise WireError(f"vocab_size: {msg.vocab_size} differs from the session's {vocab}")
+    if not msg.new_tokens:
+        raise WireError("new_tokens: empty (the first update carries the prompt, and every round commits "
+                        "at least one token)")
+    tokens = _tokens(msg.new_tokens, vocab, "new_tokens")
+    if msg.max_nodes < 0:
+        raise WireError(f"max_nodes: {msg.max_nodes} is negative")
+
+    hidden = None
+    if msg.HasField("hidden"):
+        hidden = msg_to_tensor(msg.hidden, "hidden")
+        if hidden.dim() != 2:
+            raise WireError(f"hidden.shape: {list(hidden.shape)} is not [rows, hidden_dim]")
+        if hidden_dim and hidden.shape[1] != hidden_dim:
+            raise WireError(f"hidden.shape: width {hidden.shape[1]}, this drafter expects {hidden_dim}")
+        if hidden.shape[0] > len(tokens):
+            raise WireError(f"hidden.shape: {hidden.shape[0]} rows for {len(tokens)} new tokens")
+
+    sampling = None
+    if msg.HasField("sampling"):
+        s = msg.sampling
+        if not 0.0 <= s.temperature < math.inf:
+            raise WireError(f"sampling.temperature: {s.temperature} is not a finite value >= 0")
+        if s.top_k < 0:
+            raise WireError(f"sampling.top_k: {s.top_k} is negative")
+        if not 0.0 <= s.top_p <= 1.0:
+            raise WireError(f"sampling.top_p: {s.top_p} is not in [0, 1]")
+        sampling = SamplingParams(s.temperature, s.top_k, s.top_p or 1.0)
+
+    feedback = None
+    if msg.HasField("feedback"):
+        fb = msg.feedback
+        if prev_parents is None:
+            raise WireError("feedback: there was no previous tree in this session")
+        n = len(prev_parents)
+        last = -1
+        for i, node in enumerate(fb.accepted):
+            if not 0 <= node < n or prev_parents[node] != last:
+                raise WireError(f"feedback.accepted[{i}]: node {node} does not continue the path "
+                                f"{list(fb.accepted[:i])} in the previous tree of {n} nodes")
+            last = node
+        if len(fb.prob_nodes) != len(fb.probs):
+            raise WireError(f"feedback.probs: {len(fb.probs)} values for {len(fb.prob_nodes)} prob_nodes")
+        for i, node in enumerate(fb.prob_nodes):
+            if not 0 <= node < n:
+                raise WireError(f"feedback.prob_nodes[{i}]: node {node} outside the previous tree of {n} nodes")
+        topk = {}
+        for i, row in enumerate(fb.target_topk):
+            field = f"feedback.target_topk[{i}]"
+            if not -1 <= row.node < n:
+                raise WireError(f"{field}.node: {row.node} outside the previous tree of {n} nodes")
+            if len(row.tokens) != len(row.probs):
+                raise WireError(f"{field}.probs: {len(row.probs)} values for {len(row.tokens)} tokens")
+            topk[row.node] = (_tokens(row.tokens, vocab, f"{field}.tokens"), _probs(row.probs, f"{field}.probs"))
+        feedback = Feedback(list(fb.accepted), dict(zip(fb.prob_nodes, _probs(fb.probs, "feedback.probs"))), topk)
+    return VerifierUpdate(tokens, feedback, min(msg.max_nodes, max_nodes), vocab, hidden, sampling)
