@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup eval test bench
+.PHONY: setup eval test bench proto serve-drafter
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -27,3 +27,10 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+serve-drafter: $(STAMP)
+	$(BIN)/specdraft serve-drafter --config configs/sidecar.yaml
+
+# Regenerate the gRPC code from proto/drafter.proto (the source of truth); tests check it is current.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. proto/drafter.proto
