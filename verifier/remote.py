@@ -76,7 +76,8 @@ class RemoteDrafter:
         self.stream: _Stream | None = None
         self.round = 0
         self.backoff_s, self.retry_at = 0.0, 0.0
-        self.fallbacks = self.reconnects = 0      # rounds answered None by a fault; streams reopened
+        self.reopening = False
+        self.fallbacks = self.reconnects = 0      # rounds answered None by a fault; streams restored
 
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
         self.tokens += update.new_tokens
@@ -87,7 +88,7 @@ class RemoteDrafter:
                 self.fallbacks += 1
                 return None
             self.stream = _Stream(self.stub, self.metadata)
-            self.reconnects += self.round > 0
+            self.reopening = self.round > 0
             hidden = torch.cat(self.hidden) if self.hidden else None
             update = VerifierUpdate(list(self.tokens), None, update.max_nodes, update.vocab_size, hidden, update.sampling)
             msg = update_to_msg(update, self.round, first=True, label=self.label)
@@ -108,6 +109,10 @@ class RemoteDrafter:
             if reply.round == msg.round:
                 break
         self.backoff_s = 0.0
+        if self.reopening:
+            self.reopening = False
+            self.reconnects += 1
+            log.info("%s: drafter stream restored (%d tokens replayed)", self.label, len(self.tokens))
         if not reply.tokens:
             return None
         try:

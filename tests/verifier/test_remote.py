@@ -1,0 +1,157 @@
+"""RemoteDrafter, the verifier's side of the sidecar: lossless whatever the sidecar does (late, garbage,
+killed), reconnects when it comes back, TLS, and `specdraft eval` through it gives the in-process tau."""
+import socket
+import subprocess
+import time
+from concurrent import futures
+from dataclasses import replace
+
+import grpc
+import pytest
+
+from drafter.build import RemoteConfig
+from drafter.interface import VerifierUpdate
+from drafter.ngram import NgramConfig, NgramDrafter
+from proto import drafter_pb2 as pb
+from proto import drafter_pb2_grpc as pb_grpc
+from tests.sidecar import TOKEN_ENV, VOCAB, Sidecar
+from verifier.remote import RemoteDrafter, connect, server_info
+
+PROMPT = [7, 8, 9, 10] * 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def remote_cfg(sidecar, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    return RemoteConfig(address=sidecar.address, timeout_ms=2000, token_env=TOKEN_ENV, max_backoff_s=0.2)
+
+
+def test_late_trees_fall_back_and_are_dropped_on_arrival(remote_cfg):
+    ref, d = NgramDrafter(NgramConfig()), RemoteDrafter(connect(remote_cfg), replace(remote_cfg, timeout_ms=0.0), "late")
+    updates = [VerifierUpdate(PROMPT, None, 8, VOCAB)] + [VerifierUpdate([t], None, 8, VOCAB) for t in (7, 8, 9)]
+    for up in updates[:3]:
+        ref.draft(up)
+        assert d.draft(up) is None  # no time to answer
+    assert d.fallbacks == 3
+    d.cfg = remote_cfg
+    want = ref.draft(updates[3])
+    got = d.draft(updates[3])  # the three late replies are skipped; this round's tree comes back
+    assert got is not None and (got.tokens, got.parents) == (want.tokens, want.parents)
+    d.close()
+
+
+def test_unreachable_sidecar_costs_no_wait_and_backs_off():
+    d = RemoteDrafter(connect(RemoteConfig(address=f"127.0.0.1:{free_port()}", timeout_ms=2000)), RemoteConfig(
+        address="unused", timeout_ms=2000, max_backoff_s=1.0), "down")
+    t0 = time.monotonic()
+    assert d.draft(VerifierUpdate(PROMPT, None, 8, VOCAB)) is None
+    assert d.draft(VerifierUpdate([7], None, 8, VOCAB)) is None  # inside the backoff: no attempt at all
+    assert time.monotonic() - t0 < 1.5 and d.stream is None and d.fallbacks == 2
+    d.close()
+
+
+class FakeGarbageDrafter(pb_grpc.DrafterServicer):
+    """A broken sidecar for the test: answers every update with an invalid tree."""
+    TREES = [([VOCAB + 1], [-1]), ([1, 2], [-1, 1]), ([1] * 100, [-1] * 100), ([1, 2], [-1])]
+
+    def Session(self, request_iterator, context):
+        for i, msg in enumerate(request_iterator):
+            tokens, parents = self.TREES[i % len(self.TREES)]
+            yield pb.DraftTree(round=msg.round, tokens=tokens, parents=parents)
+
+
+def test_garbage_trees_are_rejected_by_the_client():
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_DrafterServicer_to_server(FakeGarbageDrafter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    cfg = RemoteConfig(address=f"127.0.0.1:{port}", timeout_ms=2000)
+    d = RemoteDrafter(connect(cfg), cfg, "garbage")
+    results = [d.draft(VerifierUpdate(PROMPT if i == 0 else [7], None, 8, VOCAB)) for i in range(4)]
+    assert results == [None] * 4 and d.fallbacks == 4 and d.stream is not None  # stream kept, trees refused
+    d.close()
+    server.stop(0)
+
+
+def test_tls_and_token(tmp_path, monkeypatch):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    s = Sidecar(tmp_path, f"tls_cert: {cert}, tls_key: {key}, token_env: {TOKEN_ENV}")
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    cfg = RemoteConfig(address=s.address, tls_ca=str(cert), token_env=TOKEN_ENV, timeout_ms=2000)
+    assert server_info(connect(cfg), cfg).auth_required
+    d = RemoteDrafter(connect(cfg), cfg, "tls")
+    assert d.draft(VerifierUpdate(PROMPT, None, 8, VOCAB)) is not None
+    d.close()
+    with pytest.raises(grpc.RpcError) as e:  # plaintext to a TLS port
+        plain = replace(cfg, tls_ca="")
+        server_info(connect(plain), plain, timeout_s=2)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert s.stop() == 0
+
+
+@pytest.mark.model
+def test_sidecar_killed_mid_generation_output_equals_ar_and_speculation_resumes(tmp_path, target_fp32, tokenizer):
+    from verifier.assets import chat_prompt
+    from verifier.engine import generate
+    from verifier.rules import SamplingParams
+
+    port = free_port()
+    s = Sidecar(tmp_path, "", address=f"127.0.0.1:{port}")
+    cfg = RemoteConfig(address=s.address, timeout_ms=2000, max_backoff_s=0.2)
+    prompt = chat_prompt(tokenizer, "Write a Python function that checks whether a number is prime, then write five unit tests for it.")
+    stops = {tokenizer.eos_token_id}
+    ar = [t for st in generate(target_fp32, prompt, SamplingParams(), 80, stops) for t in st.tokens]
+    d = RemoteDrafter(connect(cfg), cfg, "kill-test")
+    out, trees, phase = [], {"up": 0, "down": 0, "back": 0}, "up"
+    for i, step in enumerate(generate(target_fp32, prompt, SamplingParams(), 80, stops, d, 8)):
+        out += step.tokens
+        trees[phase] += step.tree_nodes > 0
+        if i == 17:  # prompt lookup has drafted by now (first at step 16 in fp32)
+            s.proc.kill()
+            s.proc.wait()
+            phase = "down"
+        elif i == 30:
+            s = Sidecar(tmp_path, "", address=f"127.0.0.1:{port}")  # generation waits here until it is up
+            phase = "back"
+    d.close()
+    s.stop()
+    assert out == ar
+    assert trees["up"] > 0 and trees["down"] == 0 and trees["back"] > 0, trees
+    assert d.reconnects == 1
+
+
+@pytest.mark.model
+def test_eval_through_the_sidecar_gives_the_inprocess_tau(sidecar, remote_cfg, tmp_path):
+    from verifier.config import Config
+    from verifier.evaluate import run_eval
+
+    base = Config()
+    base.eval.num_prompts, base.eval.max_new_tokens, base.eval.baseline = 1, 48, False
+    base.eval.output = str(tmp_path / "inproc.json")
+    inproc = run_eval(base)
+    base.drafter.mode, base.drafter.grpc = "grpc", remote_cfg
+    base.eval.output = str(tmp_path / "grpc.json")
+    remote = run_eval(base)
+    for name in ("mt_bench", "humaneval"):
+        a, b = inproc["datasets"][name], remote["datasets"][name]
+        assert b["fallback_rounds"] == 0 and a["tau"] == b["tau"] and a["tokens"] == b["tokens"]
+        assert inproc["outputs"][name] == remote["outputs"][name]
+
+
+def test_eval_with_no_sidecar_is_a_config_error():
+    from verifier.config import ConfigError
+    from verifier.evaluate import drafter_factory
+    from drafter.build import DrafterConfig
+
+    cfg = DrafterConfig(mode="grpc", grpc=RemoteConfig(address=f"127.0.0.1:{free_port()}"))
+    with pytest.raises(ConfigError, match="drafter.grpc.address: no specdraft drafter at 127.0.0.1:"):
+        drafter_factory(cfg, VOCAB)
