@@ -1,6 +1,7 @@
 """The drafter as a gRPC sidecar (`specdraft serve-drafter`): one bidirectional stream per generation
 session, each with its own drafter state, on an asyncio server. Drafting runs in a thread pool so a
-slow drafter never blocks the other streams; the standard health and reflection services ride along.
+slow drafter never blocks the other streams, or inline on the event loop for cheap drafters
+(workers: 0). The standard health and reflection services ride along.
 
 A bad update ends its own stream with a precise status; every other session goes on."""
 import asyncio
@@ -10,6 +11,8 @@ import hmac
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +40,8 @@ class ServerConfig:
     max_message_mb: float = 16.0       # larger messages get RESOURCE_EXHAUSTED
     session_ttl_s: float = 300.0       # a session idle this long is evicted
     drain_s: float = 5.0               # on SIGTERM/SIGINT, open streams get this long to finish
-    workers: int = 4                   # drafting threads
+    workers: int = 0                   # drafting threads; 0 = draft on the event loop itself, the
+                                       # fastest for cheap drafters (ngram); a neural drafter wants >= 1
     tls_cert: str = ""                 # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""
     token_env: str = ""                # environment variable holding the shared-secret token; "" = none
@@ -86,7 +90,7 @@ class DrafterService(pb_grpc.DrafterServicer):
         self.token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
         self.sessions: dict[str, Session] = {}
         self.stats = Stats()
-        self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft")
+        self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft") if cfg.workers else None
         self.closing = False
 
     async def _fail(self, context, code: grpc.StatusCode, message: str):
@@ -118,10 +122,11 @@ class DrafterService(pb_grpc.DrafterServicer):
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(requests.__anext__(), self.cfg.session_ttl_s)
+                    async with asyncio.timeout(self.cfg.session_ttl_s):
+                        msg = await anext(requests)
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self.stats.sessions_evicted += 1
                     ended = "evicted"
                     await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -139,7 +144,9 @@ class DrafterService(pb_grpc.DrafterServicer):
                     log.info("session %s opened (%s, %d prompt tokens)", sess.id, sess.label or "no label",
                              len(update.new_tokens))
                 tree: DraftTree | None = None
-                if update.max_nodes > 0:
+                if update.max_nodes > 0 and self.pool is None:
+                    tree = sess.drafter.draft(update)
+                elif update.max_nodes > 0:
                     tree = await loop.run_in_executor(self.pool, sess.drafter.draft, update)
                 sess.rounds += 1
                 sess.tokens += len(update.new_tokens)
@@ -233,5 +240,19 @@ async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, 
     service.closing = True
     await health_servicer.enter_graceful_shutdown()
     await server.stop(cfg.drain_s)
-    service.pool.shutdown(wait=False, cancel_futures=True)
+    if service.pool is not None:
+        service.pool.shutdown(wait=False, cancel_futures=True)
     log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)
+
+
+def spawn(config: str, address: str = "127.0.0.1:0", env: dict | None = None, stderr=None) -> tuple[subprocess.Popen, str]:
+    """Start `specdraft serve-drafter` as a child process; returns it and its bound host:port once it
+    listens (for benchmarks and tests)."""
+    proc = subprocess.Popen([sys.executable, "-m", "verifier.cli", "serve-drafter", "--config", config,
+                             "--address", address], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            env={**os.environ, **(env or {})})
+    line = proc.stdout.readline()  # "listening on HOST:PORT", or EOF if it died
+    if not line.startswith("listening on"):
+        proc.kill()
+        raise RuntimeError(f"serve-drafter --config {config} did not start (exit {proc.wait()})")
+    return proc, line.split()[-1]

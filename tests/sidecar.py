@@ -1,13 +1,11 @@
 """Real sidecar processes on loopback for tests: `specdraft serve-drafter` started as a subprocess."""
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 
+from drafter.server import spawn
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
 
@@ -17,18 +15,15 @@ VOCAB = 49152
 
 
 class Sidecar:
-    def __init__(self, tmp: Path, server_yaml: str, address: str = "127.0.0.1:0", drafter_yaml: str = "kind: ngram"):
+    def __init__(self, tmp: Path, server_yaml: str, address: str = "127.0.0.1:0"):
         cfg = tmp / f"sidecar-{time.monotonic_ns()}.yaml"
-        cfg.write_text(f"drafter: {{{drafter_yaml}}}\nserver: {{{server_yaml}}}\n")
-        self.log = open(tmp / f"{cfg.stem}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "verifier.cli", "serve-drafter", "--config", str(cfg), "--address", address],
-            stdout=subprocess.PIPE, stderr=self.log, text=True, env={**os.environ, TOKEN_ENV: TOKEN})
-        line = self.proc.stdout.readline()  # "listening on HOST:PORT", or EOF if it died
-        if not line.startswith("listening on"):
-            self.proc.kill()
-            raise RuntimeError(f"sidecar did not start: {(tmp / f'{cfg.stem}.log').read_text()[-2000:]}")
-        self.address = line.split()[-1]
+        cfg.write_text(f"drafter: {{kind: ngram}}\nserver: {{{server_yaml}}}\n")
+        self.log_path = tmp / f"{cfg.stem}.log"
+        self.log = open(self.log_path, "w")
+        try:
+            self.proc, self.address = spawn(str(cfg), address, {TOKEN_ENV: TOKEN}, self.log)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {self.log_path.read_text()[-2000:]}") from None
         self.channel = grpc.insecure_channel(self.address, [("grpc.max_send_message_length", 64 * 2**20)])
         self.stub = pb_grpc.DrafterStub(self.channel)
 

@@ -1,4 +1,5 @@
 """`specdraft bench`: target forward costs from one run (no timed assertions; these machines are noisy).
+`specdraft bench-sidecar`: what drafting through the gRPC sidecar adds per round over in-process.
 
 Prints ms per plain decode step and per tree forward for several N in fp32 and bf16, and the ratio of
 our decode step to transformers' `generate` on the same weights, both measured as
@@ -7,6 +8,7 @@ medians reported. A decode step is forward + LM head; a tree forward is forward 
 row (verification adds one single-row LM head per further visited node, about tau - 1 per step)."""
 import random
 import statistics
+import subprocess
 import time
 
 import torch
@@ -99,3 +101,65 @@ def print_bench(results: dict, tree_sizes: list[int], prefix_len: int) -> None:
         cells = [f"{r['decode_ms']:.1f}"] + [f"{r[f'tree{n}_ms']:.1f} ({r[f'tree{n}_over_decode']:.2f})" for n in tree_sizes]
         cells += [f"{r['ours_generate_ms_per_token']:.1f}", f"{r['hf_generate_ms_per_token']:.1f}", f"{r['ours_over_hf']:.2f}"]
         print(f"{dtype:<10}" + "".join(f"{c:>20}" for c in cells))
+
+
+def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, hidden_dim: int = 576) -> list[dict]:
+    """Per-round latency of the same random trees drafted in-process and through a real sidecar process
+    on loopback, interleaved round by round. A round commits hidden_rows tokens; with hidden states it
+    also ships their [hidden_rows, hidden_dim] fp32 rows (SmolLM2's width), as a feature drafter needs."""
+    import tempfile
+
+    from drafter.build import RemoteConfig
+    from drafter.interface import VerifierUpdate
+    from drafter.server import spawn
+    from drafter.synthetic import RandomDrafter
+    from verifier.remote import RemoteDrafter, connect, server_info
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(f"drafter: {{kind: random}}\nserver: {{max_nodes: {max(tree_sizes)}, max_message_mb: 64}}\n")
+    proc, address = spawn(f.name, stderr=subprocess.DEVNULL)
+    try:
+        cfg = RemoteConfig(address=address, timeout_ms=10_000)
+        conn = connect(cfg)
+        vocab = server_info(conn).vocab_size
+        rng = random.Random(0)
+        results = []
+        cases = [(n, h) for n in tree_sizes for h in (False, True)]
+        for n, with_hidden in tqdm(cases, desc="sidecar bench", unit="case"):
+            local, remote = RandomDrafter(), RemoteDrafter(conn, f"bench-{n}")
+            times = {"inprocess": [], "sidecar": []}
+            prompt = [rng.randrange(vocab) for _ in range(128)]
+            for i in range(rounds + 20):  # the first 20 rounds warm up
+                new = prompt if i == 0 else [rng.randrange(vocab) for _ in range(hidden_rows)]
+                hidden = torch.randn(len(new) - (i == 0), hidden_dim) if with_hidden else None
+                up = VerifierUpdate(new, None, n, vocab, hidden)
+                for name, drafter in (("inprocess", local), ("sidecar", remote)):
+                    t0 = time.perf_counter()
+                    tree = drafter.draft(up)
+                    if i >= 20:
+                        times[name].append(1000 * (time.perf_counter() - t0))
+                    assert tree is not None and len(tree) == n, f"{name} drafted no {n}-node tree"
+            remote.close()
+            row = {"nodes": n, "hidden": with_hidden}
+            for name, ts in times.items():
+                ts.sort()
+                row[f"{name}_p50_ms"] = statistics.median(ts)
+                row[f"{name}_p99_ms"] = ts[min(int(0.99 * len(ts)), len(ts) - 1)]
+            row["added_p50_ms"] = row["sidecar_p50_ms"] - row["inprocess_p50_ms"]
+            row["added_p99_ms"] = row["sidecar_p99_ms"] - row["inprocess_p99_ms"]
+            results.append(row)
+        conn.close()
+        return results
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def print_sidecar_bench(results: list[dict], rounds: int) -> None:
+    print(f"\ndrafting round latency, in-process vs sidecar on loopback ({rounds} rounds per case, ms)")
+    cols = ["nodes", "hidden", "inproc p50", "inproc p99", "sidecar p50", "sidecar p99", "added p50", "added p99"]
+    print("".join(f"{c:>12}" for c in cols))
+    for r in results:
+        cells = [r["nodes"], "[4,576]" if r["hidden"] else "-"] + [f"{r[k]:.3f}" for k in (
+            "inprocess_p50_ms", "inprocess_p99_ms", "sidecar_p50_ms", "sidecar_p99_ms", "added_p50_ms", "added_p99_ms")]
+        print("".join(f"{str(c):>12}" for c in cells))

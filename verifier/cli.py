@@ -98,6 +98,12 @@ def cmd_serve_drafter(args) -> None:
                       ready=lambda port: print(f"listening on {host}:{port}", flush=True)))
 
 
+def cmd_bench_sidecar(args) -> None:
+    from verifier.bench import print_sidecar_bench, run_sidecar_bench
+
+    print_sidecar_bench(run_sidecar_bench(args.tree_sizes, args.rounds), args.rounds)
+
+
 def cmd_prepare(args) -> None:
     from verifier.assets import model_dir
 
@@ -142,6 +148,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=positive_int, default=10, help="timed repetitions per case, median reported (default: %(default)s)")
     b.add_argument("--gen-tokens", type=positive_int, default=32, help="tokens per generate timing (default: %(default)s)")
     b.set_defaults(func=cmd_bench)
+
+    bs = sub.add_parser("bench-sidecar", help="per-round latency the gRPC sidecar adds over an in-process drafter",
+                        description="Start a sidecar process serving random trees, then time the same tree sizes "
+                                    "drafted in-process and through the sidecar on loopback, interleaved, with and "
+                                    "without SmolLM2-width hidden states; prints p50/p99 and the added latency.",
+                        epilog=EPILOG)
+    bs.add_argument("--tree-sizes", type=positive_ints, default=[16, 64, 256], help="tree node counts (default: 16,64,256)")
+    bs.add_argument("--rounds", type=positive_int, default=500, help="timed rounds per case (default: %(default)s)")
+    bs.set_defaults(func=cmd_bench_sidecar)
 
     s = sub.add_parser("serve-drafter", help="run the drafter as a gRPC sidecar (specdraft.v1)",
                        description="Serve draft trees over gRPC (specdraft.v1.Drafter, plus grpc.health.v1 and "

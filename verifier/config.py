@@ -91,11 +91,10 @@ def validate(cfg: Config) -> Config:
                 "drafter.ngram.max_matches": d.ngram.max_matches, "eval.max_new_tokens": cfg.eval.max_new_tokens,
                 "drafter.grpc.timeout_ms": d.grpc.timeout_ms, "drafter.grpc.max_backoff_s": d.grpc.max_backoff_s,
                 "server.max_sessions": s.max_sessions, "server.max_nodes": s.max_nodes,
-                "server.max_message_mb": s.max_message_mb, "server.session_ttl_s": s.session_ttl_s,
-                "server.workers": s.workers}
+                "server.max_message_mb": s.max_message_mb, "server.session_ttl_s": s.session_ttl_s}
     nonneg = {"target.threads": cfg.target.threads, "sampling.top_k": cfg.sampling.top_k,
               "eval.num_prompts": cfg.eval.num_prompts, "sampling.temperature": cfg.sampling.temperature,
-              "server.drain_s": s.drain_s}
+              "server.drain_s": s.drain_s, "server.workers": s.workers}
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")

@@ -45,9 +45,9 @@ def drafter_factory(cfg: DrafterConfig, vocab_size: int) -> Callable[[str], Draf
 
     from verifier.remote import RemoteDrafter, connect, server_info
 
-    channel = connect(cfg.grpc)
+    conn = connect(cfg.grpc)
     try:
-        info = server_info(channel, cfg.grpc)
+        info = server_info(conn)
     except grpc.RpcError as e:
         raise ConfigError(f"drafter.grpc.address: no specdraft drafter at {cfg.grpc.address} "
                           f"({e.code().name}: {e.details()})") from None
@@ -55,7 +55,7 @@ def drafter_factory(cfg: DrafterConfig, vocab_size: int) -> Callable[[str], Draf
         raise ConfigError(f"drafter.grpc.address: the sidecar at {cfg.grpc.address} drafts for a vocabulary of "
                           f"{info.vocab_size}, the target has {vocab_size}")
     log.info("drafting through the sidecar at %s (%s drafter, %s)", cfg.grpc.address, info.drafter, info.model)
-    return lambda label: RemoteDrafter(channel, cfg.grpc, label)
+    return lambda label: RemoteDrafter(conn, label)
 
 
 def run_prompt(target, prompt_ids, cfg: Config, stops, drafter) -> dict:

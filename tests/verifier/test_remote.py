@@ -33,7 +33,7 @@ def remote_cfg(sidecar, monkeypatch):
 
 
 def test_late_trees_fall_back_and_are_dropped_on_arrival(remote_cfg):
-    ref, d = NgramDrafter(NgramConfig()), RemoteDrafter(connect(remote_cfg), replace(remote_cfg, timeout_ms=0.0), "late")
+    ref, d = NgramDrafter(NgramConfig()), RemoteDrafter(connect(replace(remote_cfg, timeout_ms=0.0)), "late")
     updates = [VerifierUpdate(PROMPT, None, 8, VOCAB)] + [VerifierUpdate([t], None, 8, VOCAB) for t in (7, 8, 9)]
     for up in updates[:3]:
         ref.draft(up)
@@ -47,8 +47,8 @@ def test_late_trees_fall_back_and_are_dropped_on_arrival(remote_cfg):
 
 
 def test_unreachable_sidecar_costs_no_wait_and_backs_off():
-    d = RemoteDrafter(connect(RemoteConfig(address=f"127.0.0.1:{free_port()}", timeout_ms=2000)), RemoteConfig(
-        address="unused", timeout_ms=2000, max_backoff_s=1.0), "down")
+    d = RemoteDrafter(connect(RemoteConfig(address=f"127.0.0.1:{free_port()}", timeout_ms=2000, max_backoff_s=1.0)),
+                      "down")
     t0 = time.monotonic()
     assert d.draft(VerifierUpdate(PROMPT, None, 8, VOCAB)) is None
     assert d.draft(VerifierUpdate([7], None, 8, VOCAB)) is None  # inside the backoff: no attempt at all
@@ -72,7 +72,7 @@ def test_garbage_trees_are_rejected_by_the_client():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     cfg = RemoteConfig(address=f"127.0.0.1:{port}", timeout_ms=2000)
-    d = RemoteDrafter(connect(cfg), cfg, "garbage")
+    d = RemoteDrafter(connect(cfg), "garbage")
     results = [d.draft(VerifierUpdate(PROMPT if i == 0 else [7], None, 8, VOCAB)) for i in range(4)]
     assert results == [None] * 4 and d.fallbacks == 4 and d.stream is not None  # stream kept, trees refused
     d.close()
@@ -87,13 +87,13 @@ def test_tls_and_token(tmp_path, monkeypatch):
     s = Sidecar(tmp_path, f"tls_cert: {cert}, tls_key: {key}, token_env: {TOKEN_ENV}")
     monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
     cfg = RemoteConfig(address=s.address, tls_ca=str(cert), token_env=TOKEN_ENV, timeout_ms=2000)
-    assert server_info(connect(cfg), cfg).auth_required
-    d = RemoteDrafter(connect(cfg), cfg, "tls")
+    assert server_info(connect(cfg)).auth_required
+    d = RemoteDrafter(connect(cfg), "tls")
     assert d.draft(VerifierUpdate(PROMPT, None, 8, VOCAB)) is not None
     d.close()
     with pytest.raises(grpc.RpcError) as e:  # plaintext to a TLS port
         plain = replace(cfg, tls_ca="")
-        server_info(connect(plain), plain, timeout_s=2)
+        server_info(connect(plain), timeout_s=2)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert s.stop() == 0
 
@@ -110,7 +110,7 @@ def test_sidecar_killed_mid_generation_output_equals_ar_and_speculation_resumes(
     prompt = chat_prompt(tokenizer, "Write a Python function that checks whether a number is prime, then write five unit tests for it.")
     stops = {tokenizer.eos_token_id}
     ar = [t for st in generate(target_fp32, prompt, SamplingParams(), 80, stops) for t in st.tokens]
-    d = RemoteDrafter(connect(cfg), cfg, "kill-test")
+    d = RemoteDrafter(connect(cfg), "kill-test")
     out, trees, phase = [], {"up": 0, "down": 0, "back": 0}, "up"
     for i, step in enumerate(generate(target_fp32, prompt, SamplingParams(), 80, stops, d, 8)):
         out += step.tokens
