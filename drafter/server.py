@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from importlib.metadata import version
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -144,10 +145,15 @@ class DrafterService(pb_grpc.DrafterServicer):
                     log.info("session %s opened (%s, %d prompt tokens)", sess.id, sess.label or "no label",
                              len(update.new_tokens))
                 tree: DraftTree | None = None
-                if update.max_nodes > 0 and self.pool is None:
-                    tree = sess.drafter.draft(update)
-                elif update.max_nodes > 0:
-                    tree = await loop.run_in_executor(self.pool, sess.drafter.draft, update)
+                try:
+                    if update.max_nodes > 0 and self.pool is None:
+                        tree = sess.drafter.draft(update)
+                    elif update.max_nodes > 0:
+                        tree = await loop.run_in_executor(self.pool, sess.drafter.draft, update)
+                except Exception as e:  # a drafter bug ends this session only, with its traceback in the log
+                    log.exception("session %s: drafter failed", sess.id)
+                    ended = "drafter failed"
+                    await self._fail(context, grpc.StatusCode.INTERNAL, f"session {sess.id}: drafter failed: {e!r}")
                 sess.rounds += 1
                 sess.tokens += len(update.new_tokens)
                 sess.last_seen = time.monotonic()
@@ -172,8 +178,6 @@ class DrafterService(pb_grpc.DrafterServicer):
 
     async def GetInfo(self, request, context):
         await self._authorize(context)
-        from importlib.metadata import version
-
         return pb.ServerInfo(api_version=API_VERSION, server_version=version("specdraft"), drafter=self.drafter_cfg.kind,
                              model=self.model, vocab_size=self.vocab_size, draft_vocab_size=self.vocab_size,
                              hidden_dim=self.hidden_dim, tree_builders=[TREE_BUILDERS[self.drafter_cfg.kind]],
