@@ -221,11 +221,14 @@ async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if cfg.tls_cert:
-        with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-            port = server.add_secure_port(cfg.address, grpc.ssl_server_credentials([(k.read(), c.read())]))
-    else:
-        port = server.add_insecure_port(cfg.address)
+    try:
+        if cfg.tls_cert:
+            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                port = server.add_secure_port(cfg.address, grpc.ssl_server_credentials([(k.read(), c.read())]))
+        else:
+            port = server.add_insecure_port(cfg.address)
+    except RuntimeError as e:  # grpc's "Failed to bind": the port is taken or the host is not ours
+        raise OSError(f"server.address: cannot listen on {cfg.address} ({e})") from None
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
     ("drafter: {ngram: {max_ngram: 1, min_ngram: 2}}\n", "drafter.ngram.max_ngram: 1 < min_ngram 2"),
     ("target: [1, 2]\n", "target: expected a mapping"),
     ("eval: {num_prompts: 3\n", "not valid YAML"),
+    ("drafter: {mode: udp}\n", "drafter.mode: 'udp' is not one of inprocess, grpc"),
+    ("drafter: {grpc: {timeout_ms: 0}}\n", "drafter.grpc.timeout_ms: must be > 0"),
+    ("drafter: {grpc: {tls_ca: /nope/ca.pem}}\n", "drafter.grpc.tls_ca: /nope/ca.pem: file not found"),
+    ("server: {max_sessions: 0}\n", "server.max_sessions: must be > 0"),
+    ("server: {address: nowhere}\n", "server.address: 'nowhere' is not host:port"),
+    ("server: {tls_cert: /x.pem}\n", "server.tls_cert, server.tls_key: give both"),
+    ("server: {token_env: SPECDRAFT_SURELY_UNSET}\n", "environment variable SPECDRAFT_SURELY_UNSET is not set"),
+    ("server: {workers: -1}\n", "server.workers: must be >= 0"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_text, needle):
     cfg = tmp_path / "bad.yaml"
@@ -31,6 +39,23 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_
     assert main(["eval", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and str(cfg) in err, err
+
+
+def test_serve_drafter_bad_config_and_busy_port_exit_2(tmp_path, capsys):
+    import socket
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("server: {session_ttl_s: -1}\n")
+    assert main(["serve-drafter", "--config", str(cfg)]) == 2
+    assert "server.session_ttl_s: must be > 0" in capsys.readouterr().err
+    cfg.write_text("drafter: {kind: ngram}\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve-drafter", "--config", str(cfg), "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"server.address: cannot listen on 127.0.0.1:{port}" in err, err
 
 
 def test_missing_config_file_and_model_folder(tmp_path, capsys):

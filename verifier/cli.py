@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, OSError) as e:  # bad config, missing file, port in use
         print(f"specdraft {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
