@@ -208,6 +208,23 @@ class DrafterService(pb_grpc.DrafterServicer):
 TREE_BUILDERS = {"ngram": "prompt-lookup trie (deterministic)", "random": "random trees of the full budget (benchmark)"}
 
 
+STATS_LOG_S = 60.0
+
+
+async def log_stats(service: DrafterService, every_s: float) -> None:
+    """A stats line in the log every every_s seconds in which rounds were served."""
+    last = 0
+    while True:
+        await asyncio.sleep(every_s)
+        s = service.stats
+        if s.rounds > last:
+            log.info("stats: %d sessions open, %d rounds (%.1f/s over the last minute), %.1f nodes/tree, "
+                     "latency p50 %.2f ms p99 %.2f ms, errors %s", len(service.sessions), s.rounds - last,
+                     s.rounds_per_s(), s.nodes / max(s.rounds, 1), s.percentile(0.5), s.percentile(0.99),
+                     dict(s.errors) or "none")
+            last = s.rounds
+
+
 async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int, model: str,
                 ready=None) -> None:
     """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions are refused and
@@ -242,7 +259,9 @@ async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reporter = asyncio.ensure_future(log_stats(service, STATS_LOG_S))
     await stop.wait()
+    reporter.cancel()
     log.info("shutting down: draining %d open sessions for up to %.1f s", len(service.sessions), cfg.drain_s)
     service.closing = True
     await health_servicer.enter_graceful_shutdown()

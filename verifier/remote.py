@@ -122,12 +122,12 @@ class RemoteDrafter:
             # only a write stuck for WRITE_TIMEOUT_S (a wedged sidecar) counts as a broken stream.
             reply = self.conn.run(self._round(msg, first))
         except TimeoutError:
-            if self.stream.sending:
+            if self.stream is None or self.stream.sending:
                 self._broken(TimeoutError(f"could not send an update within {WRITE_TIMEOUT_S} s"))
             else:
                 self.fallbacks += 1  # late: this step decodes plainly; the late tree is dropped on arrival
             return None
-        except (grpc.RpcError, EOFError, asyncio.InvalidStateError) as e:
+        except Exception as e:  # the fault boundary: whatever the stream does, this step decodes plainly
             self._broken(e)
             return None
         self.backoff_s = 0.0
@@ -166,8 +166,9 @@ class RemoteDrafter:
         self.retry_at = time.monotonic() + self.backoff_s
         log.warning("%s: drafter stream lost (%s); decoding plainly, retrying in %.2f s", self.label, detail,
                     self.backoff_s)
-        self.conn.run(self.stream.close(cancel=True))
-        self.stream = None
+        if self.stream is not None:
+            self.conn.run(self.stream.close(cancel=True))
+            self.stream = None
 
     def close(self) -> None:
         if self.stream is not None:
