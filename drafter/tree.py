@@ -1,6 +1,8 @@
 """DraftTree: the drafter's proposal, flat arrays in topological order."""
 from dataclasses import dataclass, field
 
+import torch
+
 
 class TreeError(ValueError):
     """A draft tree that breaks the contract; the message names the bad node and value."""
@@ -12,11 +14,17 @@ class DraftTree:
     continues the last committed token directly. Parents come before children (parents[i] < i).
     Siblings may repeat a token (sampled trees do); deterministic verification takes the first.
 
+    A *sampled* tree also carries draft_probs [N+1, V]: row 0 is the drafter's distribution q the roots
+    were drawn from, row i+1 the one node i's children were drawn from, each sibling group i.i.d. from
+    its row. Multi-draft rules (SpecInfer, SpecTr) need it; a tree without it is deterministic (its
+    children were chosen, not sampled) and only the per-node rule may verify it.
+
     Validated on construction against the target's vocabulary and the node budget."""
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
     vocab_size: int
     max_nodes: int
+    draft_probs: torch.Tensor | None = field(default=None, compare=False, repr=False)
     depths: tuple[int, ...] = field(init=False, repr=False)  # root nodes have depth 1
 
     def __post_init__(self):
@@ -35,6 +43,15 @@ class DraftTree:
             if not -1 <= par < i:
                 raise TreeError(f"node {i}: parent {par} must be -1 or an earlier node (parents before children)")
             depths.append(1 if par < 0 else depths[par] + 1)
+        if self.draft_probs is not None:
+            q = self.draft_probs
+            if tuple(q.shape) != (n + 1, self.vocab_size):
+                raise TreeError(f"draft_probs has shape {list(q.shape)}, a sampled tree of {n} nodes needs "
+                                f"[{n + 1}, {self.vocab_size}]")
+            drawn = q[torch.tensor(parents) + 1, torch.tensor(tokens)]
+            if not bool((drawn > 0).all()):
+                i = int((drawn <= 0).nonzero()[0])
+                raise TreeError(f"node {i}: token {tokens[i]} has draft probability 0 in the row it was sampled from")
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "parents", parents)
         object.__setattr__(self, "depths", tuple(depths))

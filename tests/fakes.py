@@ -66,3 +66,41 @@ class FixedTreeDrafter:
 
     def close(self):
         pass
+
+
+def fake_draft_probs(context: tuple[int, ...], vocab: int) -> torch.Tensor:
+    """A fake drafter's q [V] for a context: related to the fake target's p but different from it."""
+    return (fake_logits(context, vocab, seed=0) * 0.5 + fake_logits(context, vocab, seed=7)).softmax(-1)
+
+
+class FakeSampledDrafter:
+    """Builds sampled trees: every node at depth d gets branching[d] children drawn i.i.d. from
+    fake_draft_probs of its path (duplicates allowed), and the tree carries those q rows."""
+
+    def __init__(self, branching: list[int], seed: int):
+        self.branching, self.context = branching, []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def draft(self, update):
+        self.context += update.new_tokens
+        v = update.vocab_size
+        tokens, parents, rows = [], [], [fake_draft_probs(tuple(self.context), v)]
+        frontier = [(-1, tuple(self.context))]  # (node, its context) whose children are drawn next
+        for k in self.branching:
+            nxt = []
+            for node, ctx in frontier:
+                q = rows[node + 1]
+                for tok in torch.multinomial(q, k, replacement=True, generator=self.gen).tolist():
+                    if len(tokens) == update.max_nodes:
+                        break
+                    tokens.append(tok)
+                    parents.append(node)
+                    rows.append(fake_draft_probs(ctx + (tok,), v))
+                    nxt.append((len(tokens) - 1, ctx + (tok,)))
+            frontier = nxt
+        if not tokens:
+            return None
+        return DraftTree(tokens, parents, v, update.max_nodes, torch.stack(rows))
+
+    def close(self):
+        pass

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("server: {tls_cert: /x.pem}\n", "server.tls_cert, server.tls_key: give both"),
     ("server: {token_env: SPECDRAFT_SURELY_UNSET}\n", "environment variable SPECDRAFT_SURELY_UNSET is not set"),
     ("server: {workers: -1}\n", "server.workers: must be >= 0"),
+    ("verify: {rule: spectr}\n", "verify.rule: 'spectr' needs sampled trees"),
+    ("verify: {rule: traversal}\n", "verify.rule: 'traversal' is not one of walk, specinfer, spectr"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_text, needle):
     cfg = tmp_path / "bad.yaml"

@@ -56,7 +56,8 @@ def cmd_generate(args) -> None:
     prompt = chat_prompt(tokenizer, args.prompt)
     drafter = None if args.no_draft else drafter_factory(cfg.drafter, target.vocab_size)("generate")
     out, shown, steps, t0 = [], "", 0, time.perf_counter()
-    for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stops, drafter, cfg.drafter.max_nodes):
+    for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stops, drafter, cfg.drafter.max_nodes,
+                         cfg.verify.rule):
         out += step.tokens
         steps += 1
         text = tokenizer.decode(out, skip_special_tokens=True)

@@ -29,6 +29,13 @@ class TargetConfig:
 
 
 @dataclass
+class VerifyConfig:
+    # walk: greedy at temperature 0, else the per-node sampling rule (any tree);
+    # specinfer / spectr: multi-draft rules, for sampled trees only (i.i.d. sibling groups with q)
+    rule: typing.Literal["walk", "specinfer", "spectr"] = "walk"
+
+
+@dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     num_prompts: int = 6                    # per dataset; 0 = all
@@ -42,6 +49,7 @@ class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
 
@@ -117,6 +125,12 @@ def validate(cfg: Config) -> Config:
     for key, var in (("server.token_env", s.token_env), ("drafter.grpc.token_env", d.grpc.token_env)):
         if var and not os.environ.get(var):
             raise ConfigError(f"{key}: environment variable {var} is not set or empty")
+    if cfg.verify.rule != "walk":
+        # every drafter so far builds deterministic trees, and the wire API carries no draft distributions
+        builds = "the sidecar's trees carry no draft distributions" if d.mode == "grpc" else \
+            f"drafter.kind {d.kind!r} builds deterministic trees"
+        raise ConfigError(f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
+                          f"their draft distribution); {builds}: use rule 'walk'")
     for i, name in enumerate(cfg.eval.datasets):
         if name not in DATASETS:
             raise ConfigError(f"eval.datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")

@@ -23,8 +23,9 @@ class Step:
 
 
 def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_tokens: int,
-             stop_ids: set[int], drafter: Drafter | None = None, max_nodes: int = 32) -> Iterator[Step]:
-    """Yield one Step per target forward (the first from the prefill)."""
+             stop_ids: set[int], drafter: Drafter | None = None, max_nodes: int = 32,
+             rule: str = "walk") -> Iterator[Step]:
+    """Yield one Step per target forward (the first from the prefill). rule: see verifier.rules.verify."""
     generator = torch.Generator().manual_seed(params.seed)
     t0 = time.perf_counter()
     states = target.prefill(prompt)
@@ -41,7 +42,7 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
             tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size, hidden, params))
         t1 = time.perf_counter()
         states = target.verify_forward(pending, tree)
-        verdict = verify(lambda row: target.logits(states[row:row + 1])[0], tree, params, generator)
+        verdict = verify(lambda row: target.logits(states[row:row + 1])[0], tree, params, generator, rule)
         target.commit(verdict.accepted)
         t2 = time.perf_counter()
         tokens = (tree.path_tokens(verdict.accepted) if tree else []) + [verdict.bonus]

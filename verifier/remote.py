@@ -60,7 +60,9 @@ def connect(cfg: RemoteConfig) -> Connection:
 
 def server_info(conn: Connection, timeout_s: float = 5.0) -> pb.ServerInfo:
     """What the sidecar serves; raises grpc.RpcError when it cannot be reached."""
-    return conn.run(conn.stub.GetInfo(pb.InfoRequest(), timeout=timeout_s, metadata=conn.metadata))
+    async def call() -> pb.ServerInfo:  # grpc.aio calls must be made on the running loop
+        return await conn.stub.GetInfo(pb.InfoRequest(), timeout=timeout_s, metadata=conn.metadata)
+    return conn.run(call())
 
 
 class _Stream:

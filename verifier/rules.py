@@ -13,7 +13,8 @@ from drafter.interface import SamplingParams
 from drafter.tree import DraftTree
 from kernels import sample_per_node
 
-__all__ = ["SamplingParams", "Verdict", "next_token", "target_probs", "verify", "walk"]
+__all__ = ["MULTI_DRAFT_RULES", "RULES", "SamplingParams", "Verdict", "follow", "multi_draft_plan", "next_token",
+           "spectr_rho", "target_probs", "verify", "walk"]
 
 
 @dataclass
@@ -51,30 +52,110 @@ def next_token(logits: torch.Tensor, params: SamplingParams,
     return int(sample_per_node(probs, generator)[0]), probs[0]
 
 
-def walk(tree: DraftTree, choose: Callable[[int], int]) -> tuple[list[int], int]:
-    """Follow the target's choices through the tree. choose(row) is its token at a row (row 0 after
-    the last committed token, row i+1 after node i); it is called once per visited row, in order.
-    Descend into the first child carrying the chosen token; stop at the first node without one.
-    Returns (accepted node ids, bonus token)."""
+def walk(tree: DraftTree, decide: Callable[[int, list[int]], tuple[int | None, int | None]]) -> tuple[list[int], int]:
+    """Walk the tree from the root. decide(row, children) is the rule at one visited row (row 0 after
+    the last committed token, row i+1 after node i), called once per row in order: it returns the child
+    to descend into, or (None, token) to emit token and stop. Returns (accepted node ids, bonus token)."""
     children: dict[int, list[int]] = {}
     for i, par in enumerate(tree.parents):
         children.setdefault(par, []).append(i)
     accepted, node = [], -1
     while True:
-        want = choose(node + 1)
-        nxt = next((c for c in children.get(node, ()) if tree.tokens[c] == want), None)
+        nxt, token = decide(node + 1, children.get(node, []))
         if nxt is None:
-            return accepted, want
+            return accepted, token
         accepted.append(nxt)
         node = nxt
 
 
+def follow(tree: DraftTree, choose: Callable[[int], int]):
+    """The per-node rule: the target chooses a token at the row (choose(row): argmax, or one fresh sample
+    of p); descend into the first child carrying it, else emit it."""
+    def decide(row: int, kids: list[int]) -> tuple[int | None, int | None]:
+        want = choose(row)
+        nxt = next((c for c in kids if tree.tokens[c] == want), None)
+        return (nxt, None) if nxt is not None else (None, want)
+    return decide
+
+
+MULTI_DRAFT_RULES = ("specinfer", "spectr")
+RULES = ("walk",) + MULTI_DRAFT_RULES
+
+
+def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, grid: int = 2049) -> float:
+    """K-SEQ's ρ: the smallest ρ in [1, k] with γ(ρ) <= ρ·β(ρ), where β(ρ) = Σ min(q, p/ρ) and
+    γ(ρ) = 1 - (1 - β)^k. ρ·β - γ grows with ρ and holds at ρ = k (Bernoulli's inequality).
+
+    β(ρ) = q-mass of {p/q >= ρ} + p-mass of {p/q < ρ} / ρ, so β on a whole grid of ρ is one pass over
+    the vocabulary: bucket every token's ratio among the uniform grid's points (arithmetic), add up p
+    and q per bucket (bincount), prefix sums. Two grid rounds bracket ρ* to ~(k-1)/grid², and the bracket's upper
+    end is returned (valid by construction). p, q: [V] float64."""
+    if k == 1:
+        return 1.0  # single draft: γ = β, valid at ρ = 1
+    drawn = q > 0
+    pd, qd = p[drawn], q[drawn]
+    ratio = pd / qd
+
+    def valid(rhos: torch.Tensor) -> torch.Tensor:  # [G] uniform grid -> [G] bool
+        g, lo, step = rhos.shape[0], rhos[0], rhos[1] - rhos[0]
+        # grid points <= each token's ratio (a token on a grid point counts on either side: equal min)
+        bucket = ((ratio - lo) / step).floor().clamp(-1, g - 1).long() + 1
+        q_at = torch.bincount(bucket, weights=qd, minlength=g + 1)
+        p_at = torch.bincount(bucket, weights=pd, minlength=g + 1)
+        q_ge = q_at.flip(0).cumsum(0).flip(0)[1:]  # [G] q-mass with ratio >= ρ_j
+        p_lt = p_at.cumsum(0)[:-1]                 # [G] p-mass with ratio < ρ_j
+        beta = q_ge + p_lt / rhos
+        return 1 - (1 - beta) ** k <= rhos * beta + 1e-14  # slack for rounding (q = p: equality at ρ = 1)
+
+    lo, hi = 1.0, float(k)
+    for _ in range(2):
+        rhos = torch.linspace(lo, hi, grid, dtype=torch.float64)
+        ok = valid(rhos).nonzero()
+        if len(ok) == 0:  # only rounding can make ρ = k fail
+            return hi
+        first = int(ok[0])
+        if first == 0:
+            return float(rhos[0])
+        lo, hi = float(rhos[first - 1]), float(rhos[first])
+    return hi
+
+
+def multi_draft_plan(p: torch.Tensor, q: torch.Tensor, drafts: list[int], rule: str) -> tuple[list[float], torch.Tensor]:
+    """One node of a sampled tree: its children `drafts` are k i.i.d. draws from q; p is the target's
+    distribution there. Returns the rule as a plan: candidate i (tried in order) is accepted with
+    probability accept[i] if all before it were rejected; if all are, the token comes from `residual`.
+    p, q: [V]; residual [V] float64.
+
+    specinfer: multi-round rejection sampling (draws with replacement): accept x_i with
+               min(1, p_i(x_i)/q(x_i)), then p_{i+1} = norm(max(p_i - q, 0)).
+    spectr:    K-SEQ: accept x_i with min(1, p(x_i)/(ρ q(x_i))); residual ∝ p - γ·min(q, p/ρ)/β."""
+    p, q = p.double(), q.double()
+    if rule == "specinfer":
+        accept, cur = [], p
+        for x in drafts:
+            accept.append(min(1.0, float(cur[x] / q[x])))
+            res = (cur - q).clamp(min=0)
+            if res.sum() > 0:  # 0 means cur == q: every candidate is accepted, no residual is needed
+                cur = res / res.sum()
+        return accept, cur
+    rho = spectr_rho(p, q, len(drafts))
+    m = torch.minimum(q, p / rho)
+    beta = m.sum()
+    gamma = 1 - (1 - beta) ** len(drafts)
+    res = (p - gamma * m / beta).clamp(min=0) if beta > 0 else p
+    return [min(1.0, float(p[x] / (rho * q[x]))) for x in drafts], (res / res.sum() if res.sum() > 0 else p)
+
+
 def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, params: SamplingParams,
-           generator: torch.Generator | None) -> Verdict:
-    """Greedy (temperature 0) or lossless sampling for a deterministic tree: at each visited node the
-    target picks its token (argmax, or a fresh sample of p) and the walk descends while a child
-    carries it. Each visited node uses an independent draw from its own target distribution, so the
-    emitted tokens are distributed exactly as plain decoding's. row_logits(row) -> logits [V]."""
+           generator: torch.Generator | None, rule: str = "walk") -> Verdict:
+    """Verify a tree against the target. row_logits(row) -> logits [V], asked only for visited rows.
+
+    Temperature 0: follow the target's argmax through the tree (any tree, any rule).
+    rule "walk" (deterministic or sampled trees): at each visited node the target draws a fresh sample
+    of p and the walk descends while a child carries it; independent draws per node make the emitted
+    tokens exactly plain sampling's.
+    rule "specinfer" / "spectr" (sampled trees only, see DraftTree.draft_probs): at each visited node the
+    multi-draft rule picks among its i.i.d. children or emits a residual sample; a leaf emits a sample of p."""
     if tree is None:
         return Verdict([], next_token(row_logits(0), params, generator)[0], {})
     probs: dict[int, torch.Tensor] = {}  # visited row -> the target distribution there [V]
@@ -85,7 +166,24 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
         probs[row] = logits.softmax(dim=-1) if dist is None else dist  # greedy: plain softmax, for feedback
         return token
 
-    accepted, bonus = walk(tree, choose)
+    if params.temperature == 0 or rule == "walk":
+        decide = follow(tree, choose)
+    elif tree.draft_probs is None:
+        raise ValueError(f"verify rule {rule!r} needs a sampled tree (i.i.d. sibling groups with draft_probs); "
+                         "this tree is deterministic: use rule 'walk'")
+    else:
+        def decide(row: int, kids: list[int]) -> tuple[int | None, int | None]:
+            if not kids:
+                return None, choose(row)
+            probs[row] = p = target_probs(row_logits(row)[None], params)[0]
+            accept, residual = multi_draft_plan(p, tree.draft_probs[row], [tree.tokens[c] for c in kids], rule)
+            coins = torch.rand(len(kids), generator=generator, dtype=torch.float64).tolist()
+            chosen = next((c for c, a, u in zip(kids, accept, coins) if u < a), None)
+            if chosen is not None:
+                return chosen, None
+            return None, int(sample_per_node(residual[None], generator)[0])
+
+    accepted, bonus = walk(tree, decide)
     target = {i: float(probs[par + 1][tok]) for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents))
               if par + 1 in probs}
     return Verdict(accepted, bonus, target)

@@ -15,7 +15,7 @@ import torch
 from drafter.tree import DraftTree
 from tests.fakes import FakeTarget, FixedTreeDrafter, fake_logits
 from verifier.engine import generate
-from verifier.rules import SamplingParams, Verdict, target_probs, verify, walk
+from verifier.rules import SamplingParams, Verdict, follow, target_probs, verify, walk
 
 V = 3
 
@@ -61,7 +61,7 @@ def test_walk_with_independent_node_samples_is_exactly_lossless(tokens, parents,
         w = math.prod(p[i][c] for i, c in enumerate(choice))
         if w == 0:
             continue
-        accepted, bonus = walk(tree, choice.__getitem__)
+        accepted, bonus = walk(tree, follow(tree, choice.__getitem__))
         emitted = tree.path_tokens(accepted) + [bonus]
         for rest in itertools.product(range(V), repeat=D - len(emitted)):
             seq = tuple(emitted) + rest
@@ -164,8 +164,8 @@ def test_statistical_test_has_power_against_a_biased_rule(monkeypatch):
     (a classic non-lossless shortcut) must be rejected by the same test."""
     import verifier.engine as engine
 
-    def biased(row_logits, tree, params, generator):
-        v = verify(row_logits, tree, params, generator)
+    def biased(row_logits, tree, params, generator, rule):
+        v = verify(row_logits, tree, params, generator, rule)
         if tree is not None and not v.accepted and v.target_probs[0] >= 0.25:
             return Verdict([0], int(row_logits(1).argmax()), v.target_probs)
         return v
