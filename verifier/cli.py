@@ -57,7 +57,7 @@ def cmd_generate(args) -> None:
     drafter = None if args.no_draft else drafter_factory(cfg.drafter, target.vocab_size)("generate")
     out, shown, steps, t0 = [], "", 0, time.perf_counter()
     for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stops, drafter, cfg.drafter.max_nodes,
-                         cfg.verify.rule):
+                         cfg.verify.rule, cfg.verify.feedback_topk):
         out += step.tokens
         steps += 1
         text = tokenizer.decode(out, skip_special_tokens=True)

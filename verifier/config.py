@@ -33,6 +33,7 @@ class VerifyConfig:
     # walk: greedy at temperature 0, else the per-node sampling rule (any tree);
     # specinfer / spectr: multi-draft rules, for sampled trees only (i.i.d. sibling groups with q)
     rule: typing.Literal["walk", "specinfer", "spectr"] = "walk"
+    feedback_topk: int = 0                  # also send the drafter the target's top-k at visited rows; 0 = off
 
 
 @dataclass
@@ -102,7 +103,7 @@ def validate(cfg: Config) -> Config:
                 "server.max_message_mb": s.max_message_mb, "server.session_ttl_s": s.session_ttl_s}
     nonneg = {"target.threads": cfg.target.threads, "sampling.top_k": cfg.sampling.top_k,
               "eval.num_prompts": cfg.eval.num_prompts, "sampling.temperature": cfg.sampling.temperature,
-              "server.drain_s": s.drain_s, "server.workers": s.workers}
+              "server.drain_s": s.drain_s, "server.workers": s.workers, "verify.feedback_topk": cfg.verify.feedback_topk}
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")

@@ -24,8 +24,9 @@ class Step:
 
 def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_tokens: int,
              stop_ids: set[int], drafter: Drafter | None = None, max_nodes: int = 32,
-             rule: str = "walk") -> Iterator[Step]:
-    """Yield one Step per target forward (the first from the prefill). rule: see verifier.rules.verify."""
+             rule: str = "walk", feedback_topk: int = 0) -> Iterator[Step]:
+    """Yield one Step per target forward (the first from the prefill). rule: see verifier.rules.verify;
+    feedback_topk > 0 also sends the drafter the target's top-k at every row verification visited."""
     generator = torch.Generator().manual_seed(params.seed)
     t0 = time.perf_counter()
     states = target.prefill(prompt)
@@ -54,7 +55,13 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
         produced += len(tokens)
         pending = tokens[-1]
         new_tokens = tokens
-        feedback = Feedback(verdict.accepted, verdict.target_probs) if tree else None
+        feedback = None
+        if tree:
+            topk = {}
+            for row, dist in verdict.visited.items() if feedback_topk else ():
+                top = dist.topk(min(feedback_topk, dist.shape[-1]))
+                topk[row - 1] = (top.indices.tolist(), top.values.tolist())
+            feedback = Feedback(verdict.accepted, verdict.target_probs, topk)
         hidden = states[[0] + [i + 1 for i in verdict.accepted]]  # rows of pending + accepted nodes
         yield Step(tokens, len(verdict.accepted), len(tree) if tree else 0, tree.depth if tree else 0,
                    t1 - t0, t2 - t1)

@@ -61,7 +61,7 @@ def drafter_factory(cfg: DrafterConfig, vocab_size: int) -> Callable[[str], Draf
 def run_prompt(target, prompt_ids, cfg: Config, stops, drafter) -> dict:
     t0 = time.perf_counter()
     steps = list(generate(target, prompt_ids, cfg.sampling, cfg.eval.max_new_tokens, stops, drafter,
-                          cfg.drafter.max_nodes, cfg.verify.rule))
+                          cfg.drafter.max_nodes, cfg.verify.rule, cfg.verify.feedback_topk))
     return {"steps": steps, "wall_s": time.perf_counter() - t0, "tokens": [t for s in steps for t in s.tokens]}
 
 

@@ -4,7 +4,7 @@ rng) -> Verdict. No model inside; the decode loop feeds them.
 Logits come per *row*, on demand: row 0 is the target's next-token distribution after the last
 committed token (the parent of the draft roots), row i+1 the distribution after draft node i. A rule
 asks only for the rows it visits, so the target's LM head runs ~tau times per step, not N+1 times."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,6 +22,7 @@ class Verdict:
     accepted: list[int]        # accepted node ids, root to deepest
     bonus: int                 # the token the target adds after the accepted path
     target_probs: dict[int, float]  # node -> target probability of its token, for nodes whose parent was visited
+    visited: dict[int, torch.Tensor] = field(default_factory=dict)  # visited row -> target distribution [V]
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -186,4 +187,4 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
     accepted, bonus = walk(tree, decide)
     target = {i: float(probs[par + 1][tok]) for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents))
               if par + 1 in probs}
-    return Verdict(accepted, bonus, target)
+    return Verdict(accepted, bonus, target, probs)

@@ -104,6 +104,14 @@ def test_trees_equal_the_inprocess_drafter_and_session_stats(sidecar):
     assert stats.rounds_total >= 41 and stats.latency_p50_ms > 0 and stats.mean_nodes > 0
 
 
+def test_feedback_with_target_top_k_is_accepted(sidecar):
+    fb = pb.Feedback(accepted=[0], prob_nodes=[0], probs=[0.9],
+                     target_topk=[pb.TopK(node=-1, tokens=[3, 7], probs=[0.9, 0.05]),
+                                  pb.TopK(node=0, tokens=[1], probs=[0.8])])
+    replies = session(sidecar.stub, FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3, 1], feedback=fb, max_nodes=4)])
+    assert [r.round for r in replies] == [0, 1]
+
+
 def test_budget_is_capped_by_the_server_and_zero_means_no_draft(sidecar):
     prompt = list(range(10, 20)) * 20
     replies = session(sidecar.stub, [first(prompt, max_nodes=1000),
@@ -150,6 +158,12 @@ BAD = [
      "feedback.probs[0]: 1.5 is not a probability"),
     (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(prob_nodes=[99], probs=[0.5]))],
      "feedback.prob_nodes[0]: node 99 outside the previous tree"),
+    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(
+        target_topk=[pb.TopK(node=-1, tokens=[3, 49152], probs=[0.5, 0.25])]))],
+     "feedback.target_topk[0].tokens[1]: token 49152 outside"),
+    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(
+        target_topk=[pb.TopK(node=-1, tokens=[3], probs=[0.5, 0.25])]))],
+     "feedback.target_topk[0].probs: 2 values for 1 tokens"),
     ([first([1, 2, 3], hidden=hidden(dtype="int8"))], "hidden.dtype: 'int8' is not one of"),
     ([first([1, 2, 3], hidden=hidden(nbytes=100))], "hidden.data: 100 bytes, but float32 [2, 576] needs 4608"),
     ([first([1, 2, 3], hidden=pb.Tensor(dtype="float32", shape=[2, 2, 2], data=bytes(32)))],

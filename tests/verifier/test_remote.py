@@ -139,6 +139,7 @@ def test_eval_through_the_sidecar_gives_the_inprocess_tau(sidecar, remote_cfg, t
     base.eval.output = str(tmp_path / "inproc.json")
     inproc = run_eval(base)
     base.drafter.mode, base.drafter.grpc = "grpc", remote_cfg
+    base.verify.feedback_topk = 4  # also carried over the wire and validated by the sidecar
     base.eval.output = str(tmp_path / "grpc.json")
     remote = run_eval(base)
     for name in ("mt_bench", "humaneval"):

@@ -174,3 +174,26 @@ def test_statistical_test_has_power_against_a_biased_rule(monkeypatch):
     params = SamplingParams(temperature=1.0)
     counts = empirical(lambda: FixedTreeDrafter(TREE_TOKENS, TREE_PARENTS), params)
     assert chi_square_p_value(counts, exact_distribution(params)) < 1e-6
+
+
+def test_feedback_carries_the_target_top_k_of_every_visited_row():
+    class Recorder(FixedTreeDrafter):
+        def draft(self, update):
+            self.feedback.append(update.feedback)
+            return super().draft(update)
+
+    drafter = Recorder(TREE_TOKENS, TREE_PARENTS)
+    drafter.feedback = []
+    params = SamplingParams(temperature=1.0, seed=3)
+    list(generate(FakeTarget(V), PROMPT, params, 12, set(), drafter, max_nodes=8, feedback_topk=2))
+    fbs = [f for f in drafter.feedback if f is not None]
+    assert fbs
+    for fb in fbs:
+        # rows visited = the roots' parent (-1) and every accepted node; top-2 in descending order
+        assert set(fb.target_topk) == {-1, *fb.accepted}
+        for tokens, probs in fb.target_topk.values():
+            assert len(tokens) == 2 and probs[0] >= probs[1] > 0
+        tokens, probs = fb.target_topk[-1]
+        for node in (0, 1):  # root nodes carry token 0: its probability is the one in target_probs
+            if 0 in tokens:
+                assert fb.target_probs[node] == pytest.approx(probs[tokens.index(0)])
