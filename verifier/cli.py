@@ -109,6 +109,34 @@ def cmd_bench_sidecar(args) -> None:
     print_sidecar_bench(run_sidecar_bench(args.tree_sizes, args.rounds), args.rounds)
 
 
+def cmd_prepare_data(args) -> None:
+    from tqdm import tqdm
+
+    from drafter.data import SHAREGPT, build_cache, read_sharegpt
+    from verifier.assets import load_target, package_file
+    from verifier.config import load_config, validate
+
+    cfg = load_config(args.config)
+    if args.max_conversations is not None:
+        cfg.data.max_conversations = args.max_conversations
+    if args.out_dir:
+        cfg.data.out_dir = args.out_dir
+    validate(cfg)
+    source = package_file(*SHAREGPT)
+    target, tokenizer, _ = load_target(cfg.target)
+
+    def features(ids):
+        return target.prefill(ids), target.logits
+
+    with tqdm(desc="teacher forcing", unit="tok") as bar:
+        manifest = build_cache(read_sharegpt(source), tokenizer, features, cfg.data, cfg.target.model, bar.update)
+    for split in ("train", "heldout"):
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        print(f"{split}: {sum(s['conversations'] for s in shards)} conversations, "
+              f"{sum(s['tokens'] for s in shards)} tokens in {len(shards)} shards")
+    print(f"data: {cfg.data.out_dir}")
+
+
 def cmd_prepare(args) -> None:
     from verifier.assets import model_dir
 
@@ -171,6 +199,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default="configs/sidecar.yaml", help="YAML config (default: %(default)s)")
     s.add_argument("--address", help="host:port to listen on (overrides server.address; port 0 = any free port)")
     s.set_defaults(func=cmd_serve_drafter)
+
+    d = sub.add_parser("prepare-data", help="teacher-force ShareGPT through the target into drafter training shards",
+                       description="Read the complete records of the packaged ShareGPT file, apply the chat template, run "
+                                   "each conversation through the target once and cache its final hidden states and "
+                                   "top-k next-token distributions in safetensors shards (train / held-out split by "
+                                   "conversation id). Resumable: a rerun continues after the last written shard.",
+                       epilog=EPILOG)
+    d.add_argument("--config", default="configs/default.yaml", help="YAML config: target and data sections (default: %(default)s)")
+    d.add_argument("--max-conversations", type=int, help="overrides data.max_conversations (0 = all)")
+    d.add_argument("--out-dir", help="overrides data.out_dir")
+    d.set_defaults(func=cmd_prepare_data)
 
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
     r.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name (default: %(default)s)")

