@@ -5,9 +5,8 @@ from dataclasses import dataclass, field
 
 from drafter.interface import Drafter
 from drafter.ngram import NgramConfig, NgramDrafter
+from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
 from drafter.synthetic import RandomDrafter
-
-KINDS = ("ngram", "random")
 
 
 @dataclass
@@ -23,14 +22,18 @@ class RemoteConfig:
 @dataclass
 class DrafterConfig:
     mode: typing.Literal["inprocess", "grpc"] = "inprocess"
-    kind: typing.Literal["ngram", "random"] = "ngram"  # random: benchmark trees, never a speed-up
+    kind: typing.Literal["ngram", "specblock", "random"] = "ngram"  # random: benchmark trees, never a speed-up
     max_nodes: int = 8                      # node budget per draft tree
     ngram: NgramConfig = field(default_factory=NgramConfig)
+    specblock: SpecBlockDraftConfig = field(default_factory=SpecBlockDraftConfig)
     grpc: RemoteConfig = field(default_factory=RemoteConfig)
 
 
-def make_drafter(cfg: DrafterConfig) -> Drafter:
-    """A fresh in-process drafter (one per generation session) of the configured kind."""
+def make_drafter(cfg: DrafterConfig, model: SpecBlock | None = None) -> Drafter:
+    """A fresh in-process drafter (one per generation session) of the configured kind; a learned kind
+    shares one loaded model across sessions (drafter.specblock.load_specblock)."""
     if cfg.kind == "random":
         return RandomDrafter()
+    if cfg.kind == "specblock":
+        return SpecBlockDrafter(model, cfg.specblock)
     return NgramDrafter(cfg.ngram)

@@ -85,8 +85,8 @@ class Stats:
 
 class DrafterService(pb_grpc.DrafterServicer):
     def __init__(self, cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int,
-                 model: str):
-        self.cfg, self.drafter_cfg = cfg, drafter_cfg
+                 model: str, drafter_model=None):
+        self.cfg, self.drafter_cfg, self.drafter_model = cfg, drafter_cfg, drafter_model
         self.vocab_size, self.hidden_dim, self.model = vocab_size, hidden_dim, model
         self.token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
         self.sessions: dict[str, Session] = {}
@@ -114,7 +114,7 @@ class DrafterService(pb_grpc.DrafterServicer):
         if len(self.sessions) >= self.cfg.max_sessions:
             await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"{len(self.sessions)} sessions open, the server's limit is {self.cfg.max_sessions}")
-        sess = Session(uuid.uuid4().hex[:16], make_drafter(self.drafter_cfg))
+        sess = Session(uuid.uuid4().hex[:16], make_drafter(self.drafter_cfg, self.drafter_model))
         self.sessions[sess.id] = sess
         self.stats.sessions_total += 1
         loop = asyncio.get_running_loop()
@@ -205,7 +205,8 @@ class DrafterService(pb_grpc.DrafterServicer):
                                idle_s=time.monotonic() - sess.last_seen)
 
 
-TREE_BUILDERS = {"ngram": "prompt-lookup trie (deterministic)", "random": "random trees of the full budget (benchmark)"}
+TREE_BUILDERS = {"ngram": "prompt-lookup trie (deterministic)", "random": "random trees of the full budget (benchmark)",
+                 "specblock": "block-iterative expansion, rank-head branching (deterministic)"}
 
 
 STATS_LOG_S = 60.0
@@ -226,14 +227,14 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
 
 
 async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int, model: str,
-                ready=None) -> None:
+                ready=None, drafter_model=None) -> None:
     """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions are refused and
     open streams get cfg.drain_s to finish. ready(port) is called once the port is bound."""
     limit = int(cfg.max_message_mb * 2**20)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       ("grpc.so_reuseport", 0)])
-    service = DrafterService(cfg, drafter_cfg, vocab_size, hidden_dim, model)
+    service = DrafterService(cfg, drafter_cfg, vocab_size, hidden_dim, model, drafter_model)
     pb_grpc.add_DrafterServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -54,7 +54,7 @@ def cmd_generate(args) -> None:
     cfg = load_config(args.config)
     target, tokenizer, stops = load_target(cfg.target)
     prompt = chat_prompt(tokenizer, args.prompt)
-    drafter = None if args.no_draft else drafter_factory(cfg.drafter, target.vocab_size)("generate")
+    drafter = None if args.no_draft else drafter_factory(cfg.drafter, target)("generate")
     out, shown, steps, t0 = [], "", 0, time.perf_counter()
     for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stops, drafter, cfg.drafter.max_nodes,
                          cfg.verify.rule, cfg.verify.feedback_topk):
@@ -88,19 +88,31 @@ def cmd_serve_drafter(args) -> None:
     import asyncio
     import json
 
+    from pathlib import Path
+
     from drafter.server import serve
     from verifier.assets import model_dir
     from verifier.config import load_config, validate
+    from verifier.model import ModelArgs
 
     cfg = load_config(args.config)
     if args.address:
         cfg.server.address = args.address
     validate(cfg)
-    vocab = json.loads((model_dir(cfg.target.model) / "config.json").read_text())["vocab_size"]
+    folder = model_dir(cfg.target.model)
+    args = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
+    drafter_model, hidden_dim = None, 0  # the model-free drafters take no target hidden states
+    if cfg.drafter.kind == "specblock":
+        from safetensors import safe_open
+
+        from drafter.specblock import load_specblock
+
+        with safe_open(folder / "model.safetensors", "pt") as f:  # the drafter shares the target's embedding
+            embedding = f.get_tensor("model.embed_tokens.weight")
+        drafter_model, hidden_dim = load_specblock(Path(cfg.drafter.specblock.checkpoint), args, embedding), args.dim
     host = cfg.server.address.rpartition(":")[0]
-    # hidden_dim 0: the drafters served so far (ngram, random) take no target hidden states
-    asyncio.run(serve(cfg.server, cfg.drafter, vocab, 0, cfg.target.model,
-                      ready=lambda port: print(f"listening on {host}:{port}", flush=True)))
+    asyncio.run(serve(cfg.server, cfg.drafter, args.vocab_size, hidden_dim, cfg.target.model,
+                      ready=lambda port: print(f"listening on {host}:{port}", flush=True), drafter_model=drafter_model))
 
 
 def cmd_bench_sidecar(args) -> None:
@@ -135,6 +147,37 @@ def cmd_prepare_data(args) -> None:
         print(f"{split}: {sum(s['conversations'] for s in shards)} conversations, "
               f"{sum(s['tokens'] for s in shards)} tokens in {len(shards)} shards")
     print(f"data: {cfg.data.out_dir}")
+
+
+def cmd_train(args) -> None:
+    import json
+
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    from drafter.train import train
+    from verifier.assets import model_dir
+    from verifier.config import load_config, validate
+    from verifier.model import ModelArgs
+
+    cfg = load_config(args.config)
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    validate(cfg)
+    folder = model_dir(cfg.target.model)
+    targs = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    with tqdm(total=cfg.train.steps, desc="train", unit="step") as bar:
+        def progress(m):
+            bar.n = m["step"]
+            post = {"loss": f"{m['train_loss']:.3f}"}
+            if "heldout" in m:
+                post["heldout top1"] = ",".join(f"{a:.2f}" for a in m["heldout"]["top1"])
+            bar.set_postfix(post)
+        metrics = train(cfg.train, targs, embedding, progress)
+    print(json.dumps(metrics))
+    print(f"drafter: {cfg.train.out}")
 
 
 def cmd_prepare(args) -> None:
@@ -210,6 +253,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--max-conversations", type=int, help="overrides data.max_conversations (0 = all)")
     d.add_argument("--out-dir", help="overrides data.out_dir")
     d.set_defaults(func=cmd_prepare_data)
+
+    t = sub.add_parser("train", help="train a SpecBlock drafter on prepare-data's shards",
+                       description="Fit a SpecBlock drafter (config section train) to the teacher-forced shards; "
+                                   "progress bar with loss and held-out top-1 per block position; checkpoints "
+                                   "and resumes from train.out.", epilog=EPILOG)
+    t.add_argument("--config", default="configs/train-specblock.yaml", help="YAML config (default: %(default)s)")
+    t.add_argument("--steps", type=int, help="overrides train.steps")
+    t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
     r.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name (default: %(default)s)")

@@ -11,6 +11,7 @@ import yaml
 
 from drafter.build import DrafterConfig
 from drafter.data import DataConfig
+from drafter.train import TrainConfig
 from drafter.interface import SamplingParams
 from drafter.server import ServerConfig
 
@@ -55,6 +56,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
     data: DataConfig = field(default_factory=DataConfig)         # `specdraft prepare-data` only
+    train: TrainConfig = field(default_factory=TrainConfig)      # `specdraft train` only
 
 
 def _check(value, hint, key: str):

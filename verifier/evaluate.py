@@ -36,11 +36,21 @@ def load_prompts(name: str) -> list[tuple[str, str]]:
     return [(r["task_id"], f"Complete the following Python function.\n\n```python\n{r['prompt']}```") for r in rows]
 
 
-def drafter_factory(cfg: DrafterConfig, vocab_size: int) -> Callable[[str], Drafter]:
+def drafter_factory(cfg: DrafterConfig, target) -> Callable[[str], Drafter]:
     """label -> a fresh drafter session: in-process, or a stream to the sidecar (checked once here, so
     a wrong address or a sidecar for another vocabulary is a config error, not a silent plain run)."""
+    vocab_size = target.vocab_size
     if cfg.mode == "inprocess":
-        return lambda label: make_drafter(cfg)
+        model = None
+        if cfg.kind == "specblock":
+            from drafter.specblock import load_specblock
+
+            folder = Path(cfg.specblock.checkpoint)
+            if not (folder / "drafter.safetensors").is_file():
+                raise ConfigError(f"drafter.specblock.checkpoint: {folder}: no drafter.safetensors "
+                                  "(train one with `specdraft train`)")
+            model = load_specblock(folder, target.model.args, target.model.tok_embeddings.weight)
+        return lambda label: make_drafter(cfg, model)
     import grpc
 
     from verifier.remote import RemoteDrafter, connect, server_info
@@ -101,7 +111,7 @@ def summarize(records: list[dict], temperature: float) -> dict:
 def run_eval(cfg: Config) -> dict:
     target, tokenizer, stops = load_target(cfg.target)
     room = cfg.target.max_seq_len - cfg.eval.max_new_tokens - cfg.drafter.max_nodes - 1
-    new_drafter = drafter_factory(cfg.drafter, target.vocab_size)
+    new_drafter = drafter_factory(cfg.drafter, target)
     jobs = []
     for name in cfg.eval.datasets:
         prompts = load_prompts(name)

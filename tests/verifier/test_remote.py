@@ -155,4 +155,4 @@ def test_eval_with_no_sidecar_is_a_config_error():
 
     cfg = DrafterConfig(mode="grpc", grpc=RemoteConfig(address=f"127.0.0.1:{free_port()}"))
     with pytest.raises(ConfigError, match="drafter.grpc.address: no specdraft drafter at 127.0.0.1:"):
-        drafter_factory(cfg, VOCAB)
+        drafter_factory(cfg, type("FakeTargetInfo", (), {"vocab_size": VOCAB})())

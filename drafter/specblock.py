@@ -1,0 +1,265 @@
+"""SpecBlock: a block-iterative, feature-conditioned drafter.
+
+Inputs, EAGLE-style: at committed position s, u_s = fc([f_s, e(x_{s+1})]) where f_s is the target's final
+hidden state after reading x_{<=s} and e the target's (frozen, shared) token embedding. A *context
+stream* of these inputs runs through a few causal decoder layers with a KV cache.
+
+One forward drafts a block of K dependent positions from a start s: block position 1 is the context
+stream's own position s (it predicts x_{s+2}); positions j = 2..K start from learned embeddings and see
+earlier positions only through the **layer-wise shift**: at every layer, position j adds a projection of
+position j-1's state, so position j depends on 1..j-1 without another forward. Every block position
+attends to the context (keys and values of the context stream up to s), never to later positions.
+
+Heads on the block states (normed): logits over a reduced **draft vocabulary** (rows of the target's
+tied embedding, so the head costs |draft vocab| instead of 49152 columns), a **rank head** predicting
+how deep in the drafter's sorted list the target's token sits (used to allocate branching per position),
+and the state itself regresses the target's feature at that position, so a new block can **inherit** it:
+a block may start from any drafted node, with that node's state standing in for f and its token as x.
+
+Shapes: K = block_size, T = positions, D = dim, Vd = draft vocabulary size."""
+import heapq
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from drafter.interface import VerifierUpdate
+from drafter.tree import DraftTree
+from verifier.model import ModelArgs, RMSNorm, apply_rope, rope_tables
+
+
+@dataclass
+class SpecBlockConfig:
+    block_size: int = 4          # K dependent positions per forward
+    n_layers: int = 2
+    n_heads: int = 9
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    draft_vocab: int = 8192      # most frequent target tokens in the training data
+    max_rank: int = 8            # rank head classes 0..max_rank-1 (the last means "that deep or absent")
+    max_seq_len: int = 4096
+
+
+class Layer(nn.Module):
+    """A pre-norm decoder layer whose queries may come from several streams but whose keys and values
+    come from the context stream only."""
+
+    def __init__(self, dim: int, cfg: SpecBlockConfig, eps: float):
+        super().__init__()
+        self.cfg = cfg
+        self.wq = nn.Linear(dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * cfg.n_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, dim, bias=False)
+        self.w13 = nn.Linear(dim, 2 * cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, dim, bias=False)
+        self.shift = nn.Linear(dim, dim, bias=False)  # position j-1's state into position j
+        self.attn_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        nn.init.zeros_(self.shift.weight)
+
+    def kv(self, ctx: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx [T, D] context-stream states -> keys, values [H, T, hd] (keys rotated)."""
+        h, hd = self.cfg.n_heads, self.cfg.head_dim
+        k, v = self.wkv(self.attn_norm(ctx)).view(-1, 2, h, hd).unbind(1)
+        return apply_rope(k.transpose(0, 1)[None], cos, sin)[0], v.transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, keys, values, cos, sin, mask) -> torch.Tensor:
+        """x [K, T, D] block states (stream 0 = the context stream); keys/values [H, S, hd];
+        cos/sin [K, T, hd] per query position; mask [K, T, S] bool or None."""
+        x = torch.cat([x[:1], x[1:] + self.shift(x[:-1])])  # layer-wise shift, from the layer's input
+        kq, t, d = x.shape
+        h, hd = self.cfg.n_heads, self.cfg.head_dim
+        q = self.wq(self.attn_norm(x)).view(kq, t, h, hd).transpose(1, 2)           # [K, H, T, hd]
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        y = F.scaled_dot_product_attention(q, keys[None], values[None],
+                                           attn_mask=None if mask is None else mask[:, None])
+        x = x + self.wo(y.transpose(1, 2).reshape(kq, t, h * hd))
+        gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
+
+
+class SpecBlock(nn.Module):
+    def __init__(self, cfg: SpecBlockConfig, target_args: ModelArgs, embedding: torch.Tensor, draft_ids: torch.Tensor):
+        """embedding: the target's token embedding [V, D] (shared, frozen; SmolLM2 ties it to its LM head);
+        draft_ids [Vd]: target token ids of the draft vocabulary."""
+        super().__init__()
+        self.cfg, self.dim = cfg, target_args.dim
+        d, eps = target_args.dim, target_args.norm_eps
+        self.register_buffer("embedding", embedding.detach().float(), persistent=False)
+        self.register_buffer("draft_ids", draft_ids.long())
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.block_emb = nn.Parameter(torch.randn(cfg.block_size - 1, d) * 0.02)  # inputs of positions 2..K
+        self.layers = nn.ModuleList(Layer(d, cfg, eps) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(d, eps)
+        self.rank_head = nn.Linear(d, cfg.max_rank)
+        args = ModelArgs(dim=d, head_dim=cfg.head_dim, rope_theta=target_args.rope_theta)
+        cos, sin = rope_tables(args, cfg.max_seq_len + cfg.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def inputs(self, feats: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """[T, D] features and [T] next tokens -> context-stream inputs u [T, D]."""
+        return self.fc(torch.cat([feats.float(), self.embedding[next_tokens]], dim=-1))
+
+    def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Normed states [..., D] -> logits over the draft vocabulary [..., Vd]."""
+        return states @ self.embedding[self.draft_ids].T
+
+    def forward_train(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing over one sequence: feats [T, D], tokens [T]. Returns normed block states
+        [K, T-1, D]: entry (j, s) is block position j+1 of the block started at s (it predicts
+        tokens[s + j + 2]); every start s runs in parallel."""
+        k = self.cfg.block_size
+        u = self.inputs(feats[:-1], tokens[1:])                                  # [T', D]
+        t = u.shape[0]
+        x = torch.cat([u[None], self.block_emb[:, None].expand(k - 1, t, -1)])   # [K, T', D]
+        pos = torch.arange(t)[None] + torch.arange(k)[:, None]                   # [K, T'] query positions
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        ctx_cos, ctx_sin = self.rope_cos[:t], self.rope_sin[:t]
+        mask = torch.ones(t, t, dtype=torch.bool).tril()[None].expand(k, t, t)  # query at start s sees keys <= s
+        for layer in self.layers:
+            keys, values = layer.kv(x[0], ctx_cos, ctx_sin)
+            x = layer(x, keys, values, cos, sin, mask)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def extend(self, cache: "ContextCache", u_new: torch.Tensor) -> None:
+        """Run new committed positions' inputs u_new [n, D] through the context stream, appending their
+        keys and values to the cache."""
+        n, start = u_new.shape[0], cache.length
+        pos = torch.arange(start, start + n)
+        cos, sin = self.rope_cos[pos][None], self.rope_sin[pos][None]
+        mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)[None]
+        x = u_new[None].float()
+        for i, layer in enumerate(self.layers):
+            k, v = layer.kv(x[0], self.rope_cos[pos], self.rope_sin[pos])
+            cache.keys[i] = torch.cat([cache.keys[i], k], dim=1)
+            cache.values[i] = torch.cat([cache.values[i], v], dim=1)
+            x = layer(x, cache.keys[i], cache.values[i], cos, sin, mask)
+        cache.length += n
+
+    @torch.no_grad()
+    def draft_block(self, cache: "ContextCache", start_u: torch.Tensor, pos: int, n_ctx: int, inherited: bool) -> torch.Tensor:
+        """One block at inference from input start_u [D] at position pos. The block attends to the first
+        n_ctx cached context positions; a committed start is the last of them, an inherited start (a
+        drafted node: its state stands in for f) is not cached and adds its own keys and values.
+        Returns normed block states [K, D]."""
+        k = self.cfg.block_size
+        x = torch.cat([start_u[None, None].float(), self.block_emb[:, None]])  # [K, 1, D]
+        qpos = pos + torch.arange(k)[:, None]
+        cos, sin = self.rope_cos[qpos], self.rope_sin[qpos]
+        for i, layer in enumerate(self.layers):
+            keys, values = cache.keys[i][:, :n_ctx], cache.values[i][:, :n_ctx]
+            if inherited:
+                k0, v0 = layer.kv(x[0], self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1])
+                keys, values = torch.cat([keys, k0], dim=1), torch.cat([values, v0], dim=1)
+            x = layer(x, keys, values, cos, sin, None)
+        return self.norm(x)[:, 0]
+
+
+class ContextCache:
+    """Per-layer keys and values of the context stream for one session."""
+
+    def __init__(self, model: SpecBlock):
+        h, hd = model.cfg.n_heads, model.cfg.head_dim
+        self.keys = [torch.zeros(h, 0, hd) for _ in model.layers]
+        self.values = [torch.zeros(h, 0, hd) for _ in model.layers]
+        self.length = 0
+
+
+@dataclass
+class SpecBlockDraftConfig:
+    checkpoint: str = "checkpoints/specblock-smollm2"  # folder with drafter.safetensors + config.json
+    max_blocks: int = 4          # drafter forwards per tree (the first from the context, then inheritances)
+    max_branch: int = 4          # candidates per position at most, whatever the rank head says
+
+
+def load_specblock(folder: Path, target_args: ModelArgs, embedding: torch.Tensor) -> SpecBlock:
+    meta = json.loads((folder / "config.json").read_text())
+    sd = load_file(folder / "drafter.safetensors")
+    model = SpecBlock(SpecBlockConfig(**meta["model"]), target_args, embedding, sd["draft_ids"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return model.eval()
+
+
+class SpecBlockDrafter:
+    """The Drafter interface over a SpecBlock model, one session per object. Needs the target's hidden
+    states in every update (VerifierUpdate.hidden).
+
+    Tree growth, best-first by path probability within the node budget: the context block's positions
+    form a chain (each position's candidates hang under the previous position's top-1); the rank head
+    says how many candidates a position gets (its predicted rank + 1, at most max_branch). A node whose
+    continuation is not in its block (a non-top-1 candidate, or the block's last position) is expanded by
+    a new block that inherits the node's state and token, while max_blocks allows."""
+
+    def __init__(self, model: SpecBlock, cfg: SpecBlockDraftConfig):
+        self.model, self.cfg = model, cfg
+        self.cache = ContextCache(model)
+        self.tokens: list[int] = []
+        self.feats: list[torch.Tensor] = []
+
+    def _candidates(self, states: torch.Tensor) -> list[list[tuple[int, float]]]:
+        """Per block position: [(target token id, draft probability)], best first."""
+        m = self.model
+        probs = m.draft_logits(states).softmax(-1)                                  # [K, Vd]
+        counts = (m.rank_head(states).argmax(-1) + 1).clamp(max=self.cfg.max_branch)
+        out = []
+        for j in range(states.shape[0]):
+            top = probs[j].topk(int(counts[j]))
+            out.append([(int(m.draft_ids[i]), float(p)) for i, p in zip(top.indices, top.values)])
+        return out
+
+    @torch.no_grad()
+    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+        m = self.model
+        self.tokens += update.new_tokens
+        if update.hidden is None:
+            raise ValueError("the SpecBlock drafter needs the target's hidden states in every update")
+        self.feats.append(update.hidden.float())
+        feats = torch.cat(self.feats) if len(self.feats) > 1 else self.feats[0]
+        self.feats = [feats]
+        n_f = feats.shape[0]              # committed positions with a feature; tokens[n_f] is pending
+        if n_f == 0 or update.max_nodes <= 0:
+            return None
+        new = range(self.cache.length, n_f)
+        if len(new):
+            m.extend(self.cache, m.inputs(feats[new.start:], torch.tensor(self.tokens[new.start + 1:n_f + 1])))
+        t = n_f - 1
+        blocks = 1
+        states = m.draft_block(self.cache, m.inputs(feats[t:t + 1], torch.tensor(self.tokens[t + 1:t + 2]))[0], t,
+                               n_f, inherited=False)
+        # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
+        # P + j for a block started at position P, whether it is its position's top-1)
+        heap, order = [], 0
+        for tok, p in self._candidates(states)[0]:
+            heap.append((-p, order, -1, tok, states, 0, t, True))
+            order += 1
+        heapq.heapify(heap)
+        tokens, parents = [], []
+        cands_cache = {id(states): self._candidates(states)}
+        while heap and len(tokens) < update.max_nodes:
+            negp, _, parent, tok, st, j, pos, is_top1 = heapq.heappop(heap)
+            node = len(tokens)
+            tokens.append(tok)
+            parents.append(parent)
+            if is_top1 and j + 1 < m.cfg.block_size:  # the block already drafted the next position
+                kids, nst, nj, npos = cands_cache[id(st)][j + 1], st, j + 1, pos + 1
+            elif blocks < self.cfg.max_blocks:         # inherit: a new block from this node
+                blocks += 1
+                u = m.fc(torch.cat([st[j], m.embedding[tok]]))
+                nst = m.draft_block(self.cache, u, pos + 1, n_f, inherited=True)
+                cands_cache[id(nst)] = self._candidates(nst)
+                kids, nj, npos = cands_cache[id(nst)][0], 0, pos + 1
+            else:
+                continue
+            for rank, (ktok, kp) in enumerate(kids):
+                heapq.heappush(heap, (negp * kp, order, node, ktok, nst, nj, npos, rank == 0))
+                order += 1
+        return DraftTree(tokens, parents, update.vocab_size, update.max_nodes)
+
+    def close(self) -> None:
+        self.cache = ContextCache(self.model)
+        self.tokens, self.feats = [], []

@@ -1,0 +1,112 @@
+"""SpecBlock's structure: no position sees a later one (neither through the context nor through the
+layer-wise shift), incremental inference reproduces the training forward, the valid-prefix mask stops
+at the first miss, trees respect the budget, and a short training run lowers the loss."""
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from drafter.interface import VerifierUpdate
+from drafter.specblock import ContextCache, SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter
+from drafter.train import TrainConfig, train, valid_prefix
+from verifier.model import ModelArgs
+
+ARGS = ModelArgs(vocab_size=200, dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
+CFG = SpecBlockConfig(block_size=4, n_layers=2, n_heads=4, head_dim=16, intermediate_size=128, draft_vocab=120)
+
+
+def model(seed=0) -> SpecBlock:
+    torch.manual_seed(seed)
+    m = SpecBlock(CFG, ARGS, torch.randn(200, 64), torch.arange(40, 160))
+    for layer in m.layers:  # the shift starts at zero in training; make it matter here
+        torch.nn.init.normal_(layer.shift.weight, std=0.2)
+    return m.eval()
+
+
+def test_no_block_position_sees_a_later_one():
+    m = model()
+    feats, toks = torch.randn(10, 64), torch.randint(0, 200, (10,))
+    with torch.no_grad():
+        base = m.forward_train(feats, toks)
+        for j in range(1, CFG.block_size):
+            m.block_emb.data[j - 1] += 1.0  # perturb the input of block position j+1 (0-based j)
+            out = m.forward_train(feats, toks)
+            # unchanged up to float rounding of the batched products (~1e-6); a leak would move it by ~1
+            assert torch.allclose(out[:j], base[:j], atol=1e-5) and not torch.allclose(out[j], base[j], atol=0.1)
+            m.block_emb.data[j - 1] -= 1.0
+        s = 5  # nothing after a block's start reaches it through the context
+        f2, t2 = feats.clone(), toks.clone()
+        f2[s + 1:] += 1.0
+        t2[s + 2:] = 7
+        assert torch.allclose(m.forward_train(f2, t2)[:, :s + 1], base[:, :s + 1], atol=1e-5)
+
+
+def test_incremental_inference_equals_the_training_forward():
+    m = model()
+    feats, toks = torch.randn(12, 64), torch.randint(0, 200, (12,))
+    with torch.no_grad():
+        ref = m.forward_train(feats, toks)                 # [K, 11, D]
+        u = m.inputs(feats[:-1], toks[1:])
+        cache = ContextCache(m)
+        m.extend(cache, u[:6])
+        m.extend(cache, u[6:9])
+        for s in (3, 8):
+            assert torch.allclose(m.draft_block(cache, u[s], s, s + 1, inherited=False), ref[:, s], atol=1e-5)
+        # an inherited start that is not in the cache brings its own keys and values: same result
+        assert torch.allclose(m.draft_block(cache, u[8], 8, 8, inherited=True), ref[:, 8], atol=1e-5)
+
+
+def test_valid_prefix_mask_stops_at_the_first_miss():
+    hit = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)  # [K=4, T=4]
+    want = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1], [0, 1, 0, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(valid_prefix(hit), want)
+
+
+@pytest.mark.parametrize("budget,max_blocks", [(1, 1), (8, 1), (16, 3), (40, 6)])
+def test_trees_respect_budget_and_block_limit(budget, max_blocks):
+    m = model()
+    calls = []
+    original = m.draft_block
+    m.draft_block = lambda *a, **k: calls.append(1) or original(*a, **k)
+    d = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=max_blocks, max_branch=3))
+    prompt = [random.Random(i).randrange(200) for i in range(9)]
+    tree = d.draft(VerifierUpdate(prompt, None, budget, 200, torch.randn(8, 64)))
+    assert tree is not None and 1 <= len(tree) <= budget and len(calls) <= max_blocks
+    assert all(40 <= t < 160 for t in tree.tokens)  # only draft-vocabulary tokens
+    calls.clear()
+    tree2 = d.draft(VerifierUpdate([5, 6], None, budget, 200, torch.randn(2, 64)))  # the next round
+    assert tree2 is not None and len(tree2) <= budget and d.cache.length == 10
+
+
+def test_short_training_run_lowers_the_loss(tmp_path):
+    """Synthetic shards where the next token is a function of the current one: learnable in seconds."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randperm(200, generator=g)
+    convs = []
+    for _ in range(8):
+        toks = [int(torch.randint(0, 200, (1,), generator=g))]
+        for _ in range(47):
+            toks.append(int(table[toks[-1]]))
+        toks = torch.tensor(toks)
+        nxt = torch.cat([toks[1:], table[toks[-1:]]])
+        probs = torch.tensor([0.9, 0.05, 0.03, 0.02]).repeat(48, 1).half()
+        ids = torch.stack([nxt, (nxt + 1) % 200, (nxt + 2) % 200, (nxt + 3) % 200], 1).int()
+        convs.append({"tokens": toks.int(), "loss_mask": torch.ones(48, dtype=torch.uint8),
+                      "hidden": torch.randn(48, 64, generator=g).bfloat16(), "topk_ids": ids, "topk_probs": probs})
+    shard = {k: torch.cat([c[k] for c in convs]) for k in convs[0]}
+    shard["offsets"] = torch.arange(0, 8 * 48 + 1, 48)
+    save_file(shard, tmp_path / "train-00000.safetensors")
+    save_file({**{k: v[:48] for k, v in shard.items() if k != "offsets"}, "offsets": torch.tensor([0, 48])},
+              tmp_path / "heldout-00001.safetensors")
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [
+        {"file": "train-00000.safetensors", "split": "train"}, {"file": "heldout-00001.safetensors", "split": "heldout"}]}))
+    cfg = TrainConfig(data_dir=str(tmp_path), out=str(tmp_path / "ck"), model=CFG, steps=40, conversations_per_step=2,
+                      lr=3e-3, warmup=5, eval_every=40, max_positions=48)
+    torch.manual_seed(0)
+    first = []
+    metrics = train(cfg, ARGS, torch.randn(200, 64), progress=lambda m: first.append(m["train_loss"]))
+    assert metrics["train_loss"] < 0.5 * first[0], (first[0], metrics["train_loss"])
+    assert metrics["heldout"]["top1"][0] > 0.5  # position 1 learned the table
+    assert (tmp_path / "ck" / "drafter.safetensors").is_file() and (tmp_path / "ck" / "state.pt").is_file()
