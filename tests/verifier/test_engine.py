@@ -74,11 +74,22 @@ def prompts_and_ar(target_fp32, tokenizer):
     return out
 
 
-@pytest.mark.parametrize("kind", ["ngram", "oracle", "garbage"])
+def untrained_specblock(target):
+    """A SpecBlock drafter with random weights on the real target's embedding: real trees from the real
+    code path (hidden states, blocks, inheritance), mostly rejected."""
+    from drafter.specblock import SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter
+
+    torch.manual_seed(0)
+    model = SpecBlock(SpecBlockConfig(n_layers=1, draft_vocab=4096), target.model.args,
+                      target.model.tok_embeddings.weight, torch.arange(4096)).eval()
+    return SpecBlockDrafter(model, SpecBlockDraftConfig(max_blocks=3))
+
+
+@pytest.mark.parametrize("kind", ["ngram", "oracle", "garbage", "specblock"])
 def test_greedy_speculative_equals_ar_token_for_token(kind, target_fp32, prompts_and_ar):
-    for ids, ar in prompts_and_ar:
+    for ids, ar in prompts_and_ar[:1] if kind == "specblock" else prompts_and_ar:  # specblock: slow untrained
         drafter = {"ngram": lambda: NgramDrafter(NgramConfig()), "oracle": lambda: OracleDrafter(ids + ar),
-                   "garbage": GarbageDrafter}[kind]()
+                   "garbage": GarbageDrafter, "specblock": lambda: untrained_specblock(target_fp32)}[kind]()
         assert run(target_fp32, ids, drafter) == ar
 
 
