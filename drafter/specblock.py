@@ -90,6 +90,7 @@ class SpecBlock(nn.Module):
         d, eps = target_args.dim, target_args.norm_eps
         self.register_buffer("embedding", embedding.detach().float(), persistent=False)
         self.register_buffer("draft_ids", draft_ids.long())
+        self.register_buffer("draft_head", self.embedding[self.draft_ids].contiguous(), persistent=False)  # [Vd, D]
         self.fc = nn.Linear(2 * d, d, bias=False)
         self.block_emb = nn.Parameter(torch.randn(cfg.block_size - 1, d) * 0.02)  # inputs of positions 2..K
         self.layers = nn.ModuleList(Layer(d, cfg, eps) for _ in range(cfg.n_layers))
@@ -106,7 +107,7 @@ class SpecBlock(nn.Module):
 
     def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Normed states [..., D] -> logits over the draft vocabulary [..., Vd]."""
-        return states @ self.embedding[self.draft_ids].T
+        return states @ self.draft_head.T
 
     def forward_train(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing over one sequence: feats [T, D], tokens [T]. Returns normed block states
