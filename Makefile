@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup eval test bench proto serve-drafter
+.PHONY: setup eval test bench proto serve-drafter train
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,8 @@ serve-drafter: $(STAMP)
 # Regenerate the gRPC code from proto/drafter.proto (the source of truth); tests check it is current.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. proto/drafter.proto
+
+# Teacher-force ShareGPT through the target, then train the SpecBlock drafter (hours on 2 cores).
+train: $(STAMP)
+	$(BIN)/specdraft prepare-data --config configs/train-specblock.yaml
+	$(BIN)/specdraft train --config configs/train-specblock.yaml

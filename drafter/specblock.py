@@ -35,11 +35,11 @@ from verifier.model import ModelArgs, RMSNorm, apply_rope, rope_tables
 @dataclass
 class SpecBlockConfig:
     block_size: int = 4          # K dependent positions per forward
-    n_layers: int = 2
+    n_layers: int = 1
     n_heads: int = 9
     head_dim: int = 64
     intermediate_size: int = 1536
-    draft_vocab: int = 8192      # most frequent target tokens in the training data
+    draft_vocab: int = 4096      # most frequent target tokens in the training data
     max_rank: int = 8            # rank head classes 0..max_rank-1 (the last means "that deep or absent")
     max_seq_len: int = 4096
 

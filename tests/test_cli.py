@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ("server: {tls_cert: /x.pem}\n", "server.tls_cert, server.tls_key: give both"),
     ("server: {token_env: SPECDRAFT_SURELY_UNSET}\n", "environment variable SPECDRAFT_SURELY_UNSET is not set"),
     ("server: {workers: -1}\n", "server.workers: must be >= 0"),
+    ("train: {steps: 0}\n", "train.steps: must be > 0"),
+    ("train: {model: {block_size: 0}}\n", "train.model.block_size: must be > 0"),
+    ("drafter: {kind: specblock, specblock: {max_blocks: 0}}\n", "drafter.specblock.max_blocks: must be > 0"),
     ("verify: {rule: spectr}\n", "verify.rule: 'spectr' needs sampled trees"),
     ("verify: {rule: traversal}\n", "verify.rule: 'traversal' is not one of walk, specinfer, spectr"),
 ])

@@ -137,6 +137,15 @@ def validate(cfg: Config) -> Config:
                    ("data.shard_tokens", cfg.data.shard_tokens)):
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
+    tr = cfg.train
+    for key, v in (("train.steps", tr.steps), ("train.conversations_per_step", tr.conversations_per_step),
+                   ("train.max_positions", tr.max_positions), ("train.eval_every", tr.eval_every), ("train.lr", tr.lr),
+                   ("train.model.block_size", tr.model.block_size), ("train.model.n_layers", tr.model.n_layers),
+                   ("train.model.draft_vocab", tr.model.draft_vocab), ("train.model.max_rank", tr.model.max_rank),
+                   ("drafter.specblock.max_blocks", d.specblock.max_blocks),
+                   ("drafter.specblock.max_branch", d.specblock.max_branch)):
+        if v <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
     if cfg.data.max_tokens > cfg.target.max_seq_len:
         raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
     if not 0 <= cfg.data.heldout_fraction < 1:
