@@ -103,13 +103,13 @@ def teacher_force(features, ids: list[int], topk: int, chunk: int = 256) -> dict
 
 def build_cache(records: Iterator[dict], tokenizer, features, cfg: DataConfig, model: str, progress=None) -> dict:
     """Teacher-force conversations into shards under cfg.out_dir; returns the manifest. Resumable: a
-    shard is written whole (temporary name, then renamed) and records where the next one starts, so a
-    rerun skips the conversations already in shards."""
+    shard is written whole (temporary name, then renamed) and the manifest records, per split, the last
+    record on disk, so a rerun skips exactly the conversations already in shards."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
-        "model": model, "config": asdict(cfg), "shards": [], "next_record": 0}
+        "model": model, "config": asdict(cfg), "shards": [], "done": {"train": 0, "heldout": 0}}
     if manifest["model"] != model or manifest["config"]["topk"] != cfg.topk:
         raise ValueError(f"{manifest_path}: built for {manifest['model']} with topk {manifest['config']['topk']}; "
                          f"use another data.out_dir for {model} with topk {cfg.topk}")
@@ -128,25 +128,25 @@ def build_cache(records: Iterator[dict], tokenizer, features, cfg: DataConfig, m
         (out / (name + ".tmp")).rename(out / name)
         manifest["shards"].append({"file": name, "split": split, "conversations": len(convs),
                                    "tokens": int(shard["offsets"][-1])})
-        manifest["next_record"] = n_read
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        manifest["done"][split] = convs[-1]["record"]  # this split's records up to here are on disk
         pending[split] = []
+        manifest_path.write_text(json.dumps(manifest, indent=2))
 
     for n_read, record in enumerate(records, start=1):
-        if n_read <= manifest["next_record"]:
-            continue
         if cfg.max_conversations and n_read > cfg.max_conversations:
             n_read -= 1
             break
+        split = "heldout" if is_heldout(str(record.get("id", n_read)), cfg.heldout_fraction) else "train"
+        if n_read <= manifest["done"][split]:  # already in a shard of its split
+            continue
         msgs = to_messages(record)
         if msgs is None:
             continue
         ids, mask = tokenize_conversation(tokenizer, msgs, cfg.max_tokens)
         if len(ids) < 2 or not any(mask):
             continue
-        conv = {"tokens": torch.tensor(ids, dtype=torch.int32), "loss_mask": torch.tensor(mask, dtype=torch.uint8),
-                **teacher_force(features, ids, cfg.topk)}
-        split = "heldout" if is_heldout(str(record.get("id", n_read)), cfg.heldout_fraction) else "train"
+        conv = {"record": n_read, "tokens": torch.tensor(ids, dtype=torch.int32),
+                "loss_mask": torch.tensor(mask, dtype=torch.uint8), **teacher_force(features, ids, cfg.topk)}
         pending[split].append(conv)
         if progress is not None:
             progress(len(ids))
@@ -154,7 +154,7 @@ def build_cache(records: Iterator[dict], tokenizer, features, cfg: DataConfig, m
             flush(split)
     for split in pending:
         flush(split)
-    manifest["next_record"] = max(manifest["next_record"], n_read)
+        manifest["done"][split] = max(manifest["done"][split], n_read)
     manifest["complete"] = True
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest

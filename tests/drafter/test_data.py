@@ -70,11 +70,11 @@ def test_shards_hold_the_targets_features_and_resume(tmp_path, target_fp32, toke
 
     cfg = DataConfig(out_dir=str(tmp_path / "d"), max_conversations=3, topk=4, heldout_fraction=0.0, shard_tokens=80)
     m = build_cache(iter(records), tokenizer, features, cfg, "smollm2")
-    assert m["next_record"] == 3 and sum(s["conversations"] for s in m["shards"]) == 3 and len(m["shards"]) >= 2
+    assert m["done"]["train"] == 3 and sum(s["conversations"] for s in m["shards"]) == 3 and len(m["shards"]) >= 2
     cfg.max_conversations = 0
     m = build_cache(iter(records), tokenizer, features, cfg, "smollm2")  # resumes after record 3
     shards = [load_shard(tmp_path / "d" / s["file"]) for s in m["shards"]]
-    assert m["complete"] and m["next_record"] == 5 and sum(s["conversations"] for s in m["shards"]) == 5
+    assert m["complete"] and m["done"]["train"] == 5 and sum(s["conversations"] for s in m["shards"]) == 5
 
     convs = [(sh, j) for sh in shards for j in range(len(sh["offsets"]) - 1)]
     for i, (sh, j) in enumerate(convs):  # in record order, each once
@@ -86,3 +86,34 @@ def test_shards_hold_the_targets_features_and_resume(tmp_path, target_fp32, toke
         top = target_fp32.logits(hidden).softmax(-1).topk(4, dim=-1)
         assert torch.equal(sh["topk_ids"][a:b], top.indices.int())
         assert torch.allclose(sh["topk_probs"][a:b].float(), top.values, atol=1e-3)
+
+
+def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(tmp_path):
+    """Fake features (this tests the bookkeeping): two splits flushing at different times, a crash
+    after some shards, a rerun; every conversation must end up on disk exactly once."""
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt=False, return_dict=True):
+            ids = [len(m["content"]) % 50 + 1 for m in messages for _ in range(3)] + [7] * add_generation_prompt
+            return {"input_ids": ids}
+
+    def features(ids):
+        return torch.zeros(len(ids), 8), lambda h: torch.zeros(h.shape[0], 60)
+
+    records = [conv(f"id{i}", ("human", "q" * i), ("gpt", "a" * i)) for i in range(1, 41)]
+    held = {i for i in range(1, 41) if is_heldout(f"id{i}", 0.25)}
+    assert 3 < len(held) < 20
+    cfg = DataConfig(out_dir=str(tmp_path / "d"), topk=2, heldout_fraction=0.25, shard_tokens=20)
+
+    def crash_after(n):
+        for i, r in enumerate(records):
+            if i == n:
+                raise KeyboardInterrupt
+            yield r
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(crash_after(23), Tok(), features, cfg, "m")
+    m = build_cache(iter(records), Tok(), features, cfg, "m")
+    per_split = {"train": 0, "heldout": 0}
+    for s in m["shards"]:
+        per_split[s["split"]] += s["conversations"]
+    assert per_split == {"train": 40 - len(held), "heldout": len(held)}
