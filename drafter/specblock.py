@@ -234,13 +234,11 @@ class SpecBlockDrafter:
                                n_f, inherited=False)
         # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
         # P + j for a block started at position P, whether it is its position's top-1)
-        heap, order = [], 0
-        for tok, p in self._candidates(states)[0]:
-            heap.append((-p, order, -1, tok, states, 0, t, True))
-            order += 1
+        cands_cache = {id(states): self._candidates(states)}  # block -> candidates per position
+        heap = [(-p, order, -1, tok, states, 0, t, order == 0) for order, (tok, p) in enumerate(cands_cache[id(states)][0])]
+        order = len(heap)
         heapq.heapify(heap)
         tokens, parents = [], []
-        cands_cache = {id(states): self._candidates(states)}
         while heap and len(tokens) < update.max_nodes:
             negp, _, parent, tok, st, j, pos, is_top1 = heapq.heappop(heap)
             node = len(tokens)
