@@ -91,6 +91,16 @@ def load_transformer(path: Path, dtype: str, max_seq_len: int) -> Transformer:
     return model.to(DTYPES[dtype]).finalize()
 
 
+def target_embedding(path: Path) -> tuple[ModelArgs, torch.Tensor]:
+    """The target's shape and token embedding [V, dim] (shared with learned drafters), without loading
+    the rest of the weights."""
+    from safetensors import safe_open
+
+    args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()))
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return args, f.get_tensor("model.embed_tokens.weight")
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 

@@ -86,32 +86,27 @@ def cmd_bench(args) -> None:
 
 def cmd_serve_drafter(args) -> None:
     import asyncio
-    import json
-
     from pathlib import Path
 
     from drafter.server import serve
-    from verifier.assets import model_dir
-    from verifier.config import load_config, validate
-    from verifier.model import ModelArgs
+    from verifier.assets import model_dir, target_embedding
+    from verifier.config import ConfigError, load_config, validate
 
     cfg = load_config(args.config)
     if args.address:
         cfg.server.address = args.address
     validate(cfg)
-    folder = model_dir(cfg.target.model)
-    args = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
+    targs, embedding = target_embedding(model_dir(cfg.target.model))
     drafter_model, hidden_dim = None, 0  # the model-free drafters take no target hidden states
     if cfg.drafter.kind == "specblock":
-        from safetensors import safe_open
-
         from drafter.specblock import load_specblock
 
-        with safe_open(folder / "model.safetensors", "pt") as f:  # the drafter shares the target's embedding
-            embedding = f.get_tensor("model.embed_tokens.weight")
-        drafter_model, hidden_dim = load_specblock(Path(cfg.drafter.specblock.checkpoint), args, embedding), args.dim
+        folder = Path(cfg.drafter.specblock.checkpoint)
+        if not (folder / "drafter.safetensors").is_file():
+            raise ConfigError(f"drafter.specblock.checkpoint: {folder}: no drafter.safetensors")
+        drafter_model, hidden_dim = load_specblock(folder, targs, embedding), targs.dim
     host = cfg.server.address.rpartition(":")[0]
-    asyncio.run(serve(cfg.server, cfg.drafter, args.vocab_size, hidden_dim, cfg.target.model,
+    asyncio.run(serve(cfg.server, cfg.drafter, targs.vocab_size, hidden_dim, cfg.target.model,
                       ready=lambda port: print(f"listening on {host}:{port}", flush=True), drafter_model=drafter_model))
 
 
@@ -152,22 +147,17 @@ def cmd_prepare_data(args) -> None:
 def cmd_train(args) -> None:
     import json
 
-    from safetensors import safe_open
     from tqdm import tqdm
 
     from drafter.train import train
-    from verifier.assets import model_dir
+    from verifier.assets import model_dir, target_embedding
     from verifier.config import load_config, validate
-    from verifier.model import ModelArgs
 
     cfg = load_config(args.config)
     if args.steps is not None:
         cfg.train.steps = args.steps
     validate(cfg)
-    folder = model_dir(cfg.target.model)
-    targs = ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        embedding = f.get_tensor("model.embed_tokens.weight")
+    targs, embedding = target_embedding(model_dir(cfg.target.model))
     with tqdm(total=cfg.train.steps, desc="train", unit="step") as bar:
         def progress(m):
             bar.n = m["step"]
