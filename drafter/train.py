@@ -83,15 +83,16 @@ def block_loss(model: SpecBlock, conv: dict, to_draft: torch.Tensor, cfg: TrainC
     target_top1 = tid[..., 0]                               # the target's argmax (-1 if not draftable)
     hit = logits.argmax(-1) == target_top1
     valid = valid_prefix(hit)
-    weight = (valid & inside & conv["loss_mask"].bool()[pos]).float()
+    scored = inside & conv["loss_mask"].bool()[pos]        # [K, T'] positions that predict reply tokens
+    weight = (valid & scored).float()
     feat = F.smooth_l1_loss(states, hidden[pos], reduction="none").mean(-1)
     rank_label = (logits > logits.gather(-1, target_top1.clamp(min=0)[..., None])).sum(-1)
     rank_label = torch.where(target_top1 >= 0, rank_label, model.cfg.max_rank - 1).clamp(max=model.cfg.max_rank - 1)
     rank = F.cross_entropy(model.rank_head(states.detach()).flatten(0, 1), rank_label.flatten(), reduction="none")
     n = weight.sum().clamp(min=1)
     loss = ((ce + cfg.feature_weight * feat + cfg.rank_weight * rank.view(k, t)) * weight).sum() / n
-    per_pos = (hit & inside & conv["loss_mask"].bool()[pos]).float().sum(1) / (inside & conv["loss_mask"].bool()[pos]).float().sum(1).clamp(min=1)
-    return loss, {"loss": float(loss.detach()), "top1": per_pos.tolist()}
+    top1 = (hit & scored).float().sum(1) / scored.float().sum(1).clamp(min=1)  # [K] accuracy per position
+    return loss, {"loss": float(loss.detach()), "top1": top1.tolist()}
 
 
 def window(conv: dict, n: int, rng: random.Random) -> dict:
