@@ -200,7 +200,7 @@ class SpecBlockDrafter:
         self.model, self.cfg = model, cfg
         self.cache = ContextCache(model)
         self.tokens: list[int] = []
-        self.feats: list[torch.Tensor] = []
+        self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
 
     def _candidates(self, states: torch.Tensor) -> list[list[tuple[int, float]]]:
         """Per block position: [(target token id, draft probability)], best first."""
@@ -219,19 +219,17 @@ class SpecBlockDrafter:
         self.tokens += update.new_tokens
         if update.hidden is None:
             raise ValueError("the SpecBlock drafter needs the target's hidden states in every update")
-        self.feats.append(update.hidden.float())
-        feats = torch.cat(self.feats) if len(self.feats) > 1 else self.feats[0]
-        self.feats = [feats]
-        n_f = feats.shape[0]              # committed positions with a feature; tokens[n_f] is pending
-        if n_f == 0 or update.max_nodes <= 0:
+        start = self.cache.length         # the update's hidden rows are the next context positions
+        n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
+        if n_f > start:
+            u = m.inputs(update.hidden.float(), torch.tensor(self.tokens[start + 1:n_f + 1]))
+            m.extend(self.cache, u)
+            self.last_u = u[-1]
+        if self.last_u is None or update.max_nodes <= 0:
             return None
-        new = range(self.cache.length, n_f)
-        if len(new):
-            m.extend(self.cache, m.inputs(feats[new.start:], torch.tensor(self.tokens[new.start + 1:n_f + 1])))
         t = n_f - 1
         blocks = 1
-        states = m.draft_block(self.cache, m.inputs(feats[t:t + 1], torch.tensor(self.tokens[t + 1:t + 2]))[0], t,
-                               n_f, inherited=False)
+        states = m.draft_block(self.cache, self.last_u, t, n_f, inherited=False)
         # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
         # P + j for a block started at position P, whether it is its position's top-1)
         cands_cache = {id(states): self._candidates(states)}  # block -> candidates per position
@@ -261,4 +259,4 @@ class SpecBlockDrafter:
 
     def close(self) -> None:
         self.cache = ContextCache(self.model)
-        self.tokens, self.feats = [], []
+        self.tokens, self.last_u = [], None
