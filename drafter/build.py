@@ -2,10 +2,11 @@
 behind a specdraft gRPC sidecar (`mode: grpc`, reached by verifier/remote.py)."""
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from drafter.interface import Drafter
 from drafter.ngram import NgramConfig, NgramDrafter
-from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
+from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
 from drafter.synthetic import RandomDrafter
 
 
@@ -27,6 +28,17 @@ class DrafterConfig:
     ngram: NgramConfig = field(default_factory=NgramConfig)
     specblock: SpecBlockDraftConfig = field(default_factory=SpecBlockDraftConfig)
     grpc: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+def load_drafter_model(cfg: DrafterConfig, target_args, embedding) -> SpecBlock | None:
+    """The model a learned drafter kind shares across its sessions (None for model-free kinds)."""
+    if cfg.kind != "specblock":
+        return None
+    folder = Path(cfg.specblock.checkpoint)
+    if not (folder / "drafter.safetensors").is_file():
+        raise FileNotFoundError(f"drafter.specblock.checkpoint: {folder}: no drafter.safetensors "
+                                "(train one with `specdraft train`)")
+    return load_specblock(folder, target_args, embedding)
 
 
 def make_drafter(cfg: DrafterConfig, model: SpecBlock | None = None) -> Drafter:

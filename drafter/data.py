@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_tokens: int) -> t
     return ids, in_reply[1:len(ids)] + [False]  # position t predicts token t+1
 
 
-Features = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # ids -> (hidden [T, dim], logits rows fn)
+# ids -> (hidden states [T, dim], a function from state rows [R, dim] to logits [R, V])
+Features = Callable[[list[int]], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
 
 
-def teacher_force(features, ids: list[int], topk: int, chunk: int = 256) -> dict[str, torch.Tensor]:
-    """One conversation through the target: features(ids) -> (hidden [T, dim], logits(rows) -> [R, V])."""
+def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """One conversation through the target: its hidden states and top-k next-token distributions."""
     hidden, logits = features(ids)
     top_ids, top_p = [], []
     for s in range(0, len(ids), chunk):  # [chunk, V] at a time: a full [T, V] would be ~200 MB
@@ -101,7 +102,7 @@ def teacher_force(features, ids: list[int], topk: int, chunk: int = 256) -> dict
     return {"hidden": hidden.to(torch.bfloat16), "topk_ids": torch.cat(top_ids), "topk_probs": torch.cat(top_p)}
 
 
-def build_cache(records: Iterator[dict], tokenizer, features, cfg: DataConfig, model: str, progress=None) -> dict:
+def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: DataConfig, model: str, progress=None) -> dict:
     """Teacher-force conversations into shards under cfg.out_dir; returns the manifest. Resumable: a
     shard is written whole (temporary name, then renamed) and the manifest records, per split, the last
     record on disk, so a rerun skips exactly the conversations already in shards."""
@@ -159,6 +160,3 @@ def build_cache(records: Iterator[dict], tokenizer, features, cfg: DataConfig, m
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
 
-
-def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path)

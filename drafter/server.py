@@ -229,7 +229,7 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
 async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int, model: str,
                 ready=None, drafter_model=None) -> None:
     """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions are refused and
-    open streams get cfg.drain_s to finish. ready(port) is called once the port is bound."""
+    open streams get cfg.drain_s to finish. ready("host:port") is called once the port is bound."""
     limit = int(cfg.max_message_mb * 2**20)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
@@ -254,7 +254,7 @@ async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, 
     log.info("specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s", drafter_cfg.kind, vocab_size, API_VERSION,
              host, port, " with TLS" if cfg.tls_cert else "", " with token auth" if service.token else "")
     if ready is not None:
-        ready(port)
+        ready(f"{host}:{port}")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

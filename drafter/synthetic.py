@@ -19,8 +19,7 @@ class RandomDrafter:
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
         if update.max_nodes <= 0:
             return None
-        tree = random_tree(update.max_nodes, update.vocab_size, self.rng)
-        return DraftTree(tree.tokens, tree.parents, update.vocab_size, update.max_nodes)
+        return random_tree(update.max_nodes, update.vocab_size, self.rng)
 
     def close(self) -> None:
         pass

@@ -63,6 +63,16 @@ def test_serve_drafter_bad_config_and_busy_port_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"server.address: cannot listen on 127.0.0.1:{port}" in err, err
 
 
+def test_missing_specblock_checkpoint_exits_2_naming_it(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"drafter: {{kind: specblock, specblock: {{checkpoint: {tmp_path / 'none'}}}}}\n")
+    for command in ("serve-drafter", "generate"):
+        argv = [command, "--config", str(cfg)] + (["hi"] if command == "generate" else [])
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "drafter.specblock.checkpoint:" in err and "no drafter.safetensors" in err
+
+
 def test_missing_config_file_and_model_folder(tmp_path, capsys):
     assert main(["eval", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: config file not found" in capsys.readouterr().err

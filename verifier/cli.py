@@ -86,28 +86,21 @@ def cmd_bench(args) -> None:
 
 def cmd_serve_drafter(args) -> None:
     import asyncio
-    from pathlib import Path
 
+    from drafter.build import load_drafter_model
     from drafter.server import serve
     from verifier.assets import model_dir, target_embedding
-    from verifier.config import ConfigError, load_config, validate
+    from verifier.config import load_config, validate
 
     cfg = load_config(args.config)
     if args.address:
         cfg.server.address = args.address
     validate(cfg)
     targs, embedding = target_embedding(model_dir(cfg.target.model))
-    drafter_model, hidden_dim = None, 0  # the model-free drafters take no target hidden states
-    if cfg.drafter.kind == "specblock":
-        from drafter.specblock import load_specblock
-
-        folder = Path(cfg.drafter.specblock.checkpoint)
-        if not (folder / "drafter.safetensors").is_file():
-            raise ConfigError(f"drafter.specblock.checkpoint: {folder}: no drafter.safetensors")
-        drafter_model, hidden_dim = load_specblock(folder, targs, embedding), targs.dim
-    host = cfg.server.address.rpartition(":")[0]
+    drafter_model = load_drafter_model(cfg.drafter, targs, embedding)
+    hidden_dim = 0 if drafter_model is None else targs.dim  # the model-free drafters take no hidden states
     asyncio.run(serve(cfg.server, cfg.drafter, targs.vocab_size, hidden_dim, cfg.target.model,
-                      ready=lambda port: print(f"listening on {host}:{port}", flush=True), drafter_model=drafter_model))
+                      ready=lambda address: print(f"listening on {address}", flush=True), drafter_model=drafter_model))
 
 
 def cmd_bench_sidecar(args) -> None:

@@ -11,9 +11,9 @@ import yaml
 
 from drafter.build import DrafterConfig
 from drafter.data import DataConfig
-from drafter.train import TrainConfig
 from drafter.interface import SamplingParams
 from drafter.server import ServerConfig
+from drafter.train import TrainConfig
 
 DATASETS = ("mt_bench", "humaneval")
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from drafter.build import DrafterConfig, make_drafter
+from drafter.build import DrafterConfig, load_drafter_model, make_drafter
 from drafter.interface import Drafter
 from verifier.assets import chat_prompt, load_target, package_file
 from verifier.config import Config, ConfigError
@@ -41,15 +41,7 @@ def drafter_factory(cfg: DrafterConfig, target) -> Callable[[str], Drafter]:
     a wrong address or a sidecar for another vocabulary is a config error, not a silent plain run)."""
     vocab_size = target.vocab_size
     if cfg.mode == "inprocess":
-        model = None
-        if cfg.kind == "specblock":
-            from drafter.specblock import load_specblock
-
-            folder = Path(cfg.specblock.checkpoint)
-            if not (folder / "drafter.safetensors").is_file():
-                raise ConfigError(f"drafter.specblock.checkpoint: {folder}: no drafter.safetensors "
-                                  "(train one with `specdraft train`)")
-            model = load_specblock(folder, target.model.args, target.model.tok_embeddings.weight)
+        model = load_drafter_model(cfg, target.model.args, target.model.tok_embeddings.weight)
         return lambda label: make_drafter(cfg, model)
     import grpc
 

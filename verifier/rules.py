@@ -13,7 +13,7 @@ from drafter.interface import SamplingParams
 from drafter.tree import DraftTree
 from kernels import sample_per_node
 
-__all__ = ["MULTI_DRAFT_RULES", "RULES", "SamplingParams", "Verdict", "follow", "multi_draft_plan", "next_token",
+__all__ = ["MULTI_DRAFT_RULES", "SamplingParams", "Verdict", "follow", "multi_draft_plan", "next_token",
            "spectr_rho", "target_probs", "verify", "walk"]
 
 
@@ -80,7 +80,6 @@ def follow(tree: DraftTree, choose: Callable[[int], int]):
 
 
 MULTI_DRAFT_RULES = ("specinfer", "spectr")
-RULES = ("walk",) + MULTI_DRAFT_RULES
 
 
 def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, grid: int = 2049) -> float:
@@ -89,8 +88,8 @@ def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, grid: int = 2049) -> fl
 
     β(ρ) = q-mass of {p/q >= ρ} + p-mass of {p/q < ρ} / ρ, so β on a whole grid of ρ is one pass over
     the vocabulary: bucket every token's ratio among the uniform grid's points (arithmetic), add up p
-    and q per bucket (bincount), prefix sums. Two grid rounds bracket ρ* to ~(k-1)/grid², and the bracket's upper
-    end is returned (valid by construction). p, q: [V] float64."""
+    and q per bucket (bincount), prefix sums. Two grid rounds bracket ρ* to ~(k-1)/grid², and the
+    bracket's upper end is returned (valid by construction). p, q: [V] float64."""
     if k == 1:
         return 1.0  # single draft: γ = β, valid at ρ = 1
     drawn = q > 0

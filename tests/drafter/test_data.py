@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from drafter.data import (SHAREGPT, DataConfig, build_cache, is_heldout, load_shard, read_sharegpt, to_messages,
+from drafter.data import (SHAREGPT, DataConfig, build_cache, is_heldout, read_sharegpt, to_messages,
                           tokenize_conversation)
 from verifier.assets import package_file
 
@@ -73,7 +74,7 @@ def test_shards_hold_the_targets_features_and_resume(tmp_path, target_fp32, toke
     assert m["done"]["train"] == 3 and sum(s["conversations"] for s in m["shards"]) == 3 and len(m["shards"]) >= 2
     cfg.max_conversations = 0
     m = build_cache(iter(records), tokenizer, features, cfg, "smollm2")  # resumes after record 3
-    shards = [load_shard(tmp_path / "d" / s["file"]) for s in m["shards"]]
+    shards = [load_file(tmp_path / "d" / s["file"]) for s in m["shards"]]
     assert m["complete"] and m["done"]["train"] == 5 and sum(s["conversations"] for s in m["shards"]) == 5
 
     convs = [(sh, j) for sh in shards for j in range(len(sh["offsets"]) - 1)]
