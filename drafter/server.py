@@ -62,6 +62,7 @@ class Stats:
     def __init__(self):
         self.start = time.monotonic()
         self.sessions_total = self.sessions_evicted = self.rounds = self.nodes = 0
+        self.feedback_rounds = self.accepted = 0
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=20_000)
         self.round_times: collections.deque[float] = collections.deque(maxlen=200_000)
         self.errors: collections.Counter[str] = collections.Counter()
@@ -160,6 +161,8 @@ class DrafterService(pb_grpc.DrafterServicer):
                 if update.feedback is not None:
                     sess.feedback_rounds += 1
                     sess.accepted += len(update.feedback.accepted)
+                    self.stats.feedback_rounds += 1
+                    self.stats.accepted += len(update.feedback.accepted)
                 n = len(tree) if tree else 0
                 sess.nodes += n
                 sess.prev_parents = tree.parents if tree else None
@@ -192,7 +195,8 @@ class DrafterService(pb_grpc.DrafterServicer):
                               rounds_per_s=s.rounds_per_s(), mean_nodes=s.nodes / max(s.rounds, 1),
                               latency_p50_ms=s.percentile(0.5), latency_p90_ms=s.percentile(0.9),
                               latency_p99_ms=s.percentile(0.99), errors=dict(s.errors),
-                              uptime_s=time.monotonic() - s.start)
+                              uptime_s=time.monotonic() - s.start, feedback_rounds=s.feedback_rounds,
+                              accepted_tokens=s.accepted)
 
     async def GetSessionStats(self, request, context):
         await self._authorize(context)

@@ -36,6 +36,10 @@ def cmd_eval(args) -> None:
         cfg.eval.baseline = False
     report = run_eval(validate(cfg))
     print_table(report)
+    if "vllm" in report:
+        from verifier.vllm_backend import print_vllm_table
+
+        print_vllm_table(report["vllm"])
     lost = sum(s["fallback_rounds"] for s in report["datasets"].values())
     if lost:
         print(f"note: {lost} sidecar rounds fell back to plain decoding (tree late, malformed or lost); "

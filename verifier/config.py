@@ -39,6 +39,26 @@ class VerifyConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The vLLM rows of `specdraft eval` (verifier.backend: vllm): vLLM plain, vLLM's own ngram method and
+    vLLM drafting through each listed sidecar, one engine each, on the eval's prompts."""
+    spec_tokens: int = 4                    # draft tokens per step (vLLM verifies chains, not trees)
+    ngram_min: int = 2                      # vLLM's ngram method: prompt-lookup n-gram sizes
+    ngram_max: int = 3
+    sidecars: list[str] = field(default_factory=lambda: ["configs/sidecar.yaml"])  # serve-drafter configs
+    dtype: typing.Literal["float32", "bfloat16"] = "bfloat16"
+    enforce_eager: bool = False             # True skips torch.compile: minutes less start-up, slower steps
+    memory_fraction: float = 0.2            # of CPU memory vLLM reserves for its KV cache
+
+
+@dataclass
+class VerifierConfig:
+    # torch: our target and tree verifier only; vllm: also the vLLM rows above, side by side in one run
+    backend: typing.Literal["torch", "vllm"] = "torch"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     num_prompts: int = 6                    # per dataset; 0 = all
@@ -53,6 +73,7 @@ class Config:
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
     data: DataConfig = field(default_factory=DataConfig)         # `specdraft prepare-data` only
@@ -156,6 +177,18 @@ def validate(cfg: Config) -> Config:
             f"drafter.kind {d.kind!r} builds deterministic trees"
         raise ConfigError(f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
                           f"their draft distribution); {builds}: use rule 'walk'")
+    v = cfg.verifier.vllm
+    if v.spec_tokens <= 0 or v.ngram_min <= 0:
+        key = "spec_tokens" if v.spec_tokens <= 0 else "ngram_min"
+        raise ConfigError(f"verifier.vllm.{key}: must be > 0, got {getattr(v, key)}")
+    if v.ngram_max < v.ngram_min:
+        raise ConfigError(f"verifier.vllm.ngram_max: {v.ngram_max} < ngram_min {v.ngram_min}")
+    if not 0 < v.memory_fraction <= 1:
+        raise ConfigError(f"verifier.vllm.memory_fraction: must be in (0, 1], got {v.memory_fraction}")
+    if cfg.verifier.backend == "vllm":
+        for i, path in enumerate(v.sidecars):
+            if not Path(path).is_file():
+                raise ConfigError(f"verifier.vllm.sidecars[{i}]: {path}: file not found")
     for i, name in enumerate(cfg.eval.datasets):
         if name not in DATASETS:
             raise ConfigError(f"eval.datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")

@@ -100,10 +100,9 @@ def summarize(records: list[dict], temperature: float) -> dict:
     return out
 
 
-def run_eval(cfg: Config) -> dict:
-    target, tokenizer, stops = load_target(cfg.target)
+def eval_jobs(cfg: Config, tokenizer) -> list[tuple[str, str, list[int]]]:
+    """(dataset, prompt id, chat-templated token ids) for every prompt the eval runs."""
     room = cfg.target.max_seq_len - cfg.eval.max_new_tokens - cfg.drafter.max_nodes - 1
-    new_drafter = drafter_factory(cfg.drafter, target)
     jobs = []
     for name in cfg.eval.datasets:
         prompts = load_prompts(name)
@@ -114,6 +113,13 @@ def run_eval(cfg: Config) -> dict:
                             pid, len(ids), cfg.target.max_seq_len)
                 continue
             jobs.append((name, pid, ids))
+    return jobs
+
+
+def run_eval(cfg: Config) -> dict:
+    target, tokenizer, stops = load_target(cfg.target)
+    new_drafter = drafter_factory(cfg.drafter, target)
+    jobs = eval_jobs(cfg, tokenizer)
     records: dict[str, list] = {name: [] for name in cfg.eval.datasets}
     bar = tqdm(jobs, desc="eval", unit="prompt")
     for name, pid, ids in bar:
@@ -135,6 +141,10 @@ def run_eval(cfg: Config) -> dict:
         "outputs": {name: [{"id": r["id"], "tokens": len(r["spec"]["tokens"]), "text": tokenizer.decode(r["spec"]["tokens"])}
                            for r in recs] for name, recs in records.items()},
     }
+    if cfg.verifier.backend == "vllm":
+        from verifier.vllm_backend import run_vllm_eval
+
+        report["vllm"] = run_vllm_eval(cfg, jobs, stops, report)
     out = Path(cfg.eval.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

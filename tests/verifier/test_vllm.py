@@ -1,0 +1,174 @@
+"""vLLM as the verifier. Unit tests drive SpecdraftProposer the way vLLM's model runner calls it (with a
+fake vllm_config) against a real sidecar; the integration test runs a real vllm.LLM on SmolLM2-135M."""
+import os
+import signal
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from drafter.interface import VerifierUpdate
+from drafter.ngram import NgramConfig, NgramDrafter
+from drafter.tree import DraftTree
+from tests.sidecar import TOKEN, TOKEN_ENV, VOCAB, Sidecar
+from verifier.vllm_backend import ADDRESS_ENV, CONFIG_ENV, PROPOSER, SpecdraftProposer, first_path
+
+K = 4
+
+
+def test_first_path_takes_the_first_listed_child_at_each_level():
+    #   roots 0, 1; 0 -> 2, 3; 2 -> 4; 3 -> 5; 1 -> 6
+    tree = DraftTree((10, 11, 12, 13, 14, 15, 16), (-1, -1, 0, 0, 2, 3, 1), VOCAB, 8)
+    assert first_path(tree, 8) == [0, 2, 4]
+    assert first_path(tree, 2) == [0, 2]
+    assert first_path(DraftTree((5,), (-1,), VOCAB, 8), 4) == [0]
+
+
+def fake_vllm_config(max_model_len=2048):
+    """A stand-in for vllm.config.VllmConfig with the three fields the proposer reads."""
+    return SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=K),
+                           model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB, max_model_len=max_model_len))
+
+
+class Batch:
+    """vLLM's persistent batch as the proposer sees it: token_ids_cpu [max_reqs, max_model_len] and
+    num_tokens_no_spec per row."""
+
+    def __init__(self, rows: list[list[int]]):
+        self.rows = [list(r) for r in rows]
+
+    def call(self, proposer, sampled):
+        ids = np.zeros((8, 256), np.int32)
+        for i, r in enumerate(self.rows):
+            ids[i, :len(r)] = r
+            ids[i, len(r):len(r) + K] = 999  # stale draft slots past num_tokens_no_spec must be ignored
+        return proposer.propose(sampled, np.array([len(r) for r in self.rows]), ids)
+
+
+@pytest.fixture
+def proposer(sidecar, tmp_path, monkeypatch):
+    cfg = tmp_path / "proposer.yaml"
+    cfg.write_text(f"drafter: {{mode: grpc, max_nodes: 8, grpc: {{timeout_ms: 2000, token_env: {TOKEN_ENV}}}}}\n")
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    monkeypatch.setenv(CONFIG_ENV, str(cfg))
+    monkeypatch.setenv(ADDRESS_ENV, sidecar.address)
+    p = SpecdraftProposer(fake_vllm_config())
+    yield p
+    p.propose([], np.zeros(0, np.int32), np.zeros((0, 256), np.int32))  # an empty batch closes every stream
+    p.conn.close()
+
+
+def reference_path(ref: NgramDrafter, new_tokens: list[int]) -> list[int]:
+    tree = ref.draft(VerifierUpdate(new_tokens, None, 8, VOCAB))
+    return tree.path_tokens(first_path(tree, K)) if tree is not None else []
+
+
+def test_proposals_are_the_sidecar_trees_first_paths_and_acceptance_is_fed_back(proposer, sidecar):
+    a, b = [1, 2, 3, 4, 5, 6] * 3, [40, 41, 42, 43] * 4
+    ref_a, ref_b = NgramDrafter(NgramConfig()), NgramDrafter(NgramConfig())
+    before = sidecar.stats()
+    batch = Batch([a, b])
+    drafts = batch.call(proposer, [[a[-1]], [b[-1]]])  # both just finished prefill
+    assert drafts == [reference_path(ref_a, a), reference_path(ref_b, b)] == [[1, 2, 3, 4], [40, 41, 42, 43]]
+    # vLLM accepted 2 of a's draft tokens and then sampled 9; b's first token was rejected (vLLM chose 7)
+    batch.rows[0] += [1, 2, 9]
+    batch.rows[1] += [7]
+    drafts = batch.call(proposer, [[1, 2, 9], [7]])
+    assert drafts == [reference_path(ref_a, [1, 2, 9]), reference_path(ref_b, [7])]
+    after = sidecar.stats()
+    assert after.feedback_rounds - before.feedback_rounds == 2
+    assert after.accepted_tokens - before.accepted_tokens == 2
+
+
+def test_rows_follow_their_requests_through_reorders_arrivals_and_departures(proposer, sidecar):
+    a, b, c = [1, 2, 3, 4, 5, 6] * 3, [40, 41, 42, 43] * 4, [70, 71, 72] * 5
+    ref = {"a": NgramDrafter(NgramConfig()), "b": NgramDrafter(NgramConfig()), "c": NgramDrafter(NgramConfig())}
+    opened = sidecar.stats().sessions_total
+    batch = Batch([a, b])
+    batch.call(proposer, [[6], [43]])
+    ref["a"].draft(VerifierUpdate(a, None, 8, VOCAB))
+    ref["b"].draft(VerifierUpdate(b, None, 8, VOCAB))
+    # a finished; b moved to row 0 and committed one token; c arrived in row 1, c mid-prefill first
+    batch.rows = [b + [40], c[:6]]
+    assert batch.call(proposer, [[40], []]) == [reference_path(ref["b"], [40]), []]
+    batch.rows = [b + [40, 41], c]
+    assert batch.call(proposer, [[41], [72]]) == [reference_path(ref["b"], [41]), reference_path(ref["c"], c)]
+    stats = sidecar.stats()
+    assert stats.sessions_total - opened == 3            # a, b, c: one stream each, b's kept across rows
+    deadline = time.monotonic() + 5
+    while sidecar.stats().sessions_open > 2 and time.monotonic() < deadline:  # a's stream was closed
+        time.sleep(0.02)
+    assert sidecar.stats().sessions_open == 2
+
+
+def test_an_unreachable_sidecar_proposes_nothing(monkeypatch, tmp_path):
+    from tests.verifier.test_remote import free_port
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setenv(ADDRESS_ENV, f"127.0.0.1:{free_port()}")
+    p = SpecdraftProposer(fake_vllm_config())
+    row = [1, 2, 3, 4] * 4
+    t0 = time.perf_counter()
+    assert Batch([row]).call(p, [[4]]) == [[]]
+    assert Batch([row + [1]]).call(p, [[1]]) == [[]]  # in backoff: no new connection attempt per step
+    assert time.perf_counter() - t0 < 1.0
+    p.conn.close()
+
+
+# ---- a real vllm.LLM on SmolLM2-135M ----
+
+PROMPTS = ["List the numbers from 1 to 20, separated by commas.",
+           "Write a Python function that returns the sum of a list, then the same function with a docstring.",
+           "Repeat this sentence three times: the quick brown fox jumps over the lazy dog."]
+
+
+@pytest.mark.model
+def test_vllm_with_the_sidecar_decodes_exactly_like_vllm_and_survives_losing_it(model_path, tokenizer, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed here (make setup-vllm installs it)")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from verifier.assets import chat_prompt
+
+    prompts = [TokensPrompt(prompt_token_ids=chat_prompt(tokenizer, p)) for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=64)
+
+    def engine(spec):
+        return LLM(model=str(model_path), dtype="float32", max_model_len=1024, enforce_eager=True,
+                   gpu_memory_utilization=0.15, speculative_config=spec, seed=0)
+
+    def run(llm, ps):
+        return [list(o.outputs[0].token_ids) for o in llm.generate(ps, params, use_tqdm=False)]
+
+    llm = engine(None)
+    plain = run(llm, prompts) + run(llm, prompts)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    side = Sidecar(tmp_path, "max_sessions: 8")
+    os.environ[ADDRESS_ENV] = side.address  # read by vLLM's engine process, spawned below
+    os.environ.pop(CONFIG_ENV, None)
+    try:
+        llm = engine({"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": K})
+        assert run(llm, prompts) == plain[:3]
+        stats = side.stats()
+        assert stats.sessions_total >= len(PROMPTS) and stats.accepted_tokens > 0, stats
+
+        def kill_when_drafting():  # SIGKILL the sidecar in the middle of the second batch
+            start, deadline = side.stats().rounds_total, time.monotonic() + 60
+            while side.stats().rounds_total < start + 10 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            side.proc.send_signal(signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_drafting, daemon=True)
+        killer.start()
+        second = run(llm, prompts)
+        killer.join(timeout=30)
+        assert side.proc.poll() is not None, "the sidecar was not killed during the second batch"
+        assert second == plain[3:]
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        os.environ.pop(ADDRESS_ENV, None)
+        side.stop()
