@@ -4,6 +4,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bandit.online import BanditConfig
 from drafter.interface import Drafter
 from drafter.ngram import NgramConfig, NgramDrafter
 from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
@@ -28,6 +29,7 @@ class DrafterConfig:
     ngram: NgramConfig = field(default_factory=NgramConfig)
     specblock: SpecBlockDraftConfig = field(default_factory=SpecBlockDraftConfig)
     grpc: RemoteConfig = field(default_factory=RemoteConfig)
+    bandit: BanditConfig = field(default_factory=BanditConfig)  # online updates from feedback (sidecar, specblock)
 
 
 def load_drafter_model(cfg: DrafterConfig, target_args, embedding) -> SpecBlock | None:

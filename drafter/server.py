@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from importlib.metadata import version
@@ -94,6 +95,16 @@ class DrafterService(pb_grpc.DrafterServicer):
         self.stats = Stats()
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft") if cfg.workers else None
         self.closing = False
+        self.adapter = None  # online learning: updates the shared drafter model between drafting rounds
+        if drafter_cfg.bandit.enabled and drafter_model is not None:
+            from bandit.online import OnlineAdapter
+
+            self.adapter = OnlineAdapter(drafter_model, drafter_cfg.bandit)
+        self.model_lock = threading.Lock()  # an update never overlaps a draft running on a worker thread
+
+    def _draft(self, drafter, update):
+        with self.model_lock:
+            return drafter.draft(update)
 
     async def _fail(self, context, code: grpc.StatusCode, message: str):
         self.stats.errors[code.name] += 1
@@ -150,11 +161,14 @@ class DrafterService(pb_grpc.DrafterServicer):
                     if update.max_nodes > 0 and self.pool is None:
                         tree = sess.drafter.draft(update)
                     elif update.max_nodes > 0:
-                        tree = await loop.run_in_executor(self.pool, sess.drafter.draft, update)
+                        tree = await loop.run_in_executor(self.pool, self._draft, sess.drafter, update)
                 except Exception as e:  # a drafter bug ends this session only, with its traceback in the log
                     log.exception("session %s: drafter failed", sess.id)
                     ended = "drafter failed"
                     await self._fail(context, grpc.StatusCode.INTERNAL, f"session {sess.id}: drafter failed: {e!r}")
+                if self.adapter is not None:  # may run an online update: between rounds, under the model lock
+                    with self.model_lock:
+                        self.adapter.observe(sess.id, update, first)
                 sess.rounds += 1
                 sess.tokens += len(update.new_tokens)
                 sess.last_seen = time.monotonic()
@@ -175,6 +189,8 @@ class DrafterService(pb_grpc.DrafterServicer):
             raise
         finally:
             del self.sessions[sess.id]
+            if self.adapter is not None:
+                self.adapter.buffer.end(sess.id)
             sess.drafter.close()
             log.info("session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree", sess.id, ended,
                      sess.rounds, sess.tokens, sess.nodes / max(sess.rounds, 1))
@@ -196,7 +212,16 @@ class DrafterService(pb_grpc.DrafterServicer):
                               latency_p50_ms=s.percentile(0.5), latency_p90_ms=s.percentile(0.9),
                               latency_p99_ms=s.percentile(0.99), errors=dict(s.errors),
                               uptime_s=time.monotonic() - s.start, feedback_rounds=s.feedback_rounds,
-                              accepted_tokens=s.accepted)
+                              accepted_tokens=s.accepted, bandit=self._bandit_stats())
+
+    def _bandit_stats(self) -> dict[str, float]:
+        if self.adapter is None:
+            return {}
+        st = self.adapter.stats()
+        flat = {k: float(st[k]) for k in ("decisions", "updates", "rollbacks", "update_s", "buffer_positions")}
+        for arm, a in st["arms"].items():
+            flat[f"{arm}_pulls"], flat[f"{arm}_mean_tok_s"] = a["pulls"], a["mean_tok_s"]
+        return flat
 
     async def GetSessionStats(self, request, context):
         await self._authorize(context)

@@ -117,7 +117,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("sessions_open", "sessions_total", "sessions_evicted", "rounds_total", "rounds_per_s", "mean_nodes", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "errors", "uptime_s", "feedback_rounds", "accepted_tokens")
+    __slots__ = ("sessions_open", "sessions_total", "sessions_evicted", "rounds_total", "rounds_per_s", "mean_nodes", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "errors", "uptime_s", "feedback_rounds", "accepted_tokens", "bandit")
     class ErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,13 @@ class ServerStats(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class BanditEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SESSIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_EVICTED_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +145,7 @@ class ServerStats(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BANDIT_FIELD_NUMBER: _ClassVar[int]
     sessions_open: int
     sessions_total: int
     sessions_evicted: int
@@ -151,7 +159,8 @@ class ServerStats(_message.Message):
     uptime_s: float
     feedback_rounds: int
     accepted_tokens: int
-    def __init__(self, sessions_open: _Optional[int] = ..., sessions_total: _Optional[int] = ..., sessions_evicted: _Optional[int] = ..., rounds_total: _Optional[int] = ..., rounds_per_s: _Optional[float] = ..., mean_nodes: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., errors: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., feedback_rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
+    bandit: _containers.ScalarMap[str, float]
+    def __init__(self, sessions_open: _Optional[int] = ..., sessions_total: _Optional[int] = ..., sessions_evicted: _Optional[int] = ..., rounds_total: _Optional[int] = ..., rounds_per_s: _Optional[float] = ..., mean_nodes: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., errors: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., feedback_rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., bandit: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SessionStatsRequest(_message.Message):
     __slots__ = ("session_id",)

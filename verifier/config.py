@@ -177,6 +177,17 @@ def validate(cfg: Config) -> Config:
             f"drafter.kind {d.kind!r} builds deterministic trees"
         raise ConfigError(f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
                           f"their draft distribution); {builds}: use rule 'walk'")
+    b = d.bandit
+    if b.enabled and d.kind != "specblock":
+        raise ConfigError(f"drafter.bandit.enabled: the {d.kind} drafter has no weights to update online; "
+                          "use drafter.kind specblock or leave the bandit off")
+    if not b.arms or any(a < 0 for a in b.arms):
+        raise ConfigError(f"drafter.bandit.arms: a non-empty list of optimizer steps >= 0 (0 = skip), got {b.arms}")
+    for key in ("buffer_positions", "decide_every", "window_positions", "guard_positions", "lr", "exploration"):
+        if getattr(b, key) <= 0:
+            raise ConfigError(f"drafter.bandit.{key}: must be > 0, got {getattr(b, key)}")
+    if not 0 < b.discount <= 1:
+        raise ConfigError(f"drafter.bandit.discount: must be in (0, 1], got {b.discount}")
     v = cfg.verifier.vllm
     if v.spec_tokens <= 0 or v.ngram_min <= 0:
         key = "spec_tokens" if v.spec_tokens <= 0 else "ngram_min"

@@ -1,0 +1,245 @@
+"""Online drafter updates from the verifier's feedback, and the cost-aware bandit that decides when they pay.
+
+Every update a drafter process receives tells it, for free, what the target committed after each of its
+drafts, and the target's features there. `FeedbackBuffer` keeps the newest of that (a memory cap) in the
+same shape as the offline training shards, so an online update is a few optimizer steps of the offline
+loss (`drafter.train.block_loss`) on it. Updates cost compute on the machine that also drafts, so every
+`decide_every` drafting rounds a bandit picks an arm, "skip" or "update n steps", and is rewarded with
+the tokens/s the whole process then serves over the next window, wall time of the update included: an
+update that does not raise acceptance enough to repay its own time loses to skipping. A guard rolls an
+update back (weights and optimizer state, bit for bit) when the drafter's top-1 agreement with the
+target on the newest feedback, held out of the update, falls.
+
+Losslessness is untouched: only the drafter changes. Sessions keep the context keys/values they computed
+with the old weights until they end; the next drafts use the new weights everywhere else."""
+import copy
+import logging
+import math
+import random
+import time
+import typing
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from drafter.interface import VerifierUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BanditConfig:
+    enabled: bool = False                   # only learned drafters can use it (refused for ngram / random)
+    buffer_positions: int = 8192            # committed positions kept (token, feature, target's choice)
+    shared: bool = True                     # one buffer across sessions (outlives them); False: a cap per session,
+                                            # dropped when the session ends
+    arms: list[int] = field(default_factory=lambda: [0, 4, 16])  # optimizer steps per decision; 0 = skip
+    decide_every: int = 64                  # drafting rounds per decision (the reward window)
+    algorithm: typing.Literal["ucb", "thompson"] = "ucb"
+    exploration: float = 0.25               # UCB bonus scale / Thompson posterior width, in units of mean reward
+    discount: float = 0.98                  # per decision: old rewards fade, since the drafter keeps changing
+    window_positions: int = 256             # positions per training window
+    guard_positions: int = 256              # newest positions held out of an update to check it
+    lr: float = 3e-4
+    seed: int = 0
+
+
+class FeedbackBuffer:
+    """Per session: committed tokens, the target's features of them ([n, D], row i = after token i),
+    and which tokens were the user's (prompt) rather than generated. Never more than `cap` feature rows
+    in all (shared) or per session; the oldest rows go first."""
+
+    def __init__(self, cap: int, shared: bool):
+        self.cap, self.shared = cap, shared
+        self.sessions: OrderedDict[str, dict] = OrderedDict()   # oldest activity first
+
+    def add(self, session: str, update: VerifierUpdate) -> None:
+        s = self.sessions.setdefault(session, {"tokens": [], "hidden": None, "prompt": len(update.new_tokens)})
+        self.sessions.move_to_end(session)
+        s["tokens"] += update.new_tokens
+        if update.hidden is not None and len(update.hidden):
+            h = update.hidden.to(torch.bfloat16)
+            s["hidden"] = h if s["hidden"] is None else torch.cat([s["hidden"], h])
+        self._evict(session)
+
+    def end(self, session: str) -> None:
+        if not self.shared:
+            self.sessions.pop(session, None)
+
+    def positions(self, session: str | None = None) -> int:
+        rows = [s for k, s in self.sessions.items() if session is None or k == session]
+        return sum(0 if s["hidden"] is None else len(s["hidden"]) for s in rows)
+
+    def _evict(self, session: str) -> None:
+        scope = [session] if not self.shared else list(self.sessions)
+        while (over := self.positions(None if self.shared else session) - self.cap) > 0:
+            key = next(k for k in scope if self.positions(k))
+            s = self.sessions[key]
+            drop = min(over, len(s["hidden"]))
+            s["hidden"], s["tokens"] = s["hidden"][drop:], s["tokens"][drop:]
+            s["prompt"] = max(0, s["prompt"] - drop)
+
+    def conversations(self) -> list[dict]:
+        """Every session's buffered rows as a training conversation (drafter.train.block_loss's input):
+        the target's committed next token is its choice at each row (its argmax at temperature 0)."""
+        out = []
+        for s in self.sessions.values():
+            n = 0 if s["hidden"] is None else len(s["hidden"])
+            if n < 3:
+                continue
+            tokens = torch.tensor(s["tokens"][:n + 1])
+            mask = torch.zeros(n, dtype=torch.uint8)
+            mask[s["prompt"]:] = 1
+            out.append({"tokens": tokens[:n], "loss_mask": mask, "hidden": s["hidden"],
+                        "topk_ids": tokens[1:, None].int(), "topk_probs": torch.ones(n, 1, dtype=torch.float16)})
+        return out
+
+
+class CostAwareBandit:
+    """Discounted UCB1 or Gaussian Thompson sampling over arms; rewards are tokens/s. Statistics decay by
+    `discount` at every record, so an arm whose value changed (the drafter improved, the traffic moved)
+    is found out again. Deterministic for a seed."""
+
+    def __init__(self, arms: list[int], algorithm: str = "ucb", exploration: float = 0.25, discount: float = 0.98,
+                 seed: int = 0):
+        self.arms, self.algorithm, self.exploration, self.discount = list(arms), algorithm, exploration, discount
+        self.n = [0.0] * len(arms)      # discounted pull counts
+        self.sum = [0.0] * len(arms)    # discounted reward sums
+        self.sq = [0.0] * len(arms)     # discounted squared rewards (Thompson's spread)
+        self.rng = random.Random(seed)
+
+    def mean(self, i: int) -> float:
+        return self.sum[i] / self.n[i] if self.n[i] else 0.0
+
+    def choose(self) -> int:
+        untried = [i for i, n in enumerate(self.n) if n == 0]
+        if untried:
+            return untried[0]
+        scale = max(abs(self.mean(i)) for i in range(len(self.arms))) or 1.0
+        if self.algorithm == "ucb":
+            total = sum(self.n)
+            score = [self.mean(i) + self.exploration * scale * math.sqrt(2 * math.log(max(total, 1.0)) / self.n[i])
+                     for i in range(len(self.arms))]
+        else:
+            score = []
+            for i in range(len(self.arms)):
+                var = max(self.sq[i] / self.n[i] - self.mean(i) ** 2, 0.0) + (0.05 * scale) ** 2
+                score.append(self.rng.gauss(self.mean(i), self.exploration * math.sqrt(var / self.n[i])))
+        return max(range(len(self.arms)), key=lambda i: (score[i], -i))  # ties: the cheaper (earlier) arm
+
+    def record(self, arm: int, reward: float) -> None:
+        for i in range(len(self.arms)):
+            self.n[i] *= self.discount
+            self.sum[i] *= self.discount
+            self.sq[i] *= self.discount
+        self.n[arm] += 1.0
+        self.sum[arm] += reward
+        self.sq[arm] += reward * reward
+
+    def stats(self) -> dict:
+        return {f"arm{steps}": {"pulls": round(self.n[i], 3), "mean_tok_s": round(self.mean(i), 3)}
+                for i, steps in enumerate(self.arms)}
+
+
+def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    return ({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad},
+            copy.deepcopy(opt.state_dict()))
+
+
+def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, snap: tuple[dict, dict]) -> None:
+    params, opt_state = snap
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            if k in params:
+                v.copy_(params[k])
+    opt.load_state_dict(opt_state)
+
+
+class OnlineAdapter:
+    """Owns a learned drafter's online learning in a drafter process: feed it every update (`observe`),
+    it decides every cfg.decide_every rounds and updates the shared model in place (callers must not
+    draft while `observe` runs: the sidecar calls it between drafting rounds on its event loop)."""
+
+    def __init__(self, model, cfg: BanditConfig, clock=time.perf_counter):
+        from drafter.train import TrainConfig
+
+        self.model, self.cfg, self.clock = model, cfg, clock
+        self.buffer = FeedbackBuffer(cfg.buffer_positions, cfg.shared)
+        self.bandit = CostAwareBandit(cfg.arms, cfg.algorithm, cfg.exploration, cfg.discount, cfg.seed)
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+        self.train_cfg = TrainConfig()          # the offline loss weights
+        vocab = model.embedding.shape[0]
+        self.to_draft = torch.full((vocab,), -1, dtype=torch.long)
+        self.to_draft[model.draft_ids] = torch.arange(len(model.draft_ids))
+        self.rng = random.Random(cfg.seed)
+        self.rounds = self.window_tokens = self.decisions = self.updates = self.rollbacks = 0
+        self.update_s = 0.0
+        self.arm: int | None = None
+        self.window_start = clock()
+        self.last: dict = {}
+
+    def observe(self, session: str, update: VerifierUpdate, first: bool) -> None:
+        self.buffer.add(session, update)
+        self.rounds += 1
+        if not first:
+            self.window_tokens += len(update.new_tokens)
+        if self.rounds % self.cfg.decide_every == 0:
+            self.decide()
+
+    def decide(self) -> None:
+        now = self.clock()
+        if self.arm is not None:
+            self.bandit.record(self.arm, self.window_tokens / max(now - self.window_start, 1e-9))
+        self.arm = self.bandit.choose()
+        self.decisions += 1
+        self.window_start, self.window_tokens = now, 0   # the update's time counts against its own window
+        steps = self.cfg.arms[self.arm]
+        self.last = {"arm": steps}
+        if steps:
+            self.last.update(self.update(steps))
+        log.info("bandit decision %d: %s; arms %s", self.decisions, self.last, self.bandit.stats())
+
+    def split(self) -> tuple[list[dict], list[dict]]:
+        """Training conversations and the guard set: the newest guard_positions rows of the newest session."""
+        convs = self.buffer.conversations()
+        if not convs:
+            return [], []
+        g = min(self.cfg.guard_positions, len(convs[-1]["tokens"]) // 2)
+        newest = convs[-1]
+        guard = [{k: v[-g:] for k, v in newest.items()}] if g >= 3 else []
+        rest = {k: v[:-g] for k, v in newest.items()} if g else newest
+        return convs[:-1] + ([rest] if len(rest["tokens"]) >= 3 else []), guard
+
+    def update(self, steps: int) -> dict:
+        from drafter.train import block_loss, evaluate, window
+
+        train, guard = self.split()
+        if not train or not guard:
+            return {"skipped": "not enough feedback yet"}
+        t0 = self.clock()
+        before = sum(evaluate(self.model, guard, self.to_draft, self.train_cfg)["top1"][:1])
+        snap = snapshot(self.model, self.opt)
+        self.model.train()
+        for _ in range(steps):
+            self.opt.zero_grad()
+            conv = window(self.rng.choice(train), self.cfg.window_positions, self.rng)
+            loss, _ = block_loss(self.model, conv, self.to_draft, self.train_cfg)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+        self.model.eval()
+        after = sum(evaluate(self.model, guard, self.to_draft, self.train_cfg)["top1"][:1])
+        rolled_back = after < before
+        if rolled_back:
+            restore(self.model, self.opt, snap)
+            self.rollbacks += 1
+        self.updates += 1
+        dt = self.clock() - t0
+        self.update_s += dt
+        return {"guard_top1": [round(before, 4), round(after, 4)], "rolled_back": rolled_back, "seconds": round(dt, 3)}
+
+    def stats(self) -> dict:
+        return {"decisions": self.decisions, "updates": self.updates, "rollbacks": self.rollbacks,
+                "update_s": self.update_s, "buffer_positions": self.buffer.positions(), "last": self.last,
+                "arms": self.bandit.stats()}

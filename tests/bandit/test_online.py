@@ -1,0 +1,208 @@
+"""The online-learning pieces: the feedback buffer's cap, updates that touch only the drafter's
+trainable weights, bit-for-bit rollback, the bandit's statistics, and a simulated deployment where
+updates cost more than they gain, from which the bandit must learn to stop updating."""
+import random
+
+import pytest
+import torch
+
+from bandit.online import BanditConfig, CostAwareBandit, FeedbackBuffer, OnlineAdapter, restore, snapshot
+from drafter.interface import VerifierUpdate
+from tests.drafter.test_specblock import model as tiny_specblock
+
+D, V = 64, 200
+
+
+def update(n_tokens: int, n_hidden: int, rng: random.Random) -> VerifierUpdate:
+    return VerifierUpdate([rng.randrange(V) for _ in range(n_tokens)], None, 8, V,
+                          torch.randn(n_hidden, D) if n_hidden else None)
+
+
+def test_the_buffer_never_exceeds_its_cap_and_drops_the_oldest_rows():
+    rng = random.Random(0)
+    shared = FeedbackBuffer(cap=50, shared=True)
+    mine = FeedbackBuffer(cap=50, shared=False)
+    for step in range(200):
+        sess = f"s{step % 3}"
+        first = sess not in shared.sessions
+        up = update(12 if first else 3, 11 if first else 3, rng)
+        shared.add(sess, up)
+        mine.add(sess, up)
+        assert shared.positions() <= 50
+        assert all(mine.positions(s) <= 50 for s in mine.sessions)
+    assert shared.positions() == 50 and mine.positions() == 150
+    # rows stay aligned with their tokens: each session keeps one token more than it has feature rows
+    for buf in (shared, mine):
+        for s in buf.sessions.values():
+            assert len(s["tokens"]) == (0 if s["hidden"] is None else len(s["hidden"])) + 1
+    mine.end("s0")
+    shared.end("s0")
+    assert "s0" not in mine.sessions and "s0" in shared.sessions  # a shared buffer outlives its sessions
+
+
+def test_conversations_use_the_committed_next_token_as_the_target_choice():
+    buf = FeedbackBuffer(cap=100, shared=True)
+    buf.add("a", VerifierUpdate([1, 2, 3, 4], None, 8, V, torch.randn(3, D)))       # prompt: 4 tokens, 3 rows
+    buf.add("a", VerifierUpdate([5, 6], None, 8, V, torch.randn(2, D)))
+    (conv,) = buf.conversations()
+    assert conv["tokens"].tolist() == [1, 2, 3, 4, 5]
+    assert conv["topk_ids"][:, 0].tolist() == [2, 3, 4, 5, 6]
+    assert conv["loss_mask"].tolist() == [0, 0, 0, 0, 1]  # predicting the prompt's own tokens is not learned
+
+
+def fed_adapter(cfg: BanditConfig, m=None, rounds: int = 40, clock=None) -> OnlineAdapter:
+    rng = random.Random(1)
+    ad = OnlineAdapter(m if m is not None else tiny_specblock(), cfg, **({"clock": clock} if clock else {}))
+    for r in range(rounds):
+        ad.observe("a", update(30 if r == 0 else 4, 29 if r == 0 else 4, rng), first=r == 0)
+    return ad
+
+
+def test_an_update_changes_only_the_drafters_trainable_weights_and_a_rollback_restores_them_exactly():
+    m = tiny_specblock()
+    frozen = {k: v.clone() for k, v in m.named_buffers()}
+    ad = fed_adapter(BanditConfig(enabled=True, arms=[4], decide_every=10_000, guard_positions=16), m)
+    before = {k: v.detach().clone() for k, v in m.named_parameters()}
+    snap = snapshot(m, ad.opt)
+    opt_before = {k: v.clone() for k, v in ad.opt.state_dict()["state"].items()} if ad.opt.state else {}
+    result = ad.update(4)
+    assert "guard_top1" in result
+    changed = [k for k, v in m.named_parameters() if not torch.equal(v, before[k])]
+    if not result["rolled_back"]:
+        assert changed and all(m.get_parameter(k).requires_grad for k in changed)
+    assert all(torch.equal(v, frozen[k]) for k, v in m.named_buffers())  # embedding, draft head, rope: untouched
+    restore(m, ad.opt, snap)
+    assert all(torch.equal(v, before[k]) for k, v in m.named_parameters())
+    assert ad.opt.state_dict()["state"].keys() == opt_before.keys()
+
+
+def test_ucb_statistics_follow_the_discounted_formulas():
+    b = CostAwareBandit([0, 4, 16], "ucb", exploration=1.0, discount=0.5)
+    assert [b.choose() for _ in range(1)] == [0]  # untried arms first, in order
+    b.record(0, 10.0)
+    assert b.choose() == 1
+    b.record(1, 20.0)
+    assert b.n == [0.5, 1.0, 0.0] and b.sum == [5.0, 20.0, 0.0]
+    assert b.choose() == 2
+    b.record(2, 4.0)
+    assert b.n == [0.25, 0.5, 1.0] and b.sum == [2.5, 10.0, 4.0]
+    # UCB: mean + scale * sqrt(2 ln N / n), scale = the largest mean (20)
+    import math
+    total = 1.75
+    score = [m + 20 * math.sqrt(2 * math.log(total) / n) for m, n in zip([10.0, 20.0, 4.0], [0.25, 0.5, 1.0])]
+    assert b.choose() == max(range(3), key=lambda i: score[i])
+
+
+@pytest.mark.parametrize("algorithm", ["ucb", "thompson"])
+def test_the_bandit_is_deterministic_for_a_seed(algorithm):
+    def run():
+        b, rng, picks = CostAwareBandit([0, 4, 16], algorithm, seed=3), random.Random(0), []
+        for _ in range(60):
+            arm = b.choose()
+            picks.append(arm)
+            b.record(arm, 100 - 10 * arm + rng.gauss(0, 5))
+        return picks
+    assert run() == run()
+
+
+class SimulatedDeployment:
+    """A fake serving process: each window of rounds commits tau tokens per round at a fixed round time;
+    an update of s steps costs s * step_s seconds of the same clock and raises tau by gain_per_step *
+    s (with diminishing returns), so the bandit's reward is the tokens/s that really results."""
+
+    def __init__(self, step_s: float, gain_per_step: float, seed: int = 0):
+        self.t, self.tau, self.step_s, self.gain = 0.0, 1.5, step_s, gain_per_step
+        self.rng = random.Random(seed)
+
+    def clock(self) -> float:
+        return self.t
+
+    def window(self, rounds: int) -> int:
+        self.t += rounds * 0.05 * self.rng.uniform(0.95, 1.05)
+        return round(rounds * self.tau)
+
+
+def simulate(step_s: float, gain: float, algorithm: str, decisions: int = 300) -> list[int]:
+    env = SimulatedDeployment(step_s, gain)
+    b = CostAwareBandit([0, 4, 16], algorithm, seed=0)
+    arms, start, tokens, arm = [], env.clock(), 0, None
+    for _ in range(decisions):
+        tokens = env.window(64)
+        if arm is not None:
+            b.record(arm, tokens / (env.clock() - start))
+        arm = b.choose()
+        arms.append(b.arms[arm])
+        start = env.clock()
+        env.t += b.arms[arm] * step_s                                   # the update's wall time
+        env.tau = min(env.tau + gain * b.arms[arm], 4.0)                # what it buys, capped
+    return arms
+
+
+@pytest.mark.parametrize("algorithm", ["ucb", "thompson"])
+def test_the_bandit_stops_updating_when_updates_cost_more_than_they_gain(algorithm):
+    arms = simulate(step_s=0.4, gain=0.0, algorithm=algorithm)
+    late = arms[len(arms) // 2:]
+    assert sum(a > 0 for a in late) / len(late) <= 0.15, late
+    # and a control: when updates pay (cheap, and each one lifts tau), it does update early on
+    paying = simulate(step_s=0.01, gain=0.02, algorithm=algorithm)
+    assert sum(a > 0 for a in paying[:30]) >= 10
+
+
+def test_the_adapter_decides_every_window_and_reports_it():
+    t = [0.0]
+
+    def clock():
+        t[0] += 0.01
+        return t[0]
+
+    cfg = BanditConfig(enabled=True, arms=[0, 2], decide_every=10, guard_positions=16, window_positions=32)
+    ad = fed_adapter(cfg, rounds=40, clock=clock)
+    s = ad.stats()
+    assert s["decisions"] == 4 and s["updates"] >= 1 and s["buffer_positions"] == 29 + 39 * 4
+    assert set(s["arms"]) == {"arm0", "arm2"}
+
+
+@pytest.mark.model
+def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_path, tmp_path):
+    """A real sidecar process serving an (untrained) SpecBlock drafter of SmolLM2's shape, bandit on:
+    sessions keep getting valid trees while it decides and updates, and GetStats shows it."""
+    from drafter.build import RemoteConfig
+    from drafter.server import spawn
+    from drafter.specblock import SpecBlock, SpecBlockConfig
+    from drafter.train import TrainConfig, save
+    from proto import drafter_pb2 as pb
+    from proto import drafter_pb2_grpc as pb_grpc
+    from verifier.assets import target_embedding
+    from verifier.remote import RemoteDrafter, connect
+
+    args, emb = target_embedding(model_path)
+    torch.manual_seed(0)
+    cfg = SpecBlockConfig(draft_vocab=512)
+    save(SpecBlock(cfg, args, emb, torch.arange(512)), TrainConfig(model=cfg), {}, tmp_path / "ckpt")
+    yaml = tmp_path / "sidecar.yaml"
+    yaml.write_text(f"drafter: {{kind: specblock, specblock: {{checkpoint: {tmp_path / 'ckpt'}}}, bandit: "
+                    "{enabled: true, arms: [0, 2], decide_every: 8, guard_positions: 16, window_positions: 64}}\n")
+    proc, address = spawn(str(yaml))
+    try:
+        conn = connect(RemoteConfig(address=address, timeout_ms=5000))
+        rng = random.Random(0)
+        for s in range(2):
+            d = RemoteDrafter(conn, f"s{s}")
+            toks = [rng.randrange(args.vocab_size) for _ in range(40)]
+            assert d.draft(VerifierUpdate(toks, None, 8, args.vocab_size, torch.randn(39, args.dim))) is not None
+            for _ in range(20):
+                tree = d.draft(VerifierUpdate([rng.randrange(args.vocab_size)], None, 8, args.vocab_size,
+                                              torch.randn(1, args.dim)))
+                assert tree is not None and len(tree) <= 8
+            d.close()
+            assert d.fallbacks == 0
+        stats = pb_grpc.DrafterStub(conn.channel)
+        got = conn.run(stats.GetStats(pb.StatsRequest(), timeout=5))
+        b = dict(got.bandit)
+        assert b["decisions"] == 42 // 8 and b["updates"] >= 1 and b["arm2_pulls"] > 0, b
+        assert b["buffer_positions"] == 2 * (39 + 20)
+        assert not got.errors
+        conn.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
