@@ -167,6 +167,29 @@ def cmd_train(args) -> None:
     print(f"drafter: {cfg.train.out}")
 
 
+def cmd_bandit_experiment(args) -> None:
+    from tqdm import tqdm
+
+    from bandit.experiment import print_summary, run_experiment
+    from verifier.config import ConfigError, load_config, validate
+
+    cfg = load_config(args.config)
+    if args.prompts_per_segment is not None:
+        cfg.experiment.prompts_per_segment = args.prompts_per_segment
+    validate(cfg)
+    if cfg.drafter.kind != "specblock" or cfg.drafter.mode != "inprocess":
+        raise ConfigError("drafter: the experiment needs an in-process learned drafter (kind: specblock, mode: inprocess)")
+    ex = cfg.experiment
+    with tqdm(total=len(ex.policies) * len(ex.stream) * ex.prompts_per_segment, desc="bandit experiment",
+              unit="prompt") as bar:
+        def progress(policy, row):
+            bar.update()
+            bar.set_postfix(policy=policy, tau=f"{row['tau']:.2f}", updates=row["updates"])
+        report = run_experiment(cfg, progress)
+    print_summary(report)
+    print(f"report: {ex.output}/experiment.json, plot: {ex.output}/experiment.png")
+
+
 def cmd_prepare(args) -> None:
     from verifier.assets import model_dir
 
@@ -248,6 +271,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="configs/train-specblock.yaml", help="YAML config (default: %(default)s)")
     t.add_argument("--steps", type=int, help="overrides train.steps")
     t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("bandit-experiment", help="online learning under a domain shift: never / always / bandit",
+                       description="Decode one prompt stream (experiment.stream, e.g. HumanEval then MT-Bench) once per "
+                                   "policy from the same drafter checkpoint: never update, update every window, or "
+                                   "let the cost-aware bandit decide (drafter.bandit). Prints tokens/s, tau and update "
+                                   "cost per segment; writes experiment.json and a PNG to experiment.output.",
+                       epilog=EPILOG)
+    x.add_argument("--config", default="configs/bandit-experiment.yaml", help="YAML config (default: %(default)s)")
+    x.add_argument("--prompts-per-segment", type=positive_int, help="overrides experiment.prompts_per_segment")
+    x.set_defaults(func=cmd_bandit_experiment)
 
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
     r.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name (default: %(default)s)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from bandit.experiment import ExperimentConfig
 from drafter.build import DrafterConfig
 from drafter.data import DataConfig
 from drafter.interface import SamplingParams
@@ -78,6 +79,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
     data: DataConfig = field(default_factory=DataConfig)         # `specdraft prepare-data` only
     train: TrainConfig = field(default_factory=TrainConfig)      # `specdraft train` only
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # `specdraft bandit-experiment` only
 
 
 def _check(value, hint, key: str):
@@ -188,6 +190,16 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"drafter.bandit.{key}: must be > 0, got {getattr(b, key)}")
     if not 0 < b.discount <= 1:
         raise ConfigError(f"drafter.bandit.discount: must be in (0, 1], got {b.discount}")
+    ex = cfg.experiment
+    for i, name in enumerate(ex.stream):
+        if name not in DATASETS:
+            raise ConfigError(f"experiment.stream[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
+    for i, name in enumerate(ex.policies):
+        if name not in ("never", "always", "bandit"):
+            raise ConfigError(f"experiment.policies[{i}]: {name!r} is not one of never, always, bandit")
+    for key in ("prompts_per_segment", "max_new_tokens", "always_steps"):
+        if getattr(ex, key) <= 0:
+            raise ConfigError(f"experiment.{key}: must be > 0, got {getattr(ex, key)}")
     v = cfg.verifier.vllm
     if v.spec_tokens <= 0 or v.ngram_min <= 0:
         key = "spec_tokens" if v.spec_tokens <= 0 else "ngram_min"

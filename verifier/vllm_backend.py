@@ -65,7 +65,7 @@ def proposer_config() -> DrafterConfig:
     return cfg
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests may hold equal tokens
 class _Request:
     drafter: object                      # RemoteDrafter: one sidecar stream
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens the stream has been sent
@@ -122,8 +122,8 @@ class SpecdraftProposer:
 
     def _claim(self, free: list[_Request], row: int, ctx: np.ndarray) -> _Request | None:
         """The stream whose tokens this row extends; the one that had this row last time first."""
-        order = ([free[row]] if row < len(free) else []) + free
-        req = next((r for r in order if r.extends(ctx)), None)
+        hint = [self.requests[row]] if row < len(self.requests) and self.requests[row] in free else []
+        req = next((r for r in hint + free if r.extends(ctx)), None)
         if req is not None:
             free.remove(req)
         return req

@@ -206,3 +206,32 @@ def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_pa
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+
+
+@pytest.mark.model
+def test_the_experiment_runs_every_policy_on_the_same_stream_and_plots_it(model_path, tmp_path):
+    """The experiment's plumbing on the real target with an untrained drafter (its numbers mean
+    nothing here): every policy decodes the same prompts, the always policy updates, the plot exists."""
+    from dataclasses import replace
+
+    from bandit.experiment import run_experiment
+    from drafter.specblock import SpecBlock, SpecBlockConfig
+    from drafter.train import TrainConfig, save
+    from verifier.assets import target_embedding
+    from verifier.config import load_config
+
+    args, emb = target_embedding(model_path)
+    torch.manual_seed(0)
+    sb = SpecBlockConfig(draft_vocab=512)
+    save(SpecBlock(sb, args, emb, torch.arange(512)), TrainConfig(model=sb), {}, tmp_path / "ckpt")
+    cfg = load_config("configs/bandit-experiment.yaml")
+    cfg.drafter.specblock.checkpoint = str(tmp_path / "ckpt")
+    cfg.drafter.bandit = replace(cfg.drafter.bandit, decide_every=4, guard_positions=16, window_positions=64)
+    cfg.experiment = replace(cfg.experiment, prompts_per_segment=1, max_new_tokens=12, output=str(tmp_path / "out"))
+    report = run_experiment(cfg)
+    ids = {p: [r["id"] for r in run["rows"]] for p, run in report["runs"].items()}
+    assert ids["never"] == ids["always"] == ids["bandit"] and len(ids["never"]) == 2
+    assert report["runs"]["never"]["adapter"] is None
+    assert report["runs"]["always"]["adapter"]["updates"] >= 1
+    assert set(report["segments"]["bandit"]) == {"humaneval", "mt_bench"}
+    assert (tmp_path / "out" / "experiment.png").stat().st_size > 10_000

@@ -1,0 +1,151 @@
+"""`specdraft bandit-experiment`: does online learning pay under a domain shift?
+
+One process, one target, the same prompt stream (by default HumanEval code prompts, then MT-Bench chat)
+decoded once per policy, each from the same drafter checkpoint and seed:
+  never   no updates;
+  always  `always_steps` optimizer steps every `decide_every` rounds;
+  bandit  the cost-aware bandit of drafter.bandit.
+Reported per policy and stream segment: tokens/s (update time included: it runs in the same process),
+tau, and the number and total cost of updates; plus a PNG of tau per prompt and cumulative tokens/s."""
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from bandit.online import OnlineAdapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExperimentConfig:
+    stream: list[str] = field(default_factory=lambda: ["humaneval", "mt_bench"])  # segments, in order
+    prompts_per_segment: int = 8
+    max_new_tokens: int = 96
+    policies: list[str] = field(default_factory=lambda: ["never", "always", "bandit"])
+    always_steps: int = 4
+    output: str = "reports/bandit"          # experiment.json and experiment.png
+
+
+class AdaptingDrafter:
+    """A drafter session whose every update also feeds the online adapter (which may update the shared
+    model between this session's rounds)."""
+
+    def __init__(self, inner, adapter: OnlineAdapter | None, session: str):
+        self.inner, self.adapter, self.session, self.first = inner, adapter, session, True
+
+    def draft(self, update):
+        tree = self.inner.draft(update)
+        if self.adapter is not None:
+            self.adapter.observe(self.session, update, self.first)
+        self.first = False
+        return tree
+
+    def close(self) -> None:
+        self.inner.close()
+        if self.adapter is not None:
+            self.adapter.buffer.end(self.session)
+
+
+def run_policy(cfg, policy: str, target, stops, jobs, progress=None) -> dict:
+    from drafter.build import load_drafter_model, make_drafter
+    from verifier.evaluate import run_prompt
+
+    ex = cfg.experiment
+    model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
+    bandit_cfg = {"never": None, "bandit": replace(cfg.drafter.bandit, enabled=True),
+                  "always": replace(cfg.drafter.bandit, enabled=True, arms=[ex.always_steps])}[policy]
+    adapter = OnlineAdapter(model, bandit_cfg) if bandit_cfg is not None else None
+    rows = []
+    for segment, pid, ids in jobs:
+        drafter = AdaptingDrafter(make_drafter(cfg.drafter, model), adapter, pid)
+        t0 = time.perf_counter()
+        rec = run_prompt(target, ids, cfg, stops, drafter)
+        wall = time.perf_counter() - t0  # includes any update run inside this prompt's rounds
+        drafter.close()
+        steps = rec["steps"][1:]
+        rows.append({"segment": segment, "id": pid, "tokens": len(rec["tokens"]), "wall_s": wall,
+                     "tau": sum(len(s.tokens) for s in steps) / max(len(steps), 1),
+                     "updates": adapter.updates if adapter else 0, "update_s": adapter.update_s if adapter else 0.0})
+        if progress is not None:
+            progress(policy, rows[-1])
+    return {"rows": rows, "adapter": adapter.stats() if adapter else None}
+
+
+def summarize(runs: dict, segments: list[str]) -> dict:
+    out = {}
+    for policy, run in runs.items():
+        rows = run["rows"]
+        seg = {}
+        prev_updates, prev_cost = 0, 0.0
+        for s in segments:
+            r = [x for x in rows if x["segment"] == s]
+            if not r:
+                continue
+            seg[s] = {"tokens_per_s": sum(x["tokens"] for x in r) / sum(x["wall_s"] for x in r),
+                      "tau": sum(x["tau"] for x in r) / len(r),
+                      "updates": r[-1]["updates"] - prev_updates, "update_s": r[-1]["update_s"] - prev_cost}
+            prev_updates, prev_cost = r[-1]["updates"], r[-1]["update_s"]
+        out[policy] = seg
+    return out
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for policy, run in runs.items():
+        rows = run["rows"]
+        a.plot(range(1, len(rows) + 1), [r["tau"] for r in rows], marker="o", ms=3, label=policy)
+        toks, wall, cum = 0, 0.0, []
+        for r in rows:
+            toks, wall = toks + r["tokens"], wall + r["wall_s"]
+            cum.append(toks / wall)
+        b.plot(range(1, len(rows) + 1), cum, label=policy)
+    segs = [r["segment"] for r in next(iter(runs.values()))["rows"]]
+    for i in range(1, len(segs)):
+        if segs[i] != segs[i - 1]:
+            for ax in (a, b):
+                ax.axvline(i + 0.5, color="grey", ls="--", lw=0.8)
+    a.set(xlabel="prompt in stream", ylabel="tau (tokens per target forward)", title="tau per prompt")
+    b.set(xlabel="prompt in stream", ylabel="tokens/s", title="cumulative tokens/s")
+    a.legend()
+    b.legend()
+    fig.suptitle(" -> ".join(dict.fromkeys(segs)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_experiment(cfg, progress=None) -> dict:
+    from verifier.assets import chat_prompt, load_target
+    from verifier.evaluate import load_prompts
+
+    ex = cfg.experiment
+    target, tokenizer, stops = load_target(cfg.target)
+    cfg = replace(cfg, eval=replace(cfg.eval, max_new_tokens=ex.max_new_tokens))
+    jobs = [(s, pid, chat_prompt(tokenizer, text)) for s in ex.stream
+            for pid, text in load_prompts(s)[:ex.prompts_per_segment]]
+    runs = {p: run_policy(cfg, p, target, stops, jobs, progress) for p in ex.policies}
+    out = Path(ex.output)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"config": asdict(cfg), "segments": summarize(runs, ex.stream), "runs": runs}
+    (out / "experiment.json").write_text(json.dumps(report, indent=2))
+    plot(runs, out / "experiment.png")
+    return report
+
+
+def print_summary(report: dict) -> None:
+    cols = [("policy", 8), ("segment", 11), ("tok/s", 8), ("vs never", 9), ("tau", 6), ("updates", 8), ("update s", 9)]
+    print("".join(f"{c:>{w}}" for c, w in cols))
+    never = report["segments"].get("never", {})
+    for policy, segs in report["segments"].items():
+        for s, r in segs.items():
+            ratio = r["tokens_per_s"] / never[s]["tokens_per_s"] if s in never else float("nan")
+            cells = [policy, s, f"{r['tokens_per_s']:.2f}", f"{ratio:.3f}", f"{r['tau']:.2f}", r["updates"],
+                     f"{r['update_s']:.1f}"]
+            print("".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, cols)))
