@@ -19,6 +19,7 @@ a block may start from any drafted node, with that node's state standing in for 
 Shapes: K = block_size, T = positions, D = dim, Vd = draft vocabulary size."""
 import heapq
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,10 @@ class SpecBlockConfig:
     draft_vocab: int = 4096      # most frequent target tokens in the training data
     max_rank: int = 8            # rank head classes 0..max_rank-1 (the last means "that deep or absent")
     max_seq_len: int = 4096
+    # What a context position is conditioned on besides its next token: the target's hidden state there
+    # ("features", EAGLE-like), or that position's own token embedding ("tokens": the context stream's
+    # attention is then the drafter's own context encoder; for verifiers that expose no hidden states, vLLM)
+    conditioning: typing.Literal["features", "tokens"] = "features"
 
 
 class Layer(nn.Module):
@@ -101,9 +106,11 @@ class SpecBlock(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def inputs(self, feats: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """[T, D] features and [T] next tokens -> context-stream inputs u [T, D]."""
-        return self.fc(torch.cat([feats.float(), self.embedding[next_tokens]], dim=-1))
+    def inputs(self, feats: torch.Tensor | None, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Positions' target features [T, D] (unused, may be None, when conditioning on tokens), their
+        tokens [T] and next tokens [T] -> context-stream inputs u [T, D]."""
+        cond = self.embedding[tokens] if self.cfg.conditioning == "tokens" else feats.float()
+        return self.fc(torch.cat([cond, self.embedding[next_tokens]], dim=-1))
 
     def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Normed states [..., D] -> logits over the draft vocabulary [..., Vd]."""
@@ -114,7 +121,7 @@ class SpecBlock(nn.Module):
         [K, T-1, D]: entry (j, s) is block position j+1 of the block started at s (it predicts
         tokens[s + j + 2]); every start s runs in parallel."""
         k = self.cfg.block_size
-        u = self.inputs(feats[:-1], tokens[1:])                                  # [T', D]
+        u = self.inputs(feats[:-1], tokens[:-1], tokens[1:])                     # [T', D]
         t = u.shape[0]
         x = torch.cat([u[None], self.block_emb[:, None].expand(k - 1, t, -1)])   # [K, T', D]
         pos = torch.arange(t)[None] + torch.arange(k)[:, None]                   # [K, T'] query positions
@@ -217,12 +224,17 @@ class SpecBlockDrafter:
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
         m = self.model
         self.tokens += update.new_tokens
-        if update.hidden is None:
-            raise ValueError("the SpecBlock drafter needs the target's hidden states in every update")
-        start = self.cache.length         # the update's hidden rows are the next context positions
-        n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
+        start = self.cache.length         # context positions so far; the update brings the next ones
+        if m.cfg.conditioning == "tokens":
+            n_f = len(self.tokens) - 1    # every committed token but the newest (its next token is pending)
+        elif update.hidden is None:
+            raise ValueError("this SpecBlock drafter conditions on the target's hidden states: send them in every "
+                             "update, or serve a drafter trained with conditioning: tokens")
+        else:
+            n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
         if n_f > start:
-            u = m.inputs(update.hidden.float(), torch.tensor(self.tokens[start + 1:n_f + 1]))
+            toks = torch.tensor(self.tokens[start:n_f + 1])
+            u = m.inputs(update.hidden, toks[:-1], toks[1:])
             m.extend(self.cache, u)
             self.last_u = u[-1]
         if self.last_u is None or update.max_nodes <= 0:
@@ -246,7 +258,7 @@ class SpecBlockDrafter:
                 kids, nst, nj, npos = cands_cache[id(st)][j + 1], st, j + 1, pos + 1
             elif blocks < self.cfg.max_blocks:         # inherit: a new block from this node
                 blocks += 1
-                u = m.fc(torch.cat([st[j], m.embedding[tok]]))
+                u = m.fc(torch.cat([st[j], m.embedding[tok]]))  # a drafted node's state stands in for its conditioning
                 nst = m.draft_block(self.cache, u, pos + 1, n_f, inherited=True)
                 cands_cache[id(nst)] = self._candidates(nst)
                 kids, nj, npos = cands_cache[id(nst)][0], 0, pos + 1

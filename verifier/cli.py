@@ -102,7 +102,8 @@ def cmd_serve_drafter(args) -> None:
     validate(cfg)
     targs, embedding = target_embedding(model_dir(cfg.target.model))
     drafter_model = load_drafter_model(cfg.drafter, targs, embedding)
-    hidden_dim = 0 if drafter_model is None else targs.dim  # the model-free drafters take no hidden states
+    # model-free drafters and token-conditioned SpecBlocks take no hidden states
+    hidden_dim = 0 if drafter_model is None or drafter_model.cfg.conditioning == "tokens" else targs.dim
     asyncio.run(serve(cfg.server, cfg.drafter, targs.vocab_size, hidden_dim, cfg.target.model,
                       ready=lambda address: print(f"listening on {address}", flush=True), drafter_model=drafter_model))
 

@@ -3,6 +3,7 @@ layer-wise shift), incremental inference reproduces the training forward, the va
 at the first miss, trees respect the budget, and a short training run lowers the loss."""
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ ARGS = ModelArgs(vocab_size=200, dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
 CFG = SpecBlockConfig(block_size=4, n_layers=2, n_heads=4, head_dim=16, intermediate_size=128, draft_vocab=120)
 
 
-def model(seed=0) -> SpecBlock:
+def model(seed=0, conditioning="features") -> SpecBlock:
     torch.manual_seed(seed)
-    m = SpecBlock(CFG, ARGS, torch.randn(200, 64), torch.arange(40, 160))
+    m = SpecBlock(replace(CFG, conditioning=conditioning), ARGS, torch.randn(200, 64), torch.arange(40, 160))
     for layer in m.layers:  # the shift starts at zero in training; make it matter here
         torch.nn.init.normal_(layer.shift.weight, std=0.2)
     return m.eval()
@@ -43,12 +44,15 @@ def test_no_block_position_sees_a_later_one():
         assert torch.allclose(m.forward_train(f2, t2)[:, :s + 1], base[:, :s + 1], atol=1e-5)
 
 
-def test_incremental_inference_equals_the_training_forward():
-    m = model()
+@pytest.mark.parametrize("conditioning", ["features", "tokens"])
+def test_incremental_inference_equals_the_training_forward(conditioning):
+    m = model(conditioning=conditioning)
     feats, toks = torch.randn(12, 64), torch.randint(0, 200, (12,))
     with torch.no_grad():
         ref = m.forward_train(feats, toks)                 # [K, 11, D]
-        u = m.inputs(feats[:-1], toks[1:])
+        # conditioned on tokens, the target's features play no part
+        assert torch.equal(m.forward_train(feats + 1, toks), ref) == (conditioning == "tokens")
+        u = m.inputs(feats[:-1], toks[:-1], toks[1:])
         cache = ContextCache(m)
         m.extend(cache, u[:6])
         m.extend(cache, u[6:9])
@@ -80,7 +84,20 @@ def test_trees_respect_budget_and_block_limit(budget, max_blocks):
     assert tree2 is not None and len(tree2) <= budget and d.cache.length == 10
 
 
-def test_short_training_run_lowers_the_loss(tmp_path):
+def test_a_token_conditioned_drafter_needs_no_hidden_states():
+    m = model(conditioning="tokens")
+    d = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
+    prompt = [random.Random(i).randrange(200) for i in range(9)]
+    first = d.draft(VerifierUpdate(prompt, None, 8, 200))
+    assert first is not None and d.cache.length == 8   # every prompt token but the newest is context
+    assert d.draft(VerifierUpdate([5, 6], None, 8, 200)) is not None and d.cache.length == 10
+    # and drafting from hidden states it ignores gives the same tree
+    d2 = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
+    assert d2.draft(VerifierUpdate(prompt, None, 8, 200, torch.randn(8, 64))) == first
+
+
+@pytest.mark.parametrize("conditioning", ["features", "tokens"])
+def test_short_training_run_lowers_the_loss(tmp_path, conditioning):
     """Synthetic shards where the next token is a function of the current one: learnable in seconds."""
     g = torch.Generator().manual_seed(0)
     table = torch.randperm(200, generator=g)
@@ -102,7 +119,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
               tmp_path / "heldout-00001.safetensors")
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": [
         {"file": "train-00000.safetensors", "split": "train"}, {"file": "heldout-00001.safetensors", "split": "heldout"}]}))
-    cfg = TrainConfig(data_dir=str(tmp_path), out=str(tmp_path / "ck"), model=CFG, steps=40, conversations_per_step=2,
+    cfg = TrainConfig(data_dir=str(tmp_path), out=str(tmp_path / "ck"), model=replace(CFG, conditioning=conditioning), steps=40, conversations_per_step=2,
                       lr=3e-3, warmup=5, eval_every=40, max_positions=48)
     torch.manual_seed(0)
     first = []
