@@ -252,7 +252,7 @@ def run_vllm_eval(cfg, jobs: list[tuple[str, str, list[int]]], stops: set[int], 
 
 
 def print_vllm_table(vllm_report: dict) -> None:
-    cols = [("dataset", 10), ("verifier / drafter", 44), ("tau", 6), ("tokens", 7), ("tok/s", 7),
+    cols = [("dataset", 10), ("verifier / drafter", 56), ("tau", 6), ("tokens", 7), ("tok/s", 7),
             ("vs vLLM plain", 14), ("=plain", 7)]
     print("".join(f"{c:>{w}}" for c, w in cols))
     for ds, rows in vllm_report["datasets"].items():
