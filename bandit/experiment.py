@@ -140,12 +140,14 @@ def run_experiment(cfg, progress=None) -> dict:
 
 
 def print_summary(report: dict) -> None:
+    from verifier.evaluate import print_columns
+
     cols = [("policy", 8), ("segment", 11), ("tok/s", 8), ("vs never", 9), ("tau", 6), ("updates", 8), ("update s", 9)]
-    print("".join(f"{c:>{w}}" for c, w in cols))
     never = report["segments"].get("never", {})
+    rows = []
     for policy, segs in report["segments"].items():
         for s, r in segs.items():
             ratio = r["tokens_per_s"] / never[s]["tokens_per_s"] if s in never else float("nan")
-            cells = [policy, s, f"{r['tokens_per_s']:.2f}", f"{ratio:.3f}", f"{r['tau']:.2f}", r["updates"],
-                     f"{r['update_s']:.1f}"]
-            print("".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, cols)))
+            rows.append([policy, s, f"{r['tokens_per_s']:.2f}", f"{ratio:.3f}", f"{r['tau']:.2f}", r["updates"],
+                         f"{r['update_s']:.1f}"])
+    print_columns(cols, rows)

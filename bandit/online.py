@@ -162,16 +162,14 @@ class OnlineAdapter:
     draft while `observe` runs: the sidecar calls it between drafting rounds on its event loop)."""
 
     def __init__(self, model, cfg: BanditConfig, clock=time.perf_counter):
-        from drafter.train import TrainConfig
+        from drafter.train import TrainConfig, draft_index
 
         self.model, self.cfg, self.clock = model, cfg, clock
         self.buffer = FeedbackBuffer(cfg.buffer_positions, cfg.shared)
         self.bandit = CostAwareBandit(cfg.arms, cfg.algorithm, cfg.exploration, cfg.discount, cfg.seed)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
         self.train_cfg = TrainConfig()          # the offline loss weights
-        vocab = model.embedding.shape[0]
-        self.to_draft = torch.full((vocab,), -1, dtype=torch.long)
-        self.to_draft[model.draft_ids] = torch.arange(len(model.draft_ids))
+        self.to_draft = draft_index(model.draft_ids, model.embedding.shape[0])
         self.rng = random.Random(cfg.seed)
         self.rounds = self.window_tokens = self.decisions = self.updates = self.rollbacks = 0
         self.update_s = 0.0

@@ -59,6 +59,13 @@ def draft_vocabulary(convs: list[dict], size: int) -> torch.Tensor:
     return counts.topk(min(size, int((counts > 0).sum()))).indices.sort().values
 
 
+def draft_index(draft_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[V] target token id -> its index in the draft vocabulary, -1 where it has none."""
+    to_draft = torch.full((vocab_size,), -1, dtype=torch.long)
+    to_draft[draft_ids] = torch.arange(len(draft_ids))
+    return to_draft
+
+
 def valid_prefix(hit: torch.Tensor) -> torch.Tensor:
     """hit [K, T] bool (block position j of the block at s predicted the target's token) -> [K, T]: True
     where every earlier position of the same block hit, so the loss stops after the first miss."""
@@ -131,8 +138,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None)
         raise FileNotFoundError(f"{data}: no training shards (run `specdraft prepare-data` first)")
     draft_ids = draft_vocabulary(train_convs, cfg.model.draft_vocab)
     cfg.model.draft_vocab = len(draft_ids)
-    to_draft = torch.full((embedding.shape[0],), -1, dtype=torch.long)
-    to_draft[draft_ids] = torch.arange(len(draft_ids))
+    to_draft = draft_index(draft_ids, embedding.shape[0])
     model = SpecBlock(cfg.model, target_args, embedding, draft_ids)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) *

@@ -151,14 +151,21 @@ def run_eval(cfg: Config) -> dict:
     return report
 
 
+def print_columns(cols: list[tuple[str, int]], rows: list[list]) -> None:
+    """A header and rows, each cell right-aligned to its column's width."""
+    for cells in [[name for name, _ in cols]] + rows:
+        print("".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, cols)))
+
+
 def print_table(report: dict) -> None:
     cols = [("dataset", 10), ("prompts", 8), ("tokens", 7), ("tau", 6), ("acc/depth 1,2,3,4", 20), ("draft ms", 9),
             ("verify ms", 10), ("AR ms", 7), ("spec tok/s", 11), ("AR tok/s", 9), ("speedup", 8), ("=AR", 5)]
-    print("".join(f"{c:>{w}}" for c, w in cols))
+    rows = []
     for name, s in report["datasets"].items():
         acc = ",".join(f"{a:.2f}" for a in s["acceptance_per_depth"][:4]) or "-"
         cells = [name, s["prompts"], s["tokens"], f"{s['tau']:.2f}", acc, f"{s['draft_ms_per_step']:.2f}",
                  f"{s['verify_ms_per_step']:.1f}", f"{s.get('ar_ms_per_step', float('nan')):.1f}",
                  f"{s['spec_tokens_per_s']:.1f}", f"{s.get('ar_tokens_per_s', float('nan')):.1f}",
                  f"{s.get('speedup', float('nan')):.2f}", {True: "yes", False: "NO"}.get(s.get("exact_match"), "-")]
-        print("".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, cols)))
+        rows.append(cells)
+    print_columns(cols, rows)

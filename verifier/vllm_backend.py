@@ -252,11 +252,11 @@ def run_vllm_eval(cfg, jobs: list[tuple[str, str, list[int]]], stops: set[int], 
 
 
 def print_vllm_table(vllm_report: dict) -> None:
+    from verifier.evaluate import print_columns
+
     cols = [("dataset", 10), ("verifier / drafter", 56), ("tau", 6), ("tokens", 7), ("tok/s", 7),
             ("vs vLLM plain", 14), ("=plain", 7)]
-    print("".join(f"{c:>{w}}" for c, w in cols))
-    for ds, rows in vllm_report["datasets"].items():
-        for name, r in rows.items():
-            cells = [ds, name, "-" if r["tau"] is None else f"{r['tau']:.2f}", r["tokens"], f"{r['tokens_per_s']:.1f}",
-                     f"{r['speedup']:.2f}", {True: "yes", False: "NO"}.get(r.get("equal_to_plain"), "-")]
-            print("".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, cols)))
+    print_columns(cols, [[ds, name, "-" if r["tau"] is None else f"{r['tau']:.2f}", r["tokens"],
+                          f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}",
+                          {True: "yes", False: "NO"}.get(r.get("equal_to_plain"), "-")]
+                         for ds, rows in vllm_report["datasets"].items() for name, r in rows.items()])
