@@ -34,8 +34,9 @@ class TargetConfig:
 @dataclass
 class VerifyConfig:
     # walk: greedy at temperature 0, else the per-node sampling rule (any tree);
-    # specinfer / spectr: multi-draft rules, for sampled trees only (i.i.d. sibling groups with q)
-    rule: typing.Literal["walk", "specinfer", "spectr"] = "walk"
+    # specinfer / spectr: token-level multi-draft rules; traversal: sequence-level, leaf to root;
+    # all three for sampled trees only (i.i.d. sibling groups with their q)
+    rule: typing.Literal["walk", "specinfer", "spectr", "traversal"] = "walk"
     feedback_topk: int = 0                  # also send the drafter the target's top-k at visited rows; 0 = off
 
 

@@ -13,8 +13,8 @@ from drafter.interface import SamplingParams
 from drafter.tree import DraftTree
 from kernels import sample_per_node
 
-__all__ = ["MULTI_DRAFT_RULES", "SamplingParams", "Verdict", "follow", "multi_draft_plan", "next_token",
-           "spectr_rho", "target_probs", "verify", "walk"]
+__all__ = ["MULTI_DRAFT_RULES", "SAMPLED_TREE_RULES", "SamplingParams", "Verdict", "follow", "multi_draft_plan",
+           "next_token", "spectr_rho", "target_probs", "traverse", "verify", "walk"]
 
 
 @dataclass
@@ -79,7 +79,8 @@ def follow(tree: DraftTree, choose: Callable[[int], int]):
     return decide
 
 
-MULTI_DRAFT_RULES = ("specinfer", "spectr")
+MULTI_DRAFT_RULES = ("specinfer", "spectr")        # token-level: one plan per visited node
+SAMPLED_TREE_RULES = MULTI_DRAFT_RULES + ("traversal",)  # every rule that needs a sampled tree
 
 
 def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, grid: int = 2049) -> float:
@@ -146,6 +147,51 @@ def multi_draft_plan(p: torch.Tensor, q: torch.Tensor, drafts: list[int], rule: 
     return [min(1.0, float(p[x] / (rho * q[x]))) for x in drafts], (res / res.sum() if res.sum() > 0 else p)
 
 
+def traverse(tree: DraftTree, p_row: Callable[[int], torch.Tensor],
+             coin: Callable[[float], bool]) -> tuple[list[int], torch.Tensor]:
+    """Traversal Verification (Weng et al., 2025) on a sampled tree: sequence-level acceptance, decided
+    leaf to root. p_row(row) -> the target distribution [V] float64 at a row (asked lazily, only for rows
+    the traversal reaches); coin(a) -> True with probability a. Returns (accepted node ids, the
+    distribution [V] the bonus token is drawn from).
+
+    Each node carries an acceptance mass m [V] over the token that follows it: m = a·p, where a is the
+    probability that the path up to the node is kept (a = 1 at the root). A child carrying token y is
+    kept with a_child = min(1, m(y) / q(y)), which compounds target/draft ratios along the path instead
+    of capping each one (the sequence-level part). The traversal is post-order: a node's children are
+    tried in order, each child's whole subtree first; when a child's subtree is rejected, the parent's
+    mass becomes max(m - q, 0) / R, where R = 1 - Σ min(q, m) is the probability that a child drawn from q
+    is rejected. Once all children are rejected, the node itself is kept with probability Σ m and the
+    next token is drawn from m / Σ m; a leaf is kept with its a and the bonus comes from its p.
+
+    Why it is exact (the tests check it by enumeration): by induction, a node entered with a emits
+    "this node kept, then token y" with probability a·p(y) and nothing else kept below it with
+    probability 1 - a. A child drawn from q delivers min(q(y), m(y)) of that; the update leaves exactly
+    the missing mass max(m - q, 0) to the remaining siblings and the node's own residual, and does not
+    depend on the rejected child's token, so the next i.i.d. sibling sees the same situation again."""
+    children: dict[int, list[int]] = {}
+    for i, par in enumerate(tree.parents):
+        children.setdefault(par, []).append(i)
+    q_rows = tree.draft_probs
+
+    def visit(node: int, a: float) -> tuple[list[int], torch.Tensor] | None:
+        kids = children.get(node, [])
+        if not kids:
+            return ([], p_row(node + 1)) if coin(a) else None
+        m = a * p_row(node + 1)
+        q = q_rows[node + 1].double()
+        for c in kids:
+            y = tree.tokens[c]
+            kept = visit(c, min(1.0, float(m[y] / q[y])))
+            if kept is not None:
+                return [c] + kept[0], kept[1]
+            rejected = 1.0 - float(torch.minimum(q, m).sum())
+            m = (m - q).clamp(min=0) / max(rejected, 1e-300)  # rejected > 0 whenever this line is reachable
+        # the root is the committed context: kept for certain (its Σ m is 1 up to rounding), no coin
+        return ([], m / m.sum()) if node < 0 or coin(min(1.0, float(m.sum()))) else None
+
+    return visit(-1, 1.0)
+
+
 def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, params: SamplingParams,
            generator: torch.Generator | None, rule: str = "walk") -> Verdict:
     """Verify a tree against the target. row_logits(row) -> logits [V], asked only for visited rows.
@@ -155,7 +201,8 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
     of p and the walk descends while a child carries it; independent draws per node make the emitted
     tokens exactly plain sampling's.
     rule "specinfer" / "spectr" (sampled trees only, see DraftTree.draft_probs): at each visited node the
-    multi-draft rule picks among its i.i.d. children or emits a residual sample; a leaf emits a sample of p."""
+    multi-draft rule picks among its i.i.d. children or emits a residual sample; a leaf emits a sample of p.
+    rule "traversal" (sampled trees only): see traverse."""
     if tree is None:
         return Verdict([], next_token(row_logits(0), params, generator)[0], {})
     probs: dict[int, torch.Tensor] = {}  # visited row -> the target distribution there [V]
@@ -167,10 +214,20 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
         return token
 
     if params.temperature == 0 or rule == "walk":
-        decide = follow(tree, choose)
+        accepted, bonus = walk(tree, follow(tree, choose))
     elif tree.draft_probs is None:
         raise ValueError(f"verify rule {rule!r} needs a sampled tree (i.i.d. sibling groups with draft_probs); "
                          "this tree is deterministic: use rule 'walk'")
+    elif rule == "traversal":
+        def p_row(row: int) -> torch.Tensor:
+            probs[row] = target_probs(row_logits(row)[None], params)[0]
+            return probs[row].double()
+
+        def coin(a: float) -> bool:
+            return float(torch.rand(1, generator=generator, dtype=torch.float64)) < a
+
+        accepted, dist = traverse(tree, p_row, coin)
+        bonus = int(sample_per_node(dist[None], generator)[0])
     else:
         def decide(row: int, kids: list[int]) -> tuple[int | None, int | None]:
             if not kids:
@@ -183,7 +240,7 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
                 return chosen, None
             return None, int(sample_per_node(residual[None], generator)[0])
 
-    accepted, bonus = walk(tree, decide)
+        accepted, bonus = walk(tree, decide)
     target = {i: float(probs[par + 1][tok]) for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents))
               if par + 1 in probs}
     return Verdict(accepted, bonus, target, probs)
