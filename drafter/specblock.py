@@ -180,9 +180,17 @@ class ContextCache:
 
 @dataclass
 class SpecBlockDraftConfig:
-    checkpoint: str = "checkpoints/specblock-smollm2"  # folder with drafter.safetensors + config.json
+    checkpoint: str = "models/specblock-smollm2"  # folder with drafter.safetensors + config.json (committed)
     max_blocks: int = 4          # drafter forwards per tree (the first from the context, then inheritances)
-    max_branch: int = 4          # candidates per position at most, whatever the rank head says
+    max_branch: int = 4          # best_first: candidates per position at most, whatever the rank head says
+    # best_first: deterministic tree, candidates chosen by path probability and the rank head.
+    # sampled: delayed tree expansion with i.i.d. sibling groups (for verify.rule specinfer / spectr /
+    # traversal): one sampled path of `delay` tokens, then `branches` i.i.d. continuations of `rollout`
+    # sampled tokens each (cut to fit the node budget)
+    tree: typing.Literal["best_first", "sampled"] = "best_first"
+    delay: int = 0               # d: depth of the single path before branching (0 = branch at the root)
+    branches: int = 2            # k: i.i.d. continuations drawn at depth d
+    rollout: int = 4             # tokens per continuation
 
 
 def load_specblock(folder: Path, target_args: ModelArgs, embedding: torch.Tensor) -> SpecBlock:
@@ -208,6 +216,7 @@ class SpecBlockDrafter:
         self.cache = ContextCache(model)
         self.tokens: list[int] = []
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
+        self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
 
     def _candidates(self, states: torch.Tensor) -> list[list[tuple[int, float]]]:
         """Per block position: [(target token id, draft probability)], best first."""
@@ -240,8 +249,15 @@ class SpecBlockDrafter:
         if self.last_u is None or update.max_nodes <= 0:
             return None
         t = n_f - 1
-        blocks = 1
         states = m.draft_block(self.cache, self.last_u, t, n_f, inherited=False)
+        if self.cfg.tree == "sampled":
+            temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
+            return self._sampled_tree(states, t, n_f, update.max_nodes, update.vocab_size, temperature)
+        return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
+
+    def _best_first_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
+        m = self.model
+        blocks = 1
         # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
         # P + j for a block started at position P, whether it is its position's top-1)
         cands_cache = {id(states): self._candidates(states)}  # block -> candidates per position
@@ -249,7 +265,7 @@ class SpecBlockDrafter:
         order = len(heap)
         heapq.heapify(heap)
         tokens, parents = [], []
-        while heap and len(tokens) < update.max_nodes:
+        while heap and len(tokens) < max_nodes:
             negp, _, parent, tok, st, j, pos, is_top1 = heapq.heappop(heap)
             node = len(tokens)
             tokens.append(tok)
@@ -267,7 +283,64 @@ class SpecBlockDrafter:
             for rank, (ktok, kp) in enumerate(kids):
                 heapq.heappush(heap, (negp * kp, order, node, ktok, nst, nj, npos, rank == 0))
                 order += 1
-        return DraftTree(tokens, parents, update.vocab_size, update.max_nodes)
+        return DraftTree(tokens, parents, vocab_size, max_nodes)
+
+    def _sampled_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int,
+                      temperature: float) -> DraftTree | None:
+        """Delayed tree expansion: a path of cfg.delay tokens sampled one after another, then
+        cfg.branches i.i.d. draws from the row at its end, each continued by a sampled path to
+        cfg.rollout tokens (cut to fit max_nodes). A node's children are drawn from
+        q = softmax(draft logits / temperature) of a block position: the next position of the same block
+        when the node's token is that position's top-1 (what the block assumed), else the first position
+        of a new block inheriting the node's state and token; a path stops early once max_blocks
+        forwards are spent. The tree carries every row's q over the full vocabulary (zeros where no
+        children are drawn)."""
+        m, cfg = self.model, self.cfg
+        blocks = 1
+        tokens, parents, rows = [], [], []
+        delay = min(cfg.delay, max_nodes)
+        length = min(cfg.rollout, (max_nodes - delay) // cfg.branches)  # tokens per continuation
+
+        def q_at(cursor) -> torch.Tensor:  # (block states, position j, query position) -> q [V]
+            probs = (m.draft_logits(cursor[0][cursor[1]]) / temperature).softmax(-1)
+            return torch.zeros(vocab_size).index_copy_(0, m.draft_ids, probs)
+
+        def add(tok: int, parent: int, cursor, grow: bool):
+            """Append a node drawn at `cursor`; return its id and the cursor its children are drawn from,
+            None when it gets no children (grow False, or no forward left)."""
+            nonlocal blocks
+            tokens.append(tok)
+            parents.append(parent)
+            st, j, pos = cursor
+            nxt = None
+            if grow and j + 1 < m.cfg.block_size and tok == int(m.draft_ids[m.draft_logits(st[j]).argmax()]):
+                nxt = (st, j + 1, pos + 1)
+            elif grow and blocks < cfg.max_blocks:
+                blocks += 1
+                u = m.fc(torch.cat([st[j], m.embedding[tok]]))
+                nxt = (m.draft_block(self.cache, u, pos + 1, n_f, inherited=True), 0, pos + 1)
+            rows.append(torch.zeros(vocab_size) if nxt is None else q_at(nxt))
+            return len(tokens) - 1, nxt
+
+        def draw(row: int, n: int) -> list[int]:
+            return torch.multinomial(rows[row], n, replacement=True, generator=self.generator).tolist()
+
+        node, cursor = -1, (states, 0, t)
+        rows.append(q_at(cursor))
+        for i in range(delay):
+            node, cursor = add(draw(node + 1, 1)[0], node, cursor, grow=i + 1 < delay or length > 0)
+            if cursor is None:
+                break
+        if cursor is not None and length > 0:
+            for tok in draw(node + 1, cfg.branches):  # the i.i.d. sibling group, drawn at once
+                child, c = add(tok, node, cursor, grow=length > 1)
+                for i in range(length - 1):
+                    if c is None:
+                        break
+                    child, c = add(draw(child + 1, 1)[0], child, c, grow=i + 2 < length)
+        if not tokens:
+            return None
+        return DraftTree(tokens, parents, vocab_size, max_nodes, torch.stack(rows))
 
     def close(self) -> None:
         self.cache = ContextCache(self.model)

@@ -36,7 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
     ("train: {model: {block_size: 0}}\n", "train.model.block_size: must be > 0"),
     ("drafter: {kind: specblock, specblock: {max_blocks: 0}}\n", "drafter.specblock.max_blocks: must be > 0"),
     ("verify: {rule: spectr}\n", "verify.rule: 'spectr' needs sampled trees"),
-    ("verify: {rule: traversal}\n", "verify.rule: 'traversal' is not one of walk, specinfer, spectr"),
+    ("verify: {rule: traversal}\n", "verify.rule: 'traversal' needs sampled trees"),
+    ("verify: {rule: hydra}\n", "verify.rule: 'hydra' is not one of walk, specinfer, spectr, traversal"),
+    ("drafter: {kind: specblock}\nverify: {rule: spectr}\n", "drafter.specblock.tree is 'best_first'"),
+    ("drafter: {kind: specblock, specblock: {tree: sampled, delay: -1}}\n", "drafter.specblock.delay: must be >= 0"),
+    ("drafter: {kind: specblock, specblock: {branches: 0}}\n", "drafter.specblock.branches: must be > 0"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_text, needle):
     cfg = tmp_path / "bad.yaml"

@@ -167,19 +167,25 @@ def validate(cfg: Config) -> Config:
                    ("train.model.block_size", tr.model.block_size), ("train.model.n_layers", tr.model.n_layers),
                    ("train.model.draft_vocab", tr.model.draft_vocab), ("train.model.max_rank", tr.model.max_rank),
                    ("drafter.specblock.max_blocks", d.specblock.max_blocks),
-                   ("drafter.specblock.max_branch", d.specblock.max_branch)):
+                   ("drafter.specblock.max_branch", d.specblock.max_branch),
+                   ("drafter.specblock.branches", d.specblock.branches),
+                   ("drafter.specblock.rollout", d.specblock.rollout)):
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     if cfg.data.max_tokens > cfg.target.max_seq_len:
         raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
     if not 0 <= cfg.data.heldout_fraction < 1:
         raise ConfigError(f"data.heldout_fraction: must be in [0, 1), got {cfg.data.heldout_fraction}")
-    if cfg.verify.rule != "walk":
-        # every drafter so far builds deterministic trees, and the wire API carries no draft distributions
+    sampled = d.mode == "inprocess" and d.kind == "specblock" and d.specblock.tree == "sampled"
+    if cfg.verify.rule != "walk" and not sampled:
         builds = "the sidecar's trees carry no draft distributions" if d.mode == "grpc" else \
-            f"drafter.kind {d.kind!r} builds deterministic trees"
+            f"drafter.kind {d.kind!r} builds deterministic trees" if d.kind != "specblock" else \
+            "drafter.specblock.tree is 'best_first' (deterministic)"
         raise ConfigError(f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
-                          f"their draft distribution); {builds}: use rule 'walk'")
+                          f"their draft distribution); {builds}: use rule 'walk', or an in-process specblock "
+                          "drafter with specblock.tree: sampled")
+    if d.specblock.delay < 0:
+        raise ConfigError(f"drafter.specblock.delay: must be >= 0, got {d.specblock.delay}")
     b = d.bandit
     if b.enabled and d.kind != "specblock":
         raise ConfigError(f"drafter.bandit.enabled: the {d.kind} drafter has no weights to update online; "

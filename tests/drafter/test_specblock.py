@@ -1,6 +1,7 @@
 """SpecBlock's structure: no position sees a later one (neither through the context nor through the
 layer-wise shift), incremental inference reproduces the training forward, the valid-prefix mask stops
-at the first miss, trees respect the budget, and a short training run lowers the loss."""
+at the first miss, trees respect the budget, sampled trees have the delayed-expansion shape and draw
+each sibling group from the q they carry, and a short training run lowers the loss."""
 import json
 import random
 from dataclasses import replace
@@ -9,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drafter.interface import VerifierUpdate
+from drafter.interface import SamplingParams, VerifierUpdate
 from drafter.specblock import ContextCache, SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter
 from drafter.train import TrainConfig, train, valid_prefix
+from tests.verifier.test_rules import chi_square_p_value
 from verifier.model import ModelArgs
 
 ARGS = ModelArgs(vocab_size=200, dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
@@ -82,6 +84,69 @@ def test_trees_respect_budget_and_block_limit(budget, max_blocks):
     calls.clear()
     tree2 = d.draft(VerifierUpdate([5, 6], None, budget, 200, torch.randn(2, 64)))  # the next round
     assert tree2 is not None and len(tree2) <= budget and d.cache.length == 10
+
+
+def sampled_drafter(m, **cfg):
+    d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", **cfg))
+    calls = []
+    original = m.draft_block
+    m.draft_block = lambda *a, **k: calls.append(1) or original(*a, **k)
+    return d, calls
+
+
+@pytest.mark.parametrize("delay,branches,rollout,budget,max_blocks",
+                         [(0, 2, 4, 16, 8), (2, 3, 2, 16, 8), (3, 2, 4, 8, 8), (5, 2, 3, 4, 8), (1, 4, 6, 32, 2)])
+def test_sampled_trees_have_the_delayed_expansion_shape(delay, branches, rollout, budget, max_blocks):
+    m = model()
+    d, calls = sampled_drafter(m, delay=delay, branches=branches, rollout=rollout, max_blocks=max_blocks)
+    prompt = [random.Random(i).randrange(200) for i in range(9)]
+    for new, hidden in ((prompt, torch.randn(8, 64)), ([5, 6], torch.randn(2, 64))):
+        calls.clear()
+        tree = d.draft(VerifierUpdate(new, None, budget, 200, hidden, SamplingParams(temperature=0.8)))
+        assert len(tree) <= budget and len(calls) <= max_blocks
+        kids = {i: [c for c, p in enumerate(tree.parents) if p == i] for i in range(-1, len(tree))}
+        path_len = min(delay, budget)
+        stem = [-1]
+        while len(stem) <= path_len and len(kids[stem[-1]]) == 1:  # the single path of the delay
+            stem.append(kids[stem[-1]][0])
+        if max_blocks >= 8:  # forwards to spare: the whole shape is there
+            assert len(stem) - 1 == path_len
+            length = min(rollout, (budget - path_len) // branches)
+            group = kids[stem[-1]] if length > 0 else []
+            assert len(group) == (branches if length > 0 else 0)
+            for child in group:  # each continuation is a path of `length` tokens
+                n, node = 1, child
+                while kids[node]:
+                    assert len(kids[node]) == 1
+                    node, n = kids[node][0], n + 1
+                assert n == length
+        q = tree.draft_probs
+        for row in range(len(tree) + 1):  # a row with children is a distribution; the others are zeros
+            assert (abs(float(q[row].sum()) - 1) < 1e-4) if kids[row - 1] else float(q[row].abs().sum()) == 0
+            assert not kids[row - 1] or bool((q[row][:40] == 0).all() and (q[row][160:] == 0).all())
+
+
+@pytest.mark.parametrize("temperature", [5.0, 8.0])  # the random tiny model is peaked: flatten it to ~50-100 cells
+def test_a_sampled_sibling_group_is_iid_from_the_q_it_carries(temperature):
+    """The multi-draft rules are exact only if each sibling group really is i.i.d. from its row: 3000
+    groups of 2 roots from one context, chi-square against the carried row 0 (the drafter's q at the
+    verifier's temperature); the same counts against q at 0.75x that temperature must fail (the test's power)."""
+    m = model()
+    d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", delay=0, branches=2, rollout=1))
+    prompt = [random.Random(i).randrange(200) for i in range(9)]
+    params = SamplingParams(temperature=temperature)
+    first = d.draft(VerifierUpdate(prompt, None, 2, 200, torch.randn(8, 64), params))
+    q = first.draft_probs[0].double()
+    counts = {}
+    for _ in range(3000):  # no new tokens: the same context, fresh draws
+        tree = d.draft(VerifierUpdate([], None, 2, 200, torch.zeros(0, 64), params))
+        assert torch.equal(tree.draft_probs[0], first.draft_probs[0])
+        for tok in tree.tokens:
+            counts[tok] = counts.get(tok, 0) + 1
+    exact = {t: float(q[t]) for t in range(200) if q[t] > 0}
+    assert chi_square_p_value(counts, exact) > 1e-4
+    colder = (q[q > 0].log() / 0.75).softmax(-1)
+    assert chi_square_p_value(counts, dict(zip(exact, colder.tolist()))) < 1e-4
 
 
 def test_a_token_conditioned_drafter_needs_no_hidden_states():
