@@ -20,7 +20,7 @@ Shapes: K = block_size, T = positions, D = dim, Vd = draft vocabulary size."""
 import heapq
 import json
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from drafter.interface import VerifierUpdate
+from drafter.selector import cached_selector, step_features
 from drafter.tree import DraftTree
 from verifier.model import ModelArgs, RMSNorm, apply_rope, rope_tables
 
@@ -191,6 +192,11 @@ class SpecBlockDraftConfig:
     delay: int = 0               # d: depth of the single path before branching (0 = branch at the root)
     branches: int = 2            # k: i.i.d. continuations drawn at depth d
     rollout: int = 4             # tokens per continuation
+    # how d is chosen per step: the fixed `delay`; uniformly among `delays` (to trace training data for
+    # the selector, see eval.trace); or by the neural selector in folder `selector` (drafter/selector.py)
+    select: typing.Literal["fixed", "random", "neural"] = "fixed"
+    delays: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    selector: str = "models/selector-smollm2"
 
 
 def load_specblock(folder: Path, target_args: ModelArgs, embedding: torch.Tensor) -> SpecBlock:
@@ -217,6 +223,9 @@ class SpecBlockDrafter:
         self.tokens: list[int] = []
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
         self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
+        self.selector = cached_selector(cfg.selector) if cfg.tree == "sampled" and cfg.select == "neural" else None
+        self.recent: list[int] = []  # accepted draft tokens of the session's steps so far
+        self.trace: list[dict] = []  # sampled trees: per step {"features", "delay", "accepted"} (selector data)
 
     def _candidates(self, states: torch.Tensor) -> list[list[tuple[int, float]]]:
         """Per block position: [(target token id, draft probability)], best first."""
@@ -233,6 +242,10 @@ class SpecBlockDrafter:
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
         m = self.model
         self.tokens += update.new_tokens
+        if update.feedback is not None:
+            self.recent.append(len(update.feedback.accepted))
+            if self.trace and "accepted" not in self.trace[-1]:
+                self.trace[-1]["accepted"] = self.recent[-1]
         start = self.cache.length         # context positions so far; the update brings the next ones
         if m.cfg.conditioning == "tokens":
             n_f = len(self.tokens) - 1    # every committed token but the newest (its next token is pending)
@@ -252,7 +265,8 @@ class SpecBlockDrafter:
         states = m.draft_block(self.cache, self.last_u, t, n_f, inherited=False)
         if self.cfg.tree == "sampled":
             temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
-            return self._sampled_tree(states, t, n_f, update.max_nodes, update.vocab_size, temperature)
+            return self._sampled_tree(states, t, n_f, update.max_nodes, update.vocab_size, temperature,
+                                      self._delay(states, temperature))
         return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
 
     def _best_first_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
@@ -285,9 +299,24 @@ class SpecBlockDrafter:
                 order += 1
         return DraftTree(tokens, parents, vocab_size, max_nodes)
 
+    def _delay(self, states: torch.Tensor, temperature: float) -> int:
+        """This step's d (see SpecBlockDraftConfig.select); traced with its features when not fixed."""
+        cfg = self.cfg
+        if cfg.select == "fixed":
+            return cfg.delay
+        feats = step_features((self.model.draft_logits(states) / temperature).softmax(-1), self.recent, len(self.tokens))
+        if cfg.select == "neural":
+            d = self.selector.choose(feats)
+        else:
+            d = cfg.delays[int(torch.randint(len(cfg.delays), (1,), generator=self.generator))]
+        if self.trace and "accepted" not in self.trace[-1]:
+            self.trace.pop()  # its step got no feedback (the verifier skipped it)
+        self.trace.append({"features": [round(v, 5) for v in feats.tolist()], "delay": d})
+        return d
+
     def _sampled_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int,
-                      temperature: float) -> DraftTree | None:
-        """Delayed tree expansion: a path of cfg.delay tokens sampled one after another, then
+                      temperature: float, delay: int) -> DraftTree | None:
+        """Delayed tree expansion: a path of `delay` tokens sampled one after another, then
         cfg.branches i.i.d. draws from the row at its end, each continued by a sampled path to
         cfg.rollout tokens (cut to fit max_nodes). A node's children are drawn from
         q = softmax(draft logits / temperature) of a block position: the next position of the same block
@@ -298,7 +327,7 @@ class SpecBlockDrafter:
         m, cfg = self.model, self.cfg
         blocks = 1
         tokens, parents, rows = [], [], []
-        delay = min(cfg.delay, max_nodes)
+        delay = min(delay, max_nodes)
         length = min(cfg.rollout, (max_nodes - delay) // cfg.branches)  # tokens per continuation
 
         def q_at(cursor) -> torch.Tensor:  # (block states, position j, query position) -> q [V]
@@ -344,4 +373,4 @@ class SpecBlockDrafter:
 
     def close(self) -> None:
         self.cache = ContextCache(self.model)
-        self.tokens, self.last_u = [], None
+        self.tokens, self.last_u, self.recent = [], None, []

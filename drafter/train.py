@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from drafter.selector import SelectorTrainConfig
 from drafter.specblock import SpecBlock, SpecBlockConfig
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    kind: typing.Literal["specblock", "selector"] = "specblock"  # selector: the delay selector, from traces
+    selector: SelectorTrainConfig = field(default_factory=SelectorTrainConfig)
     data_dir: str = "data/sharegpt-smollm2"
     out: str = "checkpoints/specblock-smollm2"  # drafter.safetensors + config.json (+ state.pt to resume)
     model: SpecBlockConfig = field(default_factory=SpecBlockConfig)

@@ -41,6 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
     ("drafter: {kind: specblock}\nverify: {rule: spectr}\n", "drafter.specblock.tree is 'best_first'"),
     ("drafter: {kind: specblock, specblock: {tree: sampled, delay: -1}}\n", "drafter.specblock.delay: must be >= 0"),
     ("drafter: {kind: specblock, specblock: {branches: 0}}\n", "drafter.specblock.branches: must be > 0"),
+    ("eval: {matrix: {rules: [traversal]}}\n", "eval.matrix: needs an in-process specblock drafter"),
+    ("drafter: {kind: specblock, specblock: {tree: sampled}}\neval: {matrix: {rules: [spectr, magic]}}\n",
+     "eval.matrix.rules[1]: 'magic' must be one of"),
+    ("drafter: {kind: specblock, specblock: {tree: sampled, select: neural, selector: /nope}}\n",
+     "drafter.specblock.selector: /nope: no selector.safetensors"),
+    ("eval: {first_prompt: -2}\n", "eval.first_prompt: must be >= 0"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_text, needle):
     cfg = tmp_path / "bad.yaml"

@@ -22,7 +22,7 @@ def positive_ints(text: str) -> list[int]:
 
 def cmd_eval(args) -> None:
     from verifier.config import load_config, validate
-    from verifier.evaluate import print_table, run_eval
+    from verifier.evaluate import print_matrix, print_table, run_eval
 
     cfg = load_config(args.config)
     if args.full:
@@ -35,6 +35,10 @@ def cmd_eval(args) -> None:
     if args.no_baseline:
         cfg.eval.baseline = False
     report = run_eval(validate(cfg))
+    if "matrix" in report:
+        print_matrix(report)
+        print(f"report: {cfg.eval.output}")
+        return
     print_table(report)
     if "vllm" in report:
         from verifier.vllm_backend import print_vllm_table
@@ -149,9 +153,23 @@ def cmd_train(args) -> None:
 
     from drafter.train import train
     from verifier.assets import model_dir, target_embedding
-    from verifier.config import load_config, validate
+    from verifier.config import ConfigError, load_config, validate
 
     cfg = load_config(args.config)
+    if cfg.train.kind == "selector":
+        from drafter.selector import load_traces, train_selector
+
+        sc = cfg.train.selector
+        if args.steps is not None:
+            sc.steps = args.steps
+        validate(cfg)
+        try:
+            metrics = train_selector(sc, load_traces(sc.traces))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        print(json.dumps({k: v for k, v in metrics.items() if k != "train_config"}))
+        print(f"selector: {sc.out}")
+        return
     if args.steps is not None:
         cfg.train.steps = args.steps
     validate(cfg)

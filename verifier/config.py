@@ -61,12 +61,27 @@ class VerifierConfig:
 
 
 @dataclass
+class MatrixConfig:
+    """The sampled-tree matrix of `specdraft eval` (needs an in-process specblock drafter with tree:
+    sampled): every rule x delay x branches at every temperature, each against plain decoding at that
+    temperature on the same prompts. Empty rules = no matrix."""
+    rules: list[str] = field(default_factory=list)
+    delays: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # static d
+    neural: bool = False                    # also a row with d chosen per step by drafter.specblock.selector
+    branches: list[int] = field(default_factory=lambda: [2, 4])
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+
+
+@dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     num_prompts: int = 6                    # per dataset; 0 = all
+    first_prompt: int = 0                   # skip this many per dataset (e.g. trace on prompts the eval won't use)
     max_new_tokens: int = 96
     output: str = "reports/eval.json"
     baseline: bool = True                   # also run plain AR decoding for speedup and exact match
+    trace: str = ""                         # JSONL of the drafter's per-step selector records (select: random)
+    matrix: MatrixConfig = field(default_factory=MatrixConfig)
 
 
 @dataclass
@@ -130,7 +145,8 @@ def validate(cfg: Config) -> Config:
                 "server.max_sessions": s.max_sessions, "server.max_nodes": s.max_nodes,
                 "server.max_message_mb": s.max_message_mb, "server.session_ttl_s": s.session_ttl_s}
     nonneg = {"target.threads": cfg.target.threads, "sampling.top_k": cfg.sampling.top_k,
-              "eval.num_prompts": cfg.eval.num_prompts, "sampling.temperature": cfg.sampling.temperature,
+              "eval.num_prompts": cfg.eval.num_prompts, "eval.first_prompt": cfg.eval.first_prompt,
+              "sampling.temperature": cfg.sampling.temperature,
               "server.drain_s": s.drain_s, "server.workers": s.workers, "verify.feedback_topk": cfg.verify.feedback_topk}
     for key, v in positive.items():
         if v <= 0:
@@ -186,6 +202,26 @@ def validate(cfg: Config) -> Config:
                           "drafter with specblock.tree: sampled")
     if d.specblock.delay < 0:
         raise ConfigError(f"drafter.specblock.delay: must be >= 0, got {d.specblock.delay}")
+    if not d.specblock.delays or any(v < 0 for v in d.specblock.delays):
+        raise ConfigError(f"drafter.specblock.delays: a non-empty list of delays >= 0, got {d.specblock.delays}")
+    mx = cfg.eval.matrix
+    if sampled and (d.specblock.select == "neural" or (mx.rules and mx.neural)):
+        if not (Path(d.specblock.selector) / "selector.safetensors").is_file():
+            raise ConfigError(f"drafter.specblock.selector: {d.specblock.selector}: no selector.safetensors (train "
+                              "one: specdraft train --config configs/train-selector.yaml)")
+    if mx.rules:
+        from verifier.rules import SAMPLED_TREE_RULES
+
+        if not sampled:
+            raise ConfigError("eval.matrix: needs an in-process specblock drafter with specblock.tree: sampled")
+        for key, values, ok, want in (("rules", mx.rules, lambda r: r in SAMPLED_TREE_RULES + ("walk",),
+                                       f"one of {', '.join(SAMPLED_TREE_RULES + ('walk',))}"),
+                                      ("delays", mx.delays, lambda v: v >= 0, ">= 0"),
+                                      ("branches", mx.branches, lambda v: v > 0, "> 0"),
+                                      ("temperatures", mx.temperatures, lambda v: v > 0, "> 0 (sampled trees)")):
+            for i, v in enumerate(values):
+                if not ok(v):
+                    raise ConfigError(f"eval.matrix.{key}[{i}]: {v!r} must be {want}")
     b = d.bandit
     if b.enabled and d.kind != "specblock":
         raise ConfigError(f"drafter.bandit.enabled: the {d.kind} drafter has no weights to update online; "

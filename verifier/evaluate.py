@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -106,7 +106,8 @@ def eval_jobs(cfg: Config, tokenizer) -> list[tuple[str, str, list[int]]]:
     jobs = []
     for name in cfg.eval.datasets:
         prompts = load_prompts(name)
-        for pid, text in prompts[:cfg.eval.num_prompts or None]:
+        first = cfg.eval.first_prompt
+        for pid, text in prompts[first:first + cfg.eval.num_prompts if cfg.eval.num_prompts else None]:
             ids = chat_prompt(tokenizer, text)
             if len(ids) > room:
                 log.warning("%s: prompt of %d tokens leaves no room in target.max_seq_len=%d; skipped",
@@ -116,11 +117,19 @@ def eval_jobs(cfg: Config, tokenizer) -> list[tuple[str, str, list[int]]]:
     return jobs
 
 
+def environment() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
 def run_eval(cfg: Config) -> dict:
+    if cfg.eval.matrix.rules:
+        return run_matrix(cfg)
     target, tokenizer, stops = load_target(cfg.target)
     new_drafter = drafter_factory(cfg.drafter, target)
     jobs = eval_jobs(cfg, tokenizer)
     records: dict[str, list] = {name: [] for name in cfg.eval.datasets}
+    trace = []
     bar = tqdm(jobs, desc="eval", unit="prompt")
     for name, pid, ids in bar:
         rec = {"id": pid, "prompt_tokens": len(ids)}
@@ -128,15 +137,19 @@ def run_eval(cfg: Config) -> dict:
             rec["ar"] = run_prompt(target, ids, cfg, stops, None)
         drafter = new_drafter(pid)
         rec["spec"] = run_prompt(target, ids, cfg, stops, drafter)
+        trace += [r for r in getattr(drafter, "trace", []) if "accepted" in r]
         drafter.close()
         rec["fallback_rounds"] = getattr(drafter, "fallbacks", 0)  # sidecar rounds lost to faults or deadlines
         records[name].append(rec)
         steps = rec["spec"]["steps"]
         bar.set_postfix(tau=f"{(len(rec['spec']['tokens']) - 1) / max(len(steps) - 1, 1):.2f}")
+    if cfg.eval.trace:
+        Path(cfg.eval.trace).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.eval.trace).write_text("".join(json.dumps(r) + "\n" for r in trace))
+        log.info("%d traced steps -> %s", len(trace), cfg.eval.trace)
     report = {
         "config": asdict(cfg),
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+        "environment": environment(),
         "datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in records.items() if recs},
         "outputs": {name: [{"id": r["id"], "tokens": len(r["spec"]["tokens"]), "text": tokenizer.decode(r["spec"]["tokens"])}
                            for r in recs] for name, recs in records.items()},
@@ -149,6 +162,97 @@ def run_eval(cfg: Config) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return report
+
+
+def matrix_variants(cfg: Config) -> list[tuple[str, object, int]]:
+    """(rule, delay or "neural", branches) for every matrix row."""
+    mx = cfg.eval.matrix
+    delays = list(mx.delays) + (["neural"] if mx.neural else [])
+    return [(rule, d, k) for rule in mx.rules for k in mx.branches for d in delays]
+
+
+def run_matrix(cfg: Config) -> dict:
+    """The sampled-tree matrix (eval.matrix): per temperature and prompt, plain decoding once, then every
+    (rule, d, k) variant, all in one process on the same prompts."""
+    target, tokenizer, stops = load_target(cfg.target)
+    model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
+    jobs = eval_jobs(cfg, tokenizer)
+    variants = matrix_variants(cfg)
+    rows = []
+    bar = tqdm(total=len(cfg.eval.matrix.temperatures) * len(jobs) * (1 + len(variants)), desc="eval matrix",
+               unit="run")
+    for temp in cfg.eval.matrix.temperatures:
+        records = {v: {name: [] for name in cfg.eval.datasets} for v in variants}
+        for name, pid, ids in jobs:
+            base = replace(cfg, sampling=replace(cfg.sampling, temperature=temp))
+            ar = run_prompt(target, ids, base, stops, None)
+            bar.update()
+            for rule, d, k in variants:
+                sb = replace(cfg.drafter.specblock, branches=k, delay=0 if d == "neural" else d,
+                             select="neural" if d == "neural" else "fixed")
+                vcfg = replace(base, verify=replace(cfg.verify, rule=rule),
+                               drafter=replace(cfg.drafter, specblock=sb))
+                drafter = make_drafter(vcfg.drafter, model)
+                records[(rule, d, k)][name].append({"id": pid, "ar": ar, "fallback_rounds": 0,
+                                                    "spec": run_prompt(target, ids, vcfg, stops, drafter)})
+                drafter.close()
+                bar.update()
+        for (rule, d, k), by_name in records.items():
+            for name, recs in by_name.items():
+                if recs:
+                    s = summarize(recs, temp)
+                    rows.append({"dataset": name, "temperature": temp, "rule": rule, "delay": d, "branches": k,
+                                 **{key: s[key] for key in ("tau", "spec_tokens_per_s", "ar_tokens_per_s", "speedup",
+                                                            "draft_ms_per_step", "verify_ms_per_step",
+                                                            "acceptance_per_depth")}})
+    bar.close()
+    report = {"config": asdict(cfg), "environment": environment(), "matrix": rows,
+              "summary": matrix_summary(rows)}
+    out = Path(cfg.eval.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def matrix_summary(rows: list[dict]) -> list[dict]:
+    """Per (dataset, temperature, rule, k): d = 0, the best static d by tokens/s (chosen on these same
+    prompts, so optimistic for it) and the neural selector, side by side."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["temperature"], r["rule"], r["branches"]), []).append(r)
+    for (name, temp, rule, k), rs in groups.items():
+        static = [r for r in rs if r["delay"] != "neural"]
+        best = max(static, key=lambda r: r["spec_tokens_per_s"])
+        root = next((r for r in static if r["delay"] == 0), None)
+        neural = next((r for r in rs if r["delay"] == "neural"), None)
+        out.append({"dataset": name, "temperature": temp, "rule": rule, "branches": k,
+                    "d0_tau": root and root["tau"], "d0_tok_s": root and root["spec_tokens_per_s"],
+                    "best_d": best["delay"], "best_tau": best["tau"], "best_tok_s": best["spec_tokens_per_s"],
+                    "neural_tau": neural and neural["tau"], "neural_tok_s": neural and neural["spec_tokens_per_s"],
+                    "neural_vs_best": neural and neural["spec_tokens_per_s"] / best["spec_tokens_per_s"]})
+    return out
+
+
+def print_matrix(report: dict) -> None:
+    cols = [("dataset", 10), ("T", 5), ("rule", 10), ("d", 7), ("k", 3), ("tau", 6), ("acc/depth 1,2,3", 16),
+            ("draft ms", 9), ("verify ms", 10), ("tok/s", 7), ("AR tok/s", 9), ("speedup", 8)]
+    print_columns(cols, [[r["dataset"], r["temperature"], r["rule"], r["delay"], r["branches"], f"{r['tau']:.2f}",
+                          ",".join(f"{a:.2f}" for a in r["acceptance_per_depth"][:3]) or "-",
+                          f"{r['draft_ms_per_step']:.1f}", f"{r['verify_ms_per_step']:.1f}",
+                          f"{r['spec_tokens_per_s']:.2f}", f"{r['ar_tokens_per_s']:.2f}", f"{r['speedup']:.2f}"]
+                         for r in report["matrix"]])
+    print()
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    cols = [("dataset", 10), ("T", 5), ("rule", 10), ("k", 3), ("d=0 tau", 8), ("tok/s", 7), ("best d", 7),
+            ("tau", 6), ("tok/s", 7), ("neural tau", 11), ("tok/s", 7), ("neural/best", 12)]
+    print_columns(cols, [[s["dataset"], s["temperature"], s["rule"], s["branches"], f(s["d0_tau"], ".2f"),
+                          f(s["d0_tok_s"], ".2f"), s["best_d"], f"{s['best_tau']:.2f}", f"{s['best_tok_s']:.2f}",
+                          f(s["neural_tau"], ".2f"), f(s["neural_tok_s"], ".2f"), f(s["neural_vs_best"], ".3f")]
+                         for s in report["summary"]])
 
 
 def print_columns(cols: list[tuple[str, int]], rows: list[list]) -> None:
