@@ -7,7 +7,8 @@ length of the session's last 4 steps (how well it has been doing), and log(1 + t
 Model: an MLP F -> hidden -> |delays|, one output per candidate d. Trained offline on traces of steps
 drafted with a uniformly random d (`drafter.specblock.select: random` plus `eval.trace`), each step's
 loss on the output of the d it used (squared error against the accepted count): with d random, every
-output learns E[accepted | features, d]."""
+output learns E[accepted | features, d]. The traced steps are split (seeded) into train, validation
+(early stopping: the weights with the best validation error are kept) and held-out (reported only)."""
 import functools
 import json
 import math
@@ -76,9 +77,9 @@ class SelectorTrainConfig:
     traces: list[str] = field(default_factory=lambda: ["reports/selector-trace.jsonl"])  # `eval.trace` outputs
     out: str = "models/selector-smollm2"
     hidden: int = 32
-    steps: int = 2000
+    steps: int = 2000               # full-batch optimizer steps at most (early stopping keeps the best)
     lr: float = 3e-3
-    heldout_fraction: float = 0.2   # of the traced steps, by a seeded shuffle
+    heldout_fraction: float = 0.2   # of the traced steps, by a seeded shuffle; as much again for validation
     seed: int = 0
 
 
@@ -95,8 +96,8 @@ def load_traces(paths: list[str]) -> list[dict]:
 
 
 def train_selector(cfg: SelectorTrainConfig, records: list[dict]) -> dict:
-    """Fit, report held-out squared error against the per-delay mean (what a static choice knows) and
-    how often the selector's pick is the delay with the best held-out mean, save; returns the metrics."""
+    """Fit, report held-out squared error against the per-delay training mean (all that a static choice
+    knows), save; returns the metrics."""
     delays = sorted({r["delay"] for r in records})
     if len(delays) < 2 or len(records) < 20:
         raise ValueError(f"train.selector.traces: {len(records)} steps over delays {delays}: need >= 20 steps "
@@ -105,28 +106,40 @@ def train_selector(cfg: SelectorTrainConfig, records: list[dict]) -> dict:
     records = records[:]
     rng.shuffle(records)
     n_held = max(1, int(len(records) * cfg.heldout_fraction))
-    held, train = records[:n_held], records[n_held:]
+    held, val, train = records[:n_held], records[n_held:2 * n_held], records[2 * n_held:]
 
     def tensors(rs):
         return (torch.tensor([r["features"] for r in rs]), torch.tensor([delays.index(r["delay"]) for r in rs]),
                 torch.tensor([float(r["accepted"]) for r in rs]))
 
+    def mse(sel, x, d, y):
+        return (sel(x).gather(1, d[:, None])[:, 0] - y).square().mean()
+
     x, d, y = tensors(train)
+    vx, vd, vy = tensors(val)
     torch.manual_seed(cfg.seed)
     sel = Selector(x.shape[1], delays, cfg.hidden)
     sel.mean.copy_(x.mean(0))
     sel.std.copy_(x.std(0).clamp(min=1e-3))
     opt = torch.optim.AdamW(sel.parameters(), lr=cfg.lr, weight_decay=1e-3)
-    for _ in range(cfg.steps):  # full batch: traces are thousands of steps at most
-        loss = (sel(x).gather(1, d[:, None])[:, 0] - y).square().mean()
+    best, best_state, best_step = float("inf"), None, 0
+    for step in range(cfg.steps):  # full batch: traces are thousands of steps at most
+        loss = mse(sel, x, d, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            v = float(mse(sel, vx, vd, vy))
+        if v < best:
+            best, best_step = v, step + 1
+            best_state = {k: t.clone() for k, t in sel.state_dict().items()}
+    sel.load_state_dict(best_state)
     hx, hd, hy = tensors(held)
     per_delay = torch.tensor([y[d == i].mean().item() if (d == i).any() else 0.0 for i in range(len(delays))])
     with torch.no_grad():
         pred = sel(hx).gather(1, hd[:, None])[:, 0]
-    metrics = {"steps_traced": len(records), "train_steps": len(train), "heldout_steps": len(held),
+    metrics = {"steps_traced": len(records), "train_steps": len(train), "validation_steps": len(val),
+               "heldout_steps": len(held), "best_optimizer_step": best_step,
                "delays": delays, "per_delay_mean_accepted": per_delay.tolist(),
                "heldout_mse": float((pred - hy).square().mean()),
                "heldout_mse_per_delay_mean": float((per_delay[hd] - hy).square().mean()),

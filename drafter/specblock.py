@@ -326,50 +326,56 @@ class SpecBlockDrafter:
         children are drawn)."""
         m, cfg = self.model, self.cfg
         blocks = 1
-        tokens, parents, rows = [], [], []
+        tokens, parents = [], []
+        cursors = []  # per row: (block's q [K, Vd], position j, block states, query position), or None
         delay = min(delay, max_nodes)
         length = min(cfg.rollout, (max_nodes - delay) // cfg.branches)  # tokens per continuation
 
-        def q_at(cursor) -> torch.Tensor:  # (block states, position j, query position) -> q [V]
-            probs = (m.draft_logits(cursor[0][cursor[1]]) / temperature).softmax(-1)
-            return torch.zeros(vocab_size).index_copy_(0, m.draft_ids, probs)
+        def block(st: torch.Tensor, pos: int):  # a block's states [K, D] at query position pos -> its cursor
+            return (m.draft_logits(st) / temperature).softmax(-1), 0, st, pos
 
-        def add(tok: int, parent: int, cursor, grow: bool):
-            """Append a node drawn at `cursor`; return its id and the cursor its children are drawn from,
-            None when it gets no children (grow False, or no forward left)."""
+        def add(tok: int, parent: int, grow: bool) -> int:
+            """Append a node drawn at its parent's cursor, and its own cursor (None when it gets no
+            children: grow False, or no forward left). Returns its id."""
             nonlocal blocks
             tokens.append(tok)
             parents.append(parent)
-            st, j, pos = cursor
+            q, j, st, pos = cursors[parent + 1]
             nxt = None
-            if grow and j + 1 < m.cfg.block_size and tok == int(m.draft_ids[m.draft_logits(st[j]).argmax()]):
-                nxt = (st, j + 1, pos + 1)
+            if grow and j + 1 < m.cfg.block_size and tok == int(m.draft_ids[q[j].argmax()]):
+                nxt = (q, j + 1, st, pos + 1)
             elif grow and blocks < cfg.max_blocks:
                 blocks += 1
                 u = m.fc(torch.cat([st[j], m.embedding[tok]]))
-                nxt = (m.draft_block(self.cache, u, pos + 1, n_f, inherited=True), 0, pos + 1)
-            rows.append(torch.zeros(vocab_size) if nxt is None else q_at(nxt))
-            return len(tokens) - 1, nxt
+                nxt = block(m.draft_block(self.cache, u, pos + 1, n_f, inherited=True), pos + 1)
+            cursors.append(nxt)
+            return len(tokens) - 1
 
-        def draw(row: int, n: int) -> list[int]:
-            return torch.multinomial(rows[row], n, replacement=True, generator=self.generator).tolist()
+        def draw(row: int, n: int) -> list[int]:  # n i.i.d. tokens from a row's q, over the draft vocabulary
+            q, j = cursors[row][:2]
+            return m.draft_ids[torch.multinomial(q[j], n, replacement=True, generator=self.generator)].tolist()
 
-        node, cursor = -1, (states, 0, t)
-        rows.append(q_at(cursor))
+        node = -1
+        cursors.append(block(states, t))
         for i in range(delay):
-            node, cursor = add(draw(node + 1, 1)[0], node, cursor, grow=i + 1 < delay or length > 0)
-            if cursor is None:
+            node = add(draw(node + 1, 1)[0], node, grow=i + 1 < delay or length > 0)
+            if cursors[node + 1] is None:
                 break
-        if cursor is not None and length > 0:
+        if cursors[node + 1] is not None and length > 0:
             for tok in draw(node + 1, cfg.branches):  # the i.i.d. sibling group, drawn at once
-                child, c = add(tok, node, cursor, grow=length > 1)
+                child = add(tok, node, grow=length > 1)
                 for i in range(length - 1):
-                    if c is None:
+                    if cursors[child + 1] is None:
                         break
-                    child, c = add(draw(child + 1, 1)[0], child, c, grow=i + 2 < length)
+                    child = add(draw(child + 1, 1)[0], child, grow=i + 2 < length)
         if not tokens:
             return None
-        return DraftTree(tokens, parents, vocab_size, max_nodes, torch.stack(rows))
+        q_rows = torch.zeros(len(cursors), m.draft_ids.shape[0])  # [N+1, Vd], zeros where no children
+        for row, c in enumerate(cursors):
+            if c is not None:
+                q_rows[row] = c[0][c[1]]
+        draft_probs = torch.zeros(len(cursors), vocab_size).index_copy_(1, m.draft_ids, q_rows)
+        return DraftTree(tokens, parents, vocab_size, max_nodes, draft_probs)
 
     def close(self) -> None:
         self.cache = ContextCache(self.model)
