@@ -199,7 +199,7 @@ class DrafterService(pb_grpc.DrafterServicer):
         await self._authorize(context)
         return pb.ServerInfo(api_version=API_VERSION, server_version=version("specdraft"), drafter=self.drafter_cfg.kind,
                              model=self.model, vocab_size=self.vocab_size, draft_vocab_size=self.vocab_size,
-                             hidden_dim=self.hidden_dim, tree_builders=[TREE_BUILDERS[self.drafter_cfg.kind]],
+                             hidden_dim=self.hidden_dim, tree_builders=[tree_builder(self.drafter_cfg)],
                              max_nodes=self.cfg.max_nodes, max_sessions=self.cfg.max_sessions,
                              auth_required=bool(self.token))
 
@@ -236,6 +236,13 @@ class DrafterService(pb_grpc.DrafterServicer):
 
 TREE_BUILDERS = {"ngram": "prompt-lookup trie (deterministic)", "random": "random trees of the full budget (benchmark)",
                  "specblock": "block-iterative expansion, rank-head branching (deterministic)"}
+
+
+def tree_builder(cfg) -> str:
+    """ServerInfo.tree_builders' entry for a DrafterConfig."""
+    if cfg.kind == "specblock" and cfg.specblock.tree == "sampled":  # the wire carries no draft distributions
+        return "block-iterative delayed expansion, i.i.d. sampled groups (q not sent: verify with rule walk)"
+    return TREE_BUILDERS[cfg.kind]
 
 
 STATS_LOG_S = 60.0

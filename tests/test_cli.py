@@ -127,3 +127,31 @@ def test_generate_streams_text_and_reports_tau(capsys):
     assert main(["--log-level", "WARNING", "generate", "List three colors.", "--max-new-tokens", "12"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "12 tokens in" in err and "tau" in err
+
+
+@pytest.mark.model
+def test_eval_matrix_and_selector_trace_on_the_real_model(tmp_path, capsys):
+    """The sampled-tree matrix runs every (rule, d, k) against plain sampling and summarises it; a traced
+    eval with random delays writes selector records that `specdraft train` (kind selector) fits."""
+    ckpt = ROOT / "models" / "specblock-smollm2"
+    cfg = tmp_path / "matrix.yaml"
+    cfg.write_text(f"drafter: {{kind: specblock, max_nodes: 6, specblock: {{checkpoint: {ckpt}, tree: sampled}}}}\n"
+                   f"eval: {{datasets: [mt_bench], num_prompts: 1, max_new_tokens: 8, output: {tmp_path / 'm.json'},\n"
+                   "       matrix: {rules: [traversal, spectr], delays: [0, 1], branches: [2]}}\n")
+    assert main(["eval", "--config", str(cfg)]) in (0, None)
+    assert "neural/best" in capsys.readouterr().out
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert {(r["rule"], r["delay"], r["branches"]) for r in report["matrix"]} == {
+        (rule, d, 2) for rule in ("traversal", "spectr") for d in (0, 1)}
+    assert all(r["tau"] >= 1 and r["speedup"] > 0 for r in report["matrix"])
+    assert len(report["summary"]) == 2 and all(s["best_d"] in (0, 1) for s in report["summary"])
+
+    trace = tmp_path / "trace.jsonl"
+    cfg.write_text(f"drafter: {{kind: specblock, max_nodes: 6, specblock: {{checkpoint: {ckpt}, tree: sampled, "
+                   f"select: random, delays: [0, 2]}}}}\nsampling: {{temperature: 1.0}}\nverify: {{rule: traversal}}\n"
+                   f"eval: {{datasets: [mt_bench, humaneval], num_prompts: 1, max_new_tokens: 24, baseline: false, "
+                   f"output: {tmp_path / 't.json'}, trace: {trace}}}\n")
+    assert main(["eval", "--config", str(cfg)]) in (0, None)
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(records) >= 20 and {r["delay"] for r in records} == {0, 2}
+    assert all(len(r["features"]) == 10 and 0 <= r["accepted"] <= 6 for r in records)
