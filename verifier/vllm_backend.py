@@ -219,6 +219,7 @@ def run_vllm_eval(cfg, jobs: list[tuple[str, str, list[int]]], stops: set[int], 
     variants = vllm_variants(cfg)
     bar = tqdm(total=len(variants) * len(jobs), desc="eval vLLM", unit="prompt")
     runs = {}
+    saved = {key: os.environ.get(key) for key in (CONFIG_ENV, ADDRESS_ENV)}
     for name, spec, sidecar in variants:
         bar.set_postfix_str(name)
         proc = None
@@ -231,6 +232,11 @@ def run_vllm_eval(cfg, jobs: list[tuple[str, str, list[int]]], stops: set[int], 
             if proc is not None:
                 proc.terminate()
                 proc.wait()
+            for key, value in saved.items():  # the caller's environment as it was
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     bar.close()
     table = {}
     for ds in prompts:

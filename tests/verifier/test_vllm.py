@@ -172,3 +172,48 @@ def test_vllm_with_the_sidecar_decodes_exactly_like_vllm_and_survives_losing_it(
     finally:
         os.environ.pop(ADDRESS_ENV, None)
         side.stop()
+
+
+def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
+    """run_vllm_eval's bookkeeping with vLLM faked (named fake: run_vllm_variant replaced): one sidecar
+    spawned per sidecar row and pointed at through the environment, which is left as the caller had it."""
+    import drafter.server
+    import verifier.assets
+    from verifier import vllm_backend as vb
+    from verifier.config import Config
+
+    monkeypatch.setenv(CONFIG_ENV, "callers.yaml")
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    stopped = []
+
+    class FakeProcess:
+        def terminate(self):
+            stopped.append(1)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(drafter.server, "spawn", lambda path: (FakeProcess(), "127.0.0.1:1"))
+    monkeypatch.setattr(verifier.assets, "model_dir", lambda name: "/model")
+    seen = []
+
+    def fake_variant(cfg, model_path, spec, prompts, stops, progress):
+        seen.append((spec and spec["method"], os.environ.get(CONFIG_ENV), os.environ.get(ADDRESS_ENV)))
+        speed = {None: 10.0, "ngram": 12.0, "custom_class": 15.0}[spec and spec["method"]]
+        tokens = [1, 2, 3] if spec is None or spec["method"] == "custom_class" else [1, 2, 4]
+        return {ds: {"tokens": 3, "wall_s": 3 / speed, "tokens_per_s": speed, "mean_accepted_length": 2.0 if spec else None,
+                     "outputs": [{"tokens": tokens}]} for ds in prompts}
+
+    monkeypatch.setattr(vb, "run_vllm_variant", fake_variant)
+    cfg = Config()
+    cfg.verifier.vllm.sidecars = ["configs/sidecar.yaml"]
+    report = vb.run_vllm_eval(cfg, [("mt_bench", "q1", [5, 6])], set(),
+                              {"datasets": {"mt_bench": {"tau": 1.5, "tokens": 3, "spec_tokens_per_s": 5.0}}})
+    assert seen == [(None, "callers.yaml", None), ("ngram", "callers.yaml", None),
+                    ("custom_class", "configs/sidecar.yaml", "127.0.0.1:1")]
+    assert os.environ[CONFIG_ENV] == "callers.yaml" and ADDRESS_ENV not in os.environ and stopped == [1]
+    rows = report["datasets"]["mt_bench"]
+    assert rows["vLLM ngram"]["speedup"] == pytest.approx(1.2) and rows["vLLM ngram"]["equal_to_plain"] is False
+    assert rows["vLLM + sidecar (sidecar.yaml)"]["speedup"] == pytest.approx(1.5)
+    assert rows["vLLM + sidecar (sidecar.yaml)"]["equal_to_plain"] is True
+    assert rows["specdraft tree verifier (float32)"]["speedup"] == pytest.approx(0.5)
