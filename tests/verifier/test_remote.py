@@ -35,10 +35,15 @@ def remote_cfg(sidecar, monkeypatch):
 def test_late_trees_fall_back_and_are_dropped_on_arrival(remote_cfg):
     ref, d = NgramDrafter(NgramConfig()), RemoteDrafter(connect(replace(remote_cfg, timeout_ms=0.0)), "late")
     updates = [VerifierUpdate(PROMPT, None, 8, VOCAB)] + [VerifierUpdate([t], None, 8, VOCAB) for t in (7, 8, 9)]
+    late = 0
     for up in updates[:3]:
-        ref.draft(up)
-        assert d.draft(up) is None  # no time to answer
-    assert d.fallbacks == 3
+        want = ref.draft(up)
+        got = d.draft(up)  # no time to answer, unless the reply was already queued when the wait began
+        if got is None:    # (it is, now and then, on a loaded machine: then it must be this round's tree)
+            late += 1
+        else:
+            assert (got.tokens, got.parents) == (want.tokens, want.parents)
+    assert late >= 1 and d.fallbacks == late
     d.cfg = remote_cfg
     want = ref.draft(updates[3])
     got = d.draft(updates[3])  # the three late replies are skipped; this round's tree comes back
