@@ -195,7 +195,7 @@ class SpecBlockDraftConfig:
     # how d is chosen per step: the fixed `delay`; uniformly among `delays` (to trace training data for
     # the selector, see eval.trace); or by the neural selector in folder `selector` (drafter/selector.py)
     select: typing.Literal["fixed", "random", "neural"] = "fixed"
-    delays: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    delays: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # select: random's choices (neural: its traces')
     selector: str = "models/selector-smollm2"
 
 
