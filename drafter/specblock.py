@@ -265,8 +265,9 @@ class SpecBlockDrafter:
         states = m.draft_block(self.cache, self.last_u, t, n_f, inherited=False)
         if self.cfg.tree == "sampled":
             temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
-            return self._sampled_tree(states, t, n_f, update.max_nodes, update.vocab_size, temperature,
-                                      self._delay(states, temperature))
+            q = (m.draft_logits(states) / temperature).softmax(-1)  # [K, Vd]: the selector's features and the roots' q
+            return self._sampled_tree(states, q, t, n_f, update.max_nodes, update.vocab_size, temperature,
+                                      self._delay(q))
         return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
 
     def _best_first_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
@@ -299,12 +300,12 @@ class SpecBlockDrafter:
                 order += 1
         return DraftTree(tokens, parents, vocab_size, max_nodes)
 
-    def _delay(self, states: torch.Tensor, temperature: float) -> int:
+    def _delay(self, q: torch.Tensor) -> int:
         """This step's d (see SpecBlockDraftConfig.select); traced with its features when not fixed."""
         cfg = self.cfg
         if cfg.select == "fixed":
             return cfg.delay
-        feats = step_features((self.model.draft_logits(states) / temperature).softmax(-1), self.recent, len(self.tokens))
+        feats = step_features(q, self.recent, len(self.tokens))
         if cfg.select == "neural":
             d = self.selector.choose(feats)
         else:
@@ -314,7 +315,7 @@ class SpecBlockDrafter:
         self.trace.append({"features": [round(v, 5) for v in feats.tolist()], "delay": d})
         return d
 
-    def _sampled_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int,
+    def _sampled_tree(self, states: torch.Tensor, q: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int,
                       temperature: float, delay: int) -> DraftTree | None:
         """Delayed tree expansion: a path of `delay` tokens sampled one after another, then
         cfg.branches i.i.d. draws from the row at its end, each continued by a sampled path to
@@ -356,7 +357,7 @@ class SpecBlockDrafter:
             return m.draft_ids[torch.multinomial(q[j], n, replacement=True, generator=self.generator)].tolist()
 
         node = -1
-        cursors.append(block(states, t))
+        cursors.append((q, 0, states, t))  # the context block's q, computed once by draft
         for i in range(delay):
             node = add(draw(node + 1, 1)[0], node, grow=i + 1 < delay or length > 0)
             if cursors[node + 1] is None:
