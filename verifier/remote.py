@@ -36,7 +36,12 @@ class Connection:
         self.loop = asyncio.new_event_loop()
         token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+        # gRPC's own reconnect backoff (1 s growing to 120 s) would keep the channel refusing calls long
+        # after a restarted sidecar is back (12 s after 30 s down, measured): cap it at ours
+        lo_ms, hi_ms = int(1000 * MIN_BACKOFF_S), int(1000 * max(cfg.max_backoff_s, MIN_BACKOFF_S))
+        options = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20),
+                   ("grpc.initial_reconnect_backoff_ms", lo_ms), ("grpc.min_reconnect_backoff_ms", lo_ms),
+                   ("grpc.max_reconnect_backoff_ms", hi_ms)]
         self.channel = self.run(self._open(options))
         self.stub = pb_grpc.DrafterStub(self.channel)
 

@@ -61,6 +61,29 @@ def test_unreachable_sidecar_costs_no_wait_and_backs_off():
     d.close()
 
 
+def test_a_sidecar_back_after_a_long_outage_is_drafting_again_within_our_backoff(tmp_path):
+    """gRPC's channel has its own reconnect backoff (1 s growing by 1.6x): unless capped at max_backoff_s,
+    a sidecar restarted after 10 s down would see no call for seconds more (measured 4 s after 15 s down)."""
+    port = free_port()
+    s = Sidecar(tmp_path, "", address=f"127.0.0.1:{port}")
+    d = RemoteDrafter(connect(RemoteConfig(address=s.address, timeout_ms=2000, max_backoff_s=0.2)), "outage")
+    assert d.draft(VerifierUpdate(PROMPT, None, 8, VOCAB)) is not None
+    s.proc.kill()
+    s.proc.wait()
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        assert d.draft(VerifierUpdate([7], None, 8, VOCAB)) is None
+        time.sleep(0.05)
+    s = Sidecar(tmp_path, "", address=f"127.0.0.1:{port}")  # returns once the new process serves
+    t0, tokens = time.monotonic(), iter([8, 9, 10, 7] * 100)
+    while d.draft(VerifierUpdate([next(tokens)], None, 8, VOCAB)) is None:
+        time.sleep(0.05)
+    waited = time.monotonic() - t0
+    d.close()
+    s.stop()
+    assert waited < 1.5 and d.reconnects == 1
+
+
 class FakeGarbageDrafter(pb_grpc.DrafterServicer):
     """A broken sidecar for the test: answers every update with an invalid tree."""
     TREES = [([VOCAB + 1], [-1]), ([1, 2], [-1, 1]), ([1] * 100, [-1] * 100), ([1, 2], [-1])]
