@@ -26,10 +26,11 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assist
 @dataclass
 class DataConfig:
     out_dir: str = "data/sharegpt-smollm2"   # shards and manifest.json
-    max_conversations: int = 1000           # read from the start of the file; 0 = all complete records
+    first_record: int = 0                   # skip this many records first (a held-out set after the training ones)
+    max_conversations: int = 1000           # records read after those; 0 = all complete records
     max_tokens: int = 1024                  # per conversation (longer ones are cut)
     topk: int = 16                          # target next-token distribution kept per position
-    heldout_fraction: float = 0.02          # stable split by conversation id
+    heldout_fraction: float = 0.02          # stable split by conversation id (1 = all held out)
     shard_tokens: int = 65536               # tokens per shard file
 
 
@@ -134,7 +135,9 @@ def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: Dat
         manifest_path.write_text(json.dumps(manifest, indent=2))
 
     for n_read, record in enumerate(records, start=1):
-        if cfg.max_conversations and n_read > cfg.max_conversations:
+        if n_read <= cfg.first_record:
+            continue
+        if cfg.max_conversations and n_read > cfg.first_record + cfg.max_conversations:
             n_read -= 1
             break
         split = "heldout" if is_heldout(str(record.get("id", n_read)), cfg.heldout_fraction) else "train"

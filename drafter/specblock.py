@@ -48,6 +48,9 @@ class SpecBlockConfig:
     # ("features", EAGLE-like), or that position's own token embedding ("tokens": the context stream's
     # attention is then the drafter's own context encoder; for verifiers that expose no hidden states, vLLM)
     conditioning: typing.Literal["features", "tokens"] = "features"
+    # False: no layer-wise shift, so positions 2..K are independent given the context (the parallel-heads
+    # baseline, Medusa / blockwise-parallel style: the ablation of what the shift gives)
+    shift: bool = True
 
 
 class Layer(nn.Module):
@@ -62,9 +65,10 @@ class Layer(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, dim, bias=False)
         self.w13 = nn.Linear(dim, 2 * cfg.intermediate_size, bias=False)
         self.w2 = nn.Linear(cfg.intermediate_size, dim, bias=False)
-        self.shift = nn.Linear(dim, dim, bias=False)  # position j-1's state into position j
+        self.shift = nn.Linear(dim, dim, bias=False) if cfg.shift else None  # position j-1's state into j
         self.attn_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
-        nn.init.zeros_(self.shift.weight)
+        if cfg.shift:
+            nn.init.zeros_(self.shift.weight)
 
     def kv(self, ctx: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """ctx [T, D] context-stream states -> keys, values [H, T, hd] (keys rotated)."""
@@ -75,7 +79,8 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, keys, values, cos, sin, mask) -> torch.Tensor:
         """x [K, T, D] block states (stream 0 = the context stream); keys/values [H, S, hd];
         cos/sin [K, T, hd] per query position; mask [K, T, S] bool or None."""
-        x = torch.cat([x[:1], x[1:] + self.shift(x[:-1])])  # layer-wise shift, from the layer's input
+        if self.shift is not None:
+            x = torch.cat([x[:1], x[1:] + self.shift(x[:-1])])  # layer-wise shift, from the layer's input
         kq, t, d = x.shape
         h, hd = self.cfg.n_heads, self.cfg.head_dim
         q = self.wq(self.attn_norm(x)).view(kq, t, h, hd).transpose(1, 2)           # [K, H, T, hd]
@@ -151,22 +156,29 @@ class SpecBlock(nn.Module):
         cache.length += n
 
     @torch.no_grad()
-    def draft_block(self, cache: "ContextCache", start_u: torch.Tensor, pos: int, n_ctx: int, inherited: bool) -> torch.Tensor:
+    def draft_block(self, cache: "ContextCache", start_u: torch.Tensor, pos: int, n_ctx: int, inherited: bool,
+                    prior: list | None = None) -> tuple[torch.Tensor, list]:
         """One block at inference from input start_u [D] at position pos. The block attends to the first
-        n_ctx cached context positions; a committed start is the last of them, an inherited start (a
-        drafted node: its state stands in for f) is not cached and adds its own keys and values.
-        Returns normed block states [K, D]."""
+        n_ctx cached context positions; a committed start is the last of them. An inherited start (a
+        drafted node: its state stands in for f) is not cached: it attends, after the context, to
+        `prior`, the per-layer (keys, values) [H, M, hd] of the inherited starts on its path (its drafted
+        ancestors, the context it would have had if they were committed), then to its own.
+        Returns normed block states [K, D] and what its descendants' `prior` is (prior + its own)."""
         k = self.cfg.block_size
         x = torch.cat([start_u[None, None].float(), self.block_emb[:, None]])  # [K, 1, D]
         qpos = pos + torch.arange(k)[:, None]
         cos, sin = self.rope_cos[qpos], self.rope_sin[qpos]
+        carried = []
         for i, layer in enumerate(self.layers):
             keys, values = cache.keys[i][:, :n_ctx], cache.values[i][:, :n_ctx]
             if inherited:
                 k0, v0 = layer.kv(x[0], self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1])
+                if prior:
+                    k0, v0 = torch.cat([prior[i][0], k0], dim=1), torch.cat([prior[i][1], v0], dim=1)
+                carried.append((k0, v0))
                 keys, values = torch.cat([keys, k0], dim=1), torch.cat([values, v0], dim=1)
             x = layer(x, keys, values, cos, sin, None)
-        return self.norm(x)[:, 0]
+        return self.norm(x)[:, 0], carried
 
 
 class ContextCache:
@@ -226,6 +238,7 @@ class SpecBlockDrafter:
         self.selector = cached_selector(cfg.selector) if cfg.tree == "sampled" and cfg.select == "neural" else None
         self.recent: list[int] = []  # accepted draft tokens of the session's steps so far
         self.trace: list[dict] = []  # sampled trees: per step {"features", "delay", "accepted"} (selector data)
+        self.forwards = 0            # drafter forwards (blocks) over the session
 
     def _candidates(self, states: torch.Tensor) -> list[list[tuple[int, float]]]:
         """Per block position: [(target token id, draft probability)], best first."""
@@ -262,7 +275,8 @@ class SpecBlockDrafter:
         if self.last_u is None or update.max_nodes <= 0:
             return None
         t = n_f - 1
-        states = m.draft_block(self.cache, self.last_u, t, n_f, inherited=False)
+        states, _ = m.draft_block(self.cache, self.last_u, t, n_f, inherited=False)
+        self.forwards += 1
         if self.cfg.tree == "sampled":
             temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
             q = (m.draft_logits(states) / temperature).softmax(-1)  # [K, Vd]: the selector's features and the roots' q
@@ -275,8 +289,9 @@ class SpecBlockDrafter:
         blocks = 1
         # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
         # P + j for a block started at position P, whether it is its position's top-1)
-        cands_cache = {id(states): self._candidates(states)}  # block -> candidates per position
-        heap = [(-p, order, -1, tok, states, 0, t, order == 0) for order, (tok, p) in enumerate(cands_cache[id(states)][0])]
+        # block -> (candidates per position, the keys and values its inheriting blocks attend to)
+        block_of = {id(states): (self._candidates(states), [])}
+        heap = [(-p, order, -1, tok, states, 0, t, order == 0) for order, (tok, p) in enumerate(block_of[id(states)][0][0])]
         order = len(heap)
         heapq.heapify(heap)
         tokens, parents = [], []
@@ -286,13 +301,14 @@ class SpecBlockDrafter:
             tokens.append(tok)
             parents.append(parent)
             if is_top1 and j + 1 < m.cfg.block_size:  # the block already drafted the next position
-                kids, nst, nj, npos = cands_cache[id(st)][j + 1], st, j + 1, pos + 1
+                kids, nst, nj, npos = block_of[id(st)][0][j + 1], st, j + 1, pos + 1
             elif blocks < self.cfg.max_blocks:         # inherit: a new block from this node
                 blocks += 1
+                self.forwards += 1
                 u = m.fc(torch.cat([st[j], m.embedding[tok]]))  # a drafted node's state stands in for its conditioning
-                nst = m.draft_block(self.cache, u, pos + 1, n_f, inherited=True)
-                cands_cache[id(nst)] = self._candidates(nst)
-                kids, nj, npos = cands_cache[id(nst)][0], 0, pos + 1
+                nst, carried = m.draft_block(self.cache, u, pos + 1, n_f, inherited=True, prior=block_of[id(st)][1])
+                block_of[id(nst)] = (self._candidates(nst), carried)
+                kids, nj, npos = block_of[id(nst)][0][0], 0, pos + 1
             else:
                 continue
             for rank, (ktok, kp) in enumerate(kids):
@@ -328,12 +344,14 @@ class SpecBlockDrafter:
         m, cfg = self.model, self.cfg
         blocks = 1
         tokens, parents = [], []
-        cursors = []  # per row: (block's q [K, Vd], position j, block states, query position), or None
+        # per row: (block's q [K, Vd], position j, block states, query position, the block's keys and
+        # values for its inheriting blocks), or None
+        cursors = []
         delay = min(delay, max_nodes)
         length = min(cfg.rollout, (max_nodes - delay) // cfg.branches)  # tokens per continuation
 
-        def block(st: torch.Tensor, pos: int):  # a block's states [K, D] at query position pos -> its cursor
-            return (m.draft_logits(st) / temperature).softmax(-1), 0, st, pos
+        def block(st: torch.Tensor, carried: list, pos: int):  # a block's states [K, D] at position pos -> its cursor
+            return (m.draft_logits(st) / temperature).softmax(-1), 0, st, pos, carried
 
         def add(tok: int, parent: int, grow: bool) -> int:
             """Append a node drawn at its parent's cursor, and its own cursor (None when it gets no
@@ -341,14 +359,15 @@ class SpecBlockDrafter:
             nonlocal blocks
             tokens.append(tok)
             parents.append(parent)
-            q, j, st, pos = cursors[parent + 1]
+            q, j, st, pos, carried = cursors[parent + 1]
             nxt = None
             if grow and j + 1 < m.cfg.block_size and tok == int(m.draft_ids[q[j].argmax()]):
-                nxt = (q, j + 1, st, pos + 1)
+                nxt = (q, j + 1, st, pos + 1, carried)
             elif grow and blocks < cfg.max_blocks:
                 blocks += 1
+                self.forwards += 1
                 u = m.fc(torch.cat([st[j], m.embedding[tok]]))
-                nxt = block(m.draft_block(self.cache, u, pos + 1, n_f, inherited=True), pos + 1)
+                nxt = block(*m.draft_block(self.cache, u, pos + 1, n_f, inherited=True, prior=carried), pos + 1)
             cursors.append(nxt)
             return len(tokens) - 1
 
@@ -357,7 +376,7 @@ class SpecBlockDrafter:
             return m.draft_ids[torch.multinomial(q[j], n, replacement=True, generator=self.generator)].tolist()
 
         node = -1
-        cursors.append((q, 0, states, t))  # the context block's q, computed once by draft
+        cursors.append((q, 0, states, t, []))  # the context block's q, computed once by draft
         for i in range(delay):
             node = add(draw(node + 1, 1)[0], node, grow=i + 1 < delay or length > 0)
             if cursors[node + 1] is None:

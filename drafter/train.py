@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from drafter.selector import SelectorTrainConfig
-from drafter.specblock import SpecBlock, SpecBlockConfig
+from drafter.specblock import SpecBlock, SpecBlockConfig, load_specblock
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class TrainConfig:
     kind: typing.Literal["specblock", "selector"] = "specblock"  # selector: the delay selector, from traces
     selector: SelectorTrainConfig = field(default_factory=SelectorTrainConfig)
     data_dir: str = "data/sharegpt-smollm2"
+    heldout_dir: str = ""                   # where the held-out split is read from; "" = data_dir
     out: str = "checkpoints/specblock-smollm2"  # drafter.safetensors + config.json (+ state.pt to resume)
     model: SpecBlockConfig = field(default_factory=SpecBlockConfig)
     steps: int = 2000
@@ -125,6 +126,17 @@ def evaluate(model: SpecBlock, convs: list[dict], to_draft: torch.Tensor, cfg: T
             "top1": [sum(col) / len(col) for col in zip(*top1)] if top1 else []}
 
 
+def evaluate_checkpoint(folder: Path, cfg: TrainConfig, target_args, embedding: torch.Tensor) -> dict:
+    """A trained drafter's held-out loss and top-1 per block position, on cfg's held-out split."""
+    data = Path(cfg.heldout_dir or cfg.data_dir)
+    held = load_split(data, "heldout")
+    if not held:
+        raise FileNotFoundError(f"{data}: no held-out shards (prepare them: configs/data-heldout.yaml)")
+    model = load_specblock(folder, target_args, embedding)
+    return {"conversations": len(held), "tokens": sum(len(c["tokens"]) for c in held),
+            **evaluate(model, held, draft_index(model.draft_ids, embedding.shape[0]), cfg)}
+
+
 def save(model: SpecBlock, cfg: TrainConfig, metrics: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -137,7 +149,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     data = Path(cfg.data_dir)
-    train_convs, held = load_split(data, "train"), load_split(data, "heldout")
+    train_convs, held = load_split(data, "train"), load_split(Path(cfg.heldout_dir or data), "heldout")
     if not train_convs:
         raise FileNotFoundError(f"{data}: no training shards (run `specdraft prepare-data` first)")
     draft_ids = draft_vocabulary(train_convs, cfg.model.draft_vocab)

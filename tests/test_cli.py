@@ -47,6 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
     ("drafter: {kind: specblock, specblock: {tree: sampled, select: neural, selector: /nope}}\n",
      "drafter.specblock.selector: /nope: no selector.safetensors"),
     ("eval: {first_prompt: -2}\n", "eval.first_prompt: must be >= 0"),
+    ("eval: {compare: [/nope.yaml]}\n", "eval.compare[0]: /nope.yaml: config file not found"),
+    (f"eval: {{compare: [{ROOT}/configs/eval-eagle.yaml]}}\nverify: {{rule: spectr}}\n"
+     f"drafter: {{kind: specblock, specblock: {{tree: sampled, checkpoint: {ROOT}/models/specblock-smollm2}}}}\n",
+     "eval.compare[0]: verify.rule: 'spectr' needs sampled trees"),
+    ("drafter: {kind: specblock, specblock: {checkpoint: /nope}}\n", "drafter.specblock.checkpoint: /nope: no drafter"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_text, needle):
     cfg = tmp_path / "bad.yaml"
@@ -99,20 +104,35 @@ def test_shipped_configs_load_and_defaults_match_default_yaml():
 
 
 @pytest.mark.model
-def test_eval_process_on_the_real_model(tmp_path):
-    out = tmp_path / "report.json"
+def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
+    """The default config's n-gram drafter and, through eval.compare, the committed SpecBlock and
+    EAGLE-style checkpoints, on the same prompts against one AR run: a row each, and the plot."""
+    out, compared = tmp_path / "report.json", []
+    for name, blocks in (("specblock", 2), ("eagle", 6)):
+        compared.append(tmp_path / f"{name}.yaml")
+        compared[-1].write_text(f"drafter: {{kind: specblock, max_nodes: 16, specblock: "
+                                f"{{checkpoint: {ROOT}/models/{name}-smollm2, max_blocks: {blocks}}}}}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((ROOT / "configs" / "default.yaml").read_text() + f"  compare: [{compared[0]}, {compared[1]}]\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "verifier.cli", "eval", "--config", str(ROOT / "configs" / "default.yaml"),
+        [sys.executable, "-m", "verifier.cli", "eval", "--config", str(cfg),
          "--num-prompts", "1", "--max-new-tokens", "24", "--output", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "speedup" in proc.stdout and "mt_bench" in proc.stdout and "humaneval" in proc.stdout
+    for word in ("speedup", "mt_bench", "humaneval", "ngram", "specblock-smollm2", "eagle-smollm2"):
+        assert word in proc.stdout, word
     report = json.loads(out.read_text())
-    for name in ("mt_bench", "humaneval"):
-        s = report["datasets"][name]
-        assert s["prompts"] == 1 and s["exact_match"] is True and s["tau"] >= 1.0
-        assert 0 < s["speedup"] and s["verify_ms_per_step"] > 0
-        assert report["outputs"][name][0]["text"]
+    assert report["drafter"] == "ngram" and set(report["compare"]) == {"specblock-smollm2", "eagle-smollm2"}
+    for label, r in [("ngram", report)] + list(report["compare"].items()):
+        for name in ("mt_bench", "humaneval"):
+            s = r["datasets"][name]
+            assert s["prompts"] == 1 and s["exact_match"] is True and s["tau"] >= 1.0
+            assert 0 < s["speedup"] and s["verify_ms_per_step"] > 0
+            assert r["outputs"][name][0]["text"]
+            # n-gram lookup runs no network; a learned drafter runs at least one forward per tree
+            assert (s["draft_forwards_per_step"] == 0) == (label == "ngram"), (label, s)
+            assert (label != "eagle-smollm2") or s["draft_forwards_per_step"] > 1  # one position per forward
+    assert out.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_bad_bench_flag_exits_2_naming_it(capsys):

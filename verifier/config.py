@@ -82,6 +82,9 @@ class EvalConfig:
     baseline: bool = True                   # also run plain AR decoding for speedup and exact match
     trace: str = ""                         # JSONL of the drafter's per-step selector records (select: random)
     matrix: MatrixConfig = field(default_factory=MatrixConfig)
+    # more drafters side by side, on the same prompts against the same AR run: config files whose
+    # `drafter:` section each is (the rest of those files is ignored; this config's sampling and verify apply)
+    compare: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -170,7 +173,7 @@ def validate(cfg: Config) -> Config:
     for key, var in (("server.token_env", s.token_env), ("drafter.grpc.token_env", d.grpc.token_env)):
         if var and not os.environ.get(var):
             raise ConfigError(f"{key}: environment variable {var} is not set or empty")
-    for key, v in (("data.max_conversations", cfg.data.max_conversations),):
+    for key, v in (("data.max_conversations", cfg.data.max_conversations), ("data.first_record", cfg.data.first_record)):
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
     for key, v in (("data.max_tokens", cfg.data.max_tokens), ("data.topk", cfg.data.topk),
@@ -190,8 +193,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     if cfg.data.max_tokens > cfg.target.max_seq_len:
         raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
-    if not 0 <= cfg.data.heldout_fraction < 1:
-        raise ConfigError(f"data.heldout_fraction: must be in [0, 1), got {cfg.data.heldout_fraction}")
+    if not 0 <= cfg.data.heldout_fraction <= 1:
+        raise ConfigError(f"data.heldout_fraction: must be in [0, 1], got {cfg.data.heldout_fraction}")
     sampled = d.mode == "inprocess" and d.kind == "specblock" and d.specblock.tree == "sampled"
     if cfg.verify.rule != "walk" and not sampled:
         builds = "the sidecar's trees carry no draft distributions" if d.mode == "grpc" else \
@@ -200,6 +203,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
                           f"their draft distribution); {builds}: use rule 'walk', or an in-process specblock "
                           "drafter with specblock.tree: sampled")
+    if d.mode == "inprocess" and d.kind == "specblock" and not (Path(d.specblock.checkpoint) / "drafter.safetensors").is_file():
+        raise ConfigError(f"drafter.specblock.checkpoint: {d.specblock.checkpoint}: no drafter.safetensors "
+                          "(train one with `specdraft train`)")
     if d.specblock.delay < 0:
         raise ConfigError(f"drafter.specblock.delay: must be >= 0, got {d.specblock.delay}")
     if not d.specblock.delays or any(v < 0 for v in d.specblock.delays):
@@ -255,13 +261,22 @@ def validate(cfg: Config) -> Config:
         for i, path in enumerate(v.sidecars):
             if not Path(path).is_file():
                 raise ConfigError(f"verifier.vllm.sidecars[{i}]: {path}: file not found")
+    if cfg.eval.compare and mx.rules:
+        raise ConfigError("eval.compare: not with eval.matrix (the matrix varies one sampled-tree drafter)")
+    for i, path in enumerate(cfg.eval.compare):  # each drafter must work with this config's other settings
+        try:
+            validate(dataclasses.replace(cfg, drafter=read_config(path).drafter,
+                                         eval=dataclasses.replace(cfg.eval, compare=[])))
+        except ConfigError as e:
+            raise ConfigError(f"eval.compare[{i}]: {e}") from None
     for i, name in enumerate(cfg.eval.datasets):
         if name not in DATASETS:
             raise ConfigError(f"eval.datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
+def read_config(path: str | Path) -> Config:
+    """A YAML file's Config, types checked but values not validated (load_config does both)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -270,6 +285,14 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     try:
-        return validate(_build(Config, data, ""))
+        return _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    cfg = read_config(path)
+    try:
+        return validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -1,6 +1,8 @@
 """Offline acceptance-rate evaluation (`specdraft eval`): every prompt is decoded plainly (AR) and
-speculatively with the same backend in the same run; per dataset we report tau, acceptance per depth,
-drafting and verification cost, tokens/s, speedup and (at temperature 0) exact match with AR."""
+speculatively, by the config's drafter and each drafter of eval.compare, with the same backend in the
+same run; per drafter and dataset we report tau, acceptance per depth, drafter forwards, drafting and
+verification cost, tokens/s, speedup and (at temperature 0) exact match with AR, and plot acceptance
+by depth per drafter."""
 import gzip
 import json
 import logging
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from drafter.build import DrafterConfig, load_drafter_model, make_drafter
 from drafter.interface import Drafter
 from verifier.assets import chat_prompt, load_target, package_file
-from verifier.config import Config, ConfigError
+from verifier.config import Config, ConfigError, read_config
 from verifier.engine import generate
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,24 @@ def drafter_factory(cfg: DrafterConfig, target) -> Callable[[str], Drafter]:
     return lambda label: RemoteDrafter(conn, label)
 
 
+def drafter_label(cfg: DrafterConfig) -> str:
+    if cfg.mode == "grpc":
+        return f"sidecar {cfg.grpc.address}"
+    return Path(cfg.specblock.checkpoint).name if cfg.kind == "specblock" else cfg.kind
+
+
+def drafters_to_run(cfg: Config) -> list[tuple[str, DrafterConfig]]:
+    """(label, drafter config): the config's own drafter, then every eval.compare file's `drafter:`
+    section (validated with this config's other settings by verifier.config.validate)."""
+    out = [(drafter_label(cfg.drafter), cfg.drafter)]
+    for path in cfg.eval.compare:
+        d = read_config(path).drafter
+        label = drafter_label(d)
+        labels = [lb for lb, _ in out]
+        out.append((label if label not in labels else f"{label} ({path})", d))
+    return out
+
+
 def run_prompt(target, prompt_ids, cfg: Config, stops, drafter) -> dict:
     t0 = time.perf_counter()
     steps = list(generate(target, prompt_ids, cfg.sampling, cfg.eval.max_new_tokens, stops, drafter,
@@ -83,6 +103,7 @@ def summarize(records: list[dict], temperature: float) -> dict:
         "steps_with_tree": sum(s.tree_nodes > 0 for s in spec_steps) / max(len(spec_steps), 1),
         "mean_tree_nodes": sum(s.tree_nodes for s in spec_steps) / max(len(spec_steps), 1),
         "acceptance_per_depth": acc,
+        "draft_forwards_per_step": sum(r["forwards"] for r in records) / max(len(spec_steps), 1),
         "draft_ms_per_step": 1000 * sum(s.draft_s for s in spec_steps) / max(len(spec_steps), 1),
         "verify_ms_per_step": 1000 * sum(s.verify_s for s in spec_steps) / max(len(spec_steps), 1),
         "spec_tokens_per_s": n_tokens / spec_s,
@@ -125,35 +146,44 @@ def environment() -> dict:
 def run_eval(cfg: Config) -> dict:
     if cfg.eval.matrix.rules:
         return run_matrix(cfg)
+    drafters = drafters_to_run(cfg)
     target, tokenizer, stops = load_target(cfg.target)
-    new_drafter = drafter_factory(cfg.drafter, target)
+    factories = [(label, replace(cfg, drafter=d), drafter_factory(d, target)) for label, d in drafters]
     jobs = eval_jobs(cfg, tokenizer)
-    records: dict[str, list] = {name: [] for name in cfg.eval.datasets}
+    records = {label: {name: [] for name in cfg.eval.datasets} for label, _ in drafters}  # drafter -> dataset -> runs
     trace = []
     bar = tqdm(jobs, desc="eval", unit="prompt")
     for name, pid, ids in bar:
-        rec = {"id": pid, "prompt_tokens": len(ids)}
-        if cfg.eval.baseline:
-            rec["ar"] = run_prompt(target, ids, cfg, stops, None)
-        drafter = new_drafter(pid)
-        rec["spec"] = run_prompt(target, ids, cfg, stops, drafter)
-        trace += [r for r in getattr(drafter, "trace", []) if "accepted" in r]
-        drafter.close()
-        rec["fallback_rounds"] = getattr(drafter, "fallbacks", 0)  # sidecar rounds lost to faults or deadlines
-        records[name].append(rec)
-        steps = rec["spec"]["steps"]
-        bar.set_postfix(tau=f"{(len(rec['spec']['tokens']) - 1) / max(len(steps) - 1, 1):.2f}")
+        ar = run_prompt(target, ids, cfg, stops, None) if cfg.eval.baseline else None
+        taus = []
+        for label, dcfg, new_drafter in factories:
+            rec = {"id": pid, "prompt_tokens": len(ids)} | ({"ar": ar} if ar else {})
+            drafter = new_drafter(pid)
+            rec["spec"] = run_prompt(target, ids, dcfg, stops, drafter)
+            if label == drafters[0][0]:
+                trace += [r for r in getattr(drafter, "trace", []) if "accepted" in r]
+            rec["forwards"] = getattr(drafter, "forwards", 0)       # drafter (neural) forwards, all steps
+            rec["fallback_rounds"] = getattr(drafter, "fallbacks", 0)  # sidecar rounds lost to faults or deadlines
+            drafter.close()
+            records[label][name].append(rec)
+            steps = rec["spec"]["steps"]
+            taus.append(f"{(len(rec['spec']['tokens']) - 1) / max(len(steps) - 1, 1):.2f}")
+        bar.set_postfix(tau="/".join(taus))
     if cfg.eval.trace:
         Path(cfg.eval.trace).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.eval.trace).write_text("".join(json.dumps(r) + "\n" for r in trace))
         log.info("%d traced steps -> %s", len(trace), cfg.eval.trace)
-    report = {
-        "config": asdict(cfg),
-        "environment": environment(),
-        "datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in records.items() if recs},
-        "outputs": {name: [{"id": r["id"], "tokens": len(r["spec"]["tokens"]), "text": tokenizer.decode(r["spec"]["tokens"])}
-                           for r in recs] for name, recs in records.items()},
-    }
+    def results(by_name: dict[str, list]) -> dict:
+        return {"datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in by_name.items() if recs},
+                "outputs": {name: [{"id": r["id"], "tokens": len(r["spec"]["tokens"]),
+                                    "text": tokenizer.decode(r["spec"]["tokens"])} for r in recs]
+                            for name, recs in by_name.items()}}
+
+    # the config's own drafter at the top level; eval.compare's under "compare", by label
+    report = {"config": asdict(cfg), "environment": environment(), "drafter": drafters[0][0],
+              **results(records[drafters[0][0]])}
+    if len(drafters) > 1:
+        report["compare"] = {label: results(records[label]) for label, _ in drafters[1:]}
     if cfg.verifier.backend == "vllm":
         from verifier.vllm_backend import run_vllm_eval
 
@@ -161,7 +191,42 @@ def run_eval(cfg: Config) -> dict:
     out = Path(cfg.eval.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+    plot_acceptance(report, out.with_suffix(".png"))
     return report
+
+
+def eval_rows(report: dict) -> list[tuple[str, str, dict]]:
+    """(drafter, dataset, summary) for the config's drafter and every compared one."""
+    runs = [(report["drafter"], report)] + list(report.get("compare", {}).items())
+    return [(label, name, s) for label, r in runs for name, s in r["datasets"].items()]
+
+
+def plot_acceptance(report: dict, path: Path) -> None:
+    """Acceptance by depth, one line per drafter, one panel per dataset (matplotlib PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = eval_rows(report)
+    names = list(dict.fromkeys(name for _, name, _ in rows))
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for label, n, s in rows:
+            acc = s["acceptance_per_depth"]
+            if n == name and acc:
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=4,
+                        label=f"{label} (tau {s['tau']:.2f})")
+        ax.set(title=name, xlabel="tree depth d", ylabel="P(accepted >= d | tree reaches d)", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"acceptance by depth, temperature {report['config']['sampling']['temperature']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log.info("acceptance by depth -> %s", path)
 
 
 def matrix_variants(cfg: Config) -> list[tuple[str, object, int]]:
@@ -193,8 +258,9 @@ def run_matrix(cfg: Config) -> dict:
                 vcfg = replace(base, verify=replace(cfg.verify, rule=rule),
                                drafter=replace(cfg.drafter, specblock=sb))
                 drafter = make_drafter(vcfg.drafter, model)
-                records[(rule, d, k)][name].append({"id": pid, "ar": ar, "fallback_rounds": 0,
-                                                    "spec": run_prompt(target, ids, vcfg, stops, drafter)})
+                spec = run_prompt(target, ids, vcfg, stops, drafter)
+                records[(rule, d, k)][name].append({"id": pid, "ar": ar, "fallback_rounds": 0, "spec": spec,
+                                                    "forwards": drafter.forwards})
                 drafter.close()
                 bar.update()
         for (rule, d, k), by_name in records.items():
@@ -262,14 +328,18 @@ def print_columns(cols: list[tuple[str, int]], rows: list[list]) -> None:
 
 
 def print_table(report: dict) -> None:
-    cols = [("dataset", 10), ("prompts", 8), ("tokens", 7), ("tau", 6), ("acc/depth 1,2,3,4", 20), ("draft ms", 9),
-            ("verify ms", 10), ("AR ms", 7), ("spec tok/s", 11), ("AR tok/s", 9), ("speedup", 8), ("=AR", 5)]
-    rows = []
-    for name, s in report["datasets"].items():
+    rows = eval_rows(report)
+    width = max(len(label) for label, _, _ in rows) + 2
+    cols = [("drafter", width), ("dataset", 10), ("prompts", 8), ("tokens", 7), ("tau", 6), ("acc/depth 1,2,3,4", 20),
+            ("fwd", 5), ("draft ms", 9), ("verify ms", 10), ("AR ms", 7), ("spec tok/s", 11), ("AR tok/s", 9),
+            ("speedup", 8), ("=AR", 5)]
+    cells_rows = []
+    for label, name, s in rows:
         acc = ",".join(f"{a:.2f}" for a in s["acceptance_per_depth"][:4]) or "-"
-        cells = [name, s["prompts"], s["tokens"], f"{s['tau']:.2f}", acc, f"{s['draft_ms_per_step']:.2f}",
+        cells = [label, name, s["prompts"], s["tokens"], f"{s['tau']:.2f}", acc, f"{s['draft_forwards_per_step']:.2f}",
+                 f"{s['draft_ms_per_step']:.2f}",
                  f"{s['verify_ms_per_step']:.1f}", f"{s.get('ar_ms_per_step', float('nan')):.1f}",
                  f"{s['spec_tokens_per_s']:.1f}", f"{s.get('ar_tokens_per_s', float('nan')):.1f}",
                  f"{s.get('speedup', float('nan')):.2f}", {True: "yes", False: "NO"}.get(s.get("exact_match"), "-")]
-        rows.append(cells)
-    print_columns(cols, rows)
+        cells_rows.append(cells)
+    print_columns(cols, cells_rows)

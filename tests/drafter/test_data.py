@@ -118,3 +118,9 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(t
     for s in m["shards"]:
         per_split[s["split"]] += s["conversations"]
     assert per_split == {"train": 40 - len(held), "heldout": len(held)}
+
+    # a held-out set of its own, after the training records: first_record skips, fraction 1 holds out all
+    cfg = DataConfig(out_dir=str(tmp_path / "h"), topk=2, first_record=30, max_conversations=5, heldout_fraction=1.0)
+    m = build_cache(iter(records), Tok(), features, cfg, "m")
+    assert [s["split"] for s in m["shards"]] == ["heldout"] and m["shards"][0]["conversations"] == 5
+    assert m["done"]["heldout"] == 35
