@@ -156,29 +156,42 @@ class SpecBlock(nn.Module):
         cache.length += n
 
     @torch.no_grad()
-    def draft_block(self, cache: "ContextCache", start_u: torch.Tensor, pos: int, n_ctx: int, inherited: bool,
-                    prior: list | None = None) -> tuple[torch.Tensor, list]:
-        """One block at inference from input start_u [D] at position pos. The block attends to the first
-        n_ctx cached context positions; a committed start is the last of them. An inherited start (a
-        drafted node: its state stands in for f) is not cached: it attends, after the context, to
-        `prior`, the per-layer (keys, values) [H, M, hd] of the inherited starts on its path (its drafted
-        ancestors, the context it would have had if they were committed), then to its own.
-        Returns normed block states [K, D] and what its descendants' `prior` is (prior + its own)."""
-        k = self.cfg.block_size
-        x = torch.cat([start_u[None, None].float(), self.block_emb[:, None]])  # [K, 1, D]
-        qpos = pos + torch.arange(k)[:, None]
+    def draft_blocks(self, cache: "ContextCache", start_u: torch.Tensor, pos: torch.Tensor, n_ctx: int,
+                     inherited: bool, pool: list | None = None, seen: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+        """Blocks at inference from B starts at once: inputs start_u [B, D] at positions pos [B]. Every
+        block attends to the first n_ctx cached context positions; a committed start is the last of them
+        (then B = 1). Inherited starts (drafted nodes, their states standing in for f) are not cached:
+        each attends, after the context, to the drafted starts of `pool` (per layer (keys, values)
+        [H, M, hd]) that `seen` [B, M] marks as its ancestors (None: all of them), i.e. the context it
+        would have had were they committed, then to itself. Returns normed block states [K, B, D] and the
+        starts' own per-layer (keys, values) [H, B, hd] (empty for a committed start) for descendants' pools."""
+        k, b = self.cfg.block_size, start_u.shape[0]
+        x = torch.cat([start_u[None].float(), self.block_emb[:, None].expand(-1, b, -1)])  # [K, B, D]
+        qpos = pos[None] + torch.arange(k)[:, None]                                          # [K, B]
         cos, sin = self.rope_cos[qpos], self.rope_sin[qpos]
-        carried = []
+        mask = None
+        if inherited:
+            m = pool[0][0].shape[1] if pool else 0
+            seen = torch.ones(b, m, dtype=torch.bool) if seen is None else seen
+            mask = torch.cat([torch.ones(b, n_ctx, dtype=torch.bool), seen, torch.eye(b, dtype=torch.bool)], 1)
+            mask = mask[None].expand(k, -1, -1)                                              # [K, B, S]
+        own = []
         for i, layer in enumerate(self.layers):
             keys, values = cache.keys[i][:, :n_ctx], cache.values[i][:, :n_ctx]
             if inherited:
-                k0, v0 = layer.kv(x[0], self.rope_cos[pos:pos + 1], self.rope_sin[pos:pos + 1])
-                if prior:
-                    k0, v0 = torch.cat([prior[i][0], k0], dim=1), torch.cat([prior[i][1], v0], dim=1)
-                carried.append((k0, v0))
-                keys, values = torch.cat([keys, k0], dim=1), torch.cat([values, v0], dim=1)
-            x = layer(x, keys, values, cos, sin, None)
-        return self.norm(x)[:, 0], carried
+                k0, v0 = layer.kv(x[0], self.rope_cos[pos], self.rope_sin[pos])
+                own.append((k0, v0))
+                parts = [(keys, values)] + ([pool[i]] if pool else []) + [(k0, v0)]
+                keys, values = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+            x = layer(x, keys, values, cos, sin, mask)
+        return self.norm(x), own
+
+
+def grow_pool(pool: list, own: list) -> list:
+    """Per layer (keys, values) [H, M, hd] with new starts' own [H, B, hd] appended."""
+    if not pool:
+        return own
+    return [(torch.cat([pk, ok], 1), torch.cat([pv, ov], 1)) for (pk, pv), (ok, ov) in zip(pool, own)]
 
 
 class ContextCache:
@@ -196,11 +209,14 @@ class SpecBlockDraftConfig:
     checkpoint: str = "models/specblock-smollm2"  # folder with drafter.safetensors + config.json (committed)
     max_blocks: int = 4          # drafter forwards per tree (the first from the context, then inheritances)
     max_branch: int = 4          # best_first: candidates per position at most, whatever the rank head says
-    # best_first: deterministic tree, candidates chosen by path probability and the rank head.
+    # best_first: deterministic tree, candidates chosen by path probability and the rank head, one
+    # forward per node expanded by a new block. frontier: EAGLE-2's dynamic tree: depth by depth, the
+    # max_branch most probable nodes of the newest depth get children, their new blocks in one batched
+    # forward; then the max_nodes most probable drafted nodes form the tree.
     # sampled: delayed tree expansion with i.i.d. sibling groups (for verify.rule specinfer / spectr /
     # traversal): one sampled path of `delay` tokens, then `branches` i.i.d. continuations of `rollout`
     # sampled tokens each (cut to fit the node budget)
-    tree: typing.Literal["best_first", "sampled"] = "best_first"
+    tree: typing.Literal["best_first", "frontier", "sampled"] = "best_first"
     delay: int = 0               # d: depth of the single path before branching (0 = branch at the root)
     branches: int = 2            # k: i.i.d. continuations drawn at depth d
     rollout: int = 4             # tokens per continuation
@@ -236,6 +252,9 @@ class SpecBlockDrafter:
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
         self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
         self.selector = cached_selector(cfg.selector) if cfg.tree == "sampled" and cfg.select == "neural" else None
+        if self.selector is not None and self.selector.mean.shape[0] != 2 * model.cfg.block_size + 2:
+            raise ValueError(f"drafter.specblock.selector: {cfg.selector} was trained on a drafter with blocks of "
+                             f"{(self.selector.mean.shape[0] - 2) // 2}, this one has {model.cfg.block_size}")
         self.recent: list[int] = []  # accepted draft tokens of the session's steps so far
         self.trace: list[dict] = []  # sampled trees: per step {"features", "delay", "accepted"} (selector data)
         self.forwards = 0            # drafter forwards (blocks) over the session
@@ -275,14 +294,24 @@ class SpecBlockDrafter:
         if self.last_u is None or update.max_nodes <= 0:
             return None
         t = n_f - 1
-        states, _ = m.draft_block(self.cache, self.last_u, t, n_f, inherited=False)
+        states = m.draft_blocks(self.cache, self.last_u[None], torch.tensor([t]), n_f, inherited=False)[0][:, 0]
         self.forwards += 1
         if self.cfg.tree == "sampled":
             temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
             q = (m.draft_logits(states) / temperature).softmax(-1)  # [K, Vd]: the selector's features and the roots' q
             return self._sampled_tree(states, q, t, n_f, update.max_nodes, update.vocab_size, temperature,
                                       self._delay(q))
+        if self.cfg.tree == "frontier":
+            return self._frontier_tree(states, t, n_f, update.max_nodes, update.vocab_size)
         return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
+
+    def _inherit(self, state: torch.Tensor, tok: int, pos: int, n_f: int, pool: list) -> tuple[torch.Tensor, list]:
+        """A new block from a drafted node (its state [D] standing in for the feature, its token) at
+        position pos, attending to its ancestors' `pool`: the block's states [K, D] and its descendants' pool."""
+        m = self.model
+        u = m.fc(torch.cat([state, m.embedding[tok]]))
+        st, own = m.draft_blocks(self.cache, u[None], torch.tensor([pos]), n_f, inherited=True, pool=pool)
+        return st[:, 0], grow_pool(pool, own)
 
     def _best_first_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
         m = self.model
@@ -305,8 +334,7 @@ class SpecBlockDrafter:
             elif blocks < self.cfg.max_blocks:         # inherit: a new block from this node
                 blocks += 1
                 self.forwards += 1
-                u = m.fc(torch.cat([st[j], m.embedding[tok]]))  # a drafted node's state stands in for its conditioning
-                nst, carried = m.draft_block(self.cache, u, pos + 1, n_f, inherited=True, prior=block_of[id(st)][1])
+                nst, carried = self._inherit(st[j], tok, pos + 1, n_f, block_of[id(st)][1])
                 block_of[id(nst)] = (self._candidates(nst), carried)
                 kids, nj, npos = block_of[id(nst)][0][0], 0, pos + 1
             else:
@@ -315,6 +343,64 @@ class SpecBlockDrafter:
                 heapq.heappush(heap, (negp * kp, order, node, ktok, nst, nj, npos, rank == 0))
                 order += 1
         return DraftTree(tokens, parents, vocab_size, max_nodes)
+
+    def _frontier_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
+        """EAGLE-2's dynamic tree. Expansion, depth by depth: the max_branch drafted nodes of the newest
+        depth with the highest path probability get children (the rank head's count of candidates):
+        from the next position of their block when they are its top-1, else from new blocks that inherit
+        them, all started in one batched forward (each attending to its own drafted ancestors), while
+        max_blocks allows. Rerank: the max_nodes drafted nodes of highest path probability form the tree
+        (a parent's is never below its child's, so every chosen node's parent is chosen)."""
+        m, cfg = self.model, self.cfg
+        k = m.cfg.block_size
+        # per drafted node: path prob, parent, token, depth, its block's states and candidates, block
+        # position j, query position, its block's inherited start (pool index, -1 = the context block)
+        nodes: list[tuple] = []
+        ancestors: list[list[int]] = []  # per pool entry (an inherited start): pool indices of its path, itself included
+        pool: list = []
+
+        def add_children(parent: int, cands: list, st, cand_rows, j: int, pos: int, start: int) -> list[int]:
+            p, depth = (1.0, 0) if parent < 0 else (nodes[parent][0], nodes[parent][3])
+            if depth >= max_nodes:
+                return []
+            for tok, q in cands:
+                nodes.append((p * q, parent, tok, depth + 1, st, cand_rows, j, pos, start))
+            return list(range(len(nodes) - len(cands), len(nodes)))
+
+        root_rows = self._candidates(states)
+        newest = add_children(-1, root_rows[0], states, root_rows, 0, t, -1)
+        blocks = 1
+        while newest:
+            chosen = sorted(newest, key=lambda i: -nodes[i][0])[:cfg.max_branch]
+            newest = []
+            inherit = []
+            for i in chosen:
+                _, _, tok, _, st, rows, j, pos, start = nodes[i]
+                if j + 1 < k and tok == rows[j][0][0]:  # its block's top-1: the block drafted what follows
+                    newest += add_children(i, rows[j + 1], st, rows, j + 1, pos + 1, start)
+                else:
+                    inherit.append(i)
+            if not inherit or blocks >= cfg.max_blocks:
+                continue
+            blocks += 1
+            self.forwards += 1
+            u = m.fc(torch.cat([torch.stack([nodes[i][4][nodes[i][6]] for i in inherit]),
+                                m.embedding[torch.tensor([nodes[i][2] for i in inherit])]], -1))     # [B, D]
+            paths = [ancestors[nodes[i][8]] if nodes[i][8] >= 0 else [] for i in inherit]
+            seen = torch.zeros(len(inherit), len(ancestors), dtype=torch.bool)                      # [B, M]
+            for b, path in enumerate(paths):
+                seen[b, path] = True
+            bst, own = m.draft_blocks(self.cache, u, torch.tensor([nodes[i][7] + 1 for i in inherit]), n_f,
+                                      inherited=True, pool=pool, seen=seen)
+            pool = grow_pool(pool, own)
+            for b, i in enumerate(inherit):
+                ancestors.append(paths[b] + [len(ancestors)])
+                rows = self._candidates(bst[:, b])
+                newest += add_children(i, rows[0], bst[:, b], rows, 0, nodes[i][7] + 1, len(ancestors) - 1)
+        keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], nodes[i][3]))[:max_nodes]
+        index = {old: new for new, old in enumerate(keep)}
+        return DraftTree([nodes[i][2] for i in keep], [index[nodes[i][1]] if nodes[i][1] >= 0 else -1 for i in keep],
+                         vocab_size, max_nodes)
 
     def _delay(self, q: torch.Tensor) -> int:
         """This step's d (see SpecBlockDraftConfig.select); traced with its features when not fixed."""
@@ -366,8 +452,7 @@ class SpecBlockDrafter:
             elif grow and blocks < cfg.max_blocks:
                 blocks += 1
                 self.forwards += 1
-                u = m.fc(torch.cat([st[j], m.embedding[tok]]))
-                nxt = block(*m.draft_block(self.cache, u, pos + 1, n_f, inherited=True, prior=carried), pos + 1)
+                nxt = block(*self._inherit(st[j], tok, pos + 1, n_f, carried), pos + 1)
             cursors.append(nxt)
             return len(tokens) - 1
 

@@ -199,7 +199,7 @@ def validate(cfg: Config) -> Config:
     if cfg.verify.rule != "walk" and not sampled:
         builds = "the sidecar's trees carry no draft distributions" if d.mode == "grpc" else \
             f"drafter.kind {d.kind!r} builds deterministic trees" if d.kind != "specblock" else \
-            "drafter.specblock.tree is 'best_first' (deterministic)"
+            f"drafter.specblock.tree is {d.specblock.tree!r} (deterministic)"
         raise ConfigError(f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
                           f"their draft distribution); {builds}: use rule 'walk', or an in-process specblock "
                           "drafter with specblock.tree: sampled")

@@ -2,14 +2,15 @@
 follow), the drafter's tracing and its use of the selector, and the train command's CLI."""
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from drafter.interface import Feedback, SamplingParams, VerifierUpdate
 from drafter.selector import SelectorTrainConfig, load_selector, step_features, train_selector
-from drafter.specblock import SpecBlockDraftConfig, SpecBlockDrafter
-from tests.drafter.test_specblock import model
+from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
+from tests.drafter.test_specblock import ARGS, model
 from verifier.cli import main
 
 
@@ -31,7 +32,7 @@ def synthetic_traces(n, seed=0):
         conf = rng.random()
         d = rng.choice([0, 1, 2, 3])
         mean = 1 + (2 * conf if d == 3 else 2 * (1 - conf) if d == 0 else 1.0)
-        out.append({"features": [conf] + [rng.random() for _ in range(5)], "delay": d,
+        out.append({"features": [conf] + [rng.random() for _ in range(9)], "delay": d,
                     "accepted": max(0.0, mean + rng.gauss(0, 0.3))})
     return out
 
@@ -42,7 +43,7 @@ def test_training_learns_what_a_static_delay_cannot(tmp_path):
     assert metrics["heldout_mse"] < 0.5 * metrics["heldout_mse_per_delay_mean"]
     sel = load_selector(tmp_path / "sel")
     assert sel.delays == [0, 1, 2, 3]
-    picks = [sel.choose(torch.tensor([c, .5, .5, .5, .5, .5])) for c in (0.05, 0.1, 0.9, 0.95)]
+    picks = [sel.choose(torch.tensor([c] + [.5] * 9)) for c in (0.05, 0.1, 0.9, 0.95)]
     assert picks == [0, 0, 3, 3]
 
 
@@ -74,6 +75,9 @@ def test_the_drafter_traces_random_delays_and_follows_the_selector(tmp_path, mon
     monkeypatch.setattr(neural.selector, "choose", lambda feats: 3)
     tree = neural.draft(VerifierUpdate(prompt, None, 8, 200, torch.randn(8, 64), params))
     assert list(tree.parents[:3]) == [-1, 0, 1] and sum(p == 2 for p in tree.parents) == 2
+    one = SpecBlock(replace(m.cfg, block_size=1), ARGS, m.embedding, m.draft_ids)  # features of another shape
+    with pytest.raises(ValueError, match="selector: .* trained on a drafter with blocks of 4, this one has 1"):
+        SpecBlockDrafter(one, SpecBlockDraftConfig(tree="sampled", select="neural", selector=str(tmp_path / "sel")))
 
 
 def test_train_command_fits_a_selector_and_names_a_missing_trace(tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from drafter.interface import SamplingParams, VerifierUpdate
-from drafter.specblock import ContextCache, SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter
+from drafter.specblock import ContextCache, SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter, grow_pool
 from drafter.train import TrainConfig, evaluate_checkpoint, train, valid_prefix
 from tests.verifier.test_rules import chi_square_p_value
 from verifier.model import ModelArgs
@@ -74,14 +74,22 @@ def test_incremental_inference_equals_the_training_forward(conditioning):
         m.extend(cache, u[:6])
         m.extend(cache, u[6:9])
         for s in (3, 8):
-            assert torch.allclose(m.draft_block(cache, u[s], s, s + 1, inherited=False)[0], ref[:, s], atol=1e-5)
+            states = m.draft_blocks(cache, u[s][None], torch.tensor([s]), s + 1, inherited=False)[0][:, 0]
+            assert torch.allclose(states, ref[:, s], atol=1e-5)
         # an inherited start that is not in the cache brings its own keys and values: same result; and a
         # chain of inherited starts, each attending to its ancestors' keys and values (prior), equals the
         # context stream when their inputs are the true ones: inheritance = drafting the path sequentially
-        carried = []
+        pool = []
         for s in (6, 7, 8, 9):
-            states, carried = m.draft_block(cache, u[s], s, 6, inherited=True, prior=carried)
-            assert torch.allclose(states, ref[:, s], atol=1e-5), s
+            states, own = m.draft_blocks(cache, u[s][None], torch.tensor([s]), 6, inherited=True, pool=pool)
+            assert torch.allclose(states[:, 0], ref[:, s], atol=1e-5), s
+            pool = grow_pool(pool, own)
+        # batched (EAGLE-2's per-depth expansion): starts 7 and 9 in one forward over the pool of drafted
+        # starts 6, 7, 8, each seeing only its own ancestors
+        pool3 = [(k[:, :3], v[:, :3]) for k, v in pool]
+        seen = torch.tensor([[True, False, False], [True, True, True]])
+        states, _ = m.draft_blocks(cache, u[[7, 9]], torch.tensor([7, 9]), 6, inherited=True, pool=pool3, seen=seen)
+        assert torch.allclose(states[:, 0], ref[:, 7], atol=1e-5) and torch.allclose(states[:, 1], ref[:, 9], atol=1e-5)
 
 
 def test_valid_prefix_mask_stops_at_the_first_miss():
@@ -90,13 +98,14 @@ def test_valid_prefix_mask_stops_at_the_first_miss():
     assert torch.equal(valid_prefix(hit), want)
 
 
+@pytest.mark.parametrize("tree", ["best_first", "frontier"])
 @pytest.mark.parametrize("budget,max_blocks", [(1, 1), (8, 1), (16, 3), (40, 6)])
-def test_trees_respect_budget_and_block_limit(budget, max_blocks):
+def test_trees_respect_budget_and_block_limit(budget, max_blocks, tree):
     m = model()
     calls = []
-    original = m.draft_block
-    m.draft_block = lambda *a, **k: calls.append(1) or original(*a, **k)
-    d = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=max_blocks, max_branch=3))
+    original = m.draft_blocks
+    m.draft_blocks = lambda *a, **k: calls.append(1) or original(*a, **k)
+    d = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=max_blocks, max_branch=3, tree=tree))
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     tree = d.draft(VerifierUpdate(prompt, None, budget, 200, torch.randn(8, 64)))
     assert tree is not None and 1 <= len(tree) <= budget and len(calls) <= max_blocks
@@ -106,11 +115,32 @@ def test_trees_respect_budget_and_block_limit(budget, max_blocks):
     assert tree2 is not None and len(tree2) <= budget and d.cache.length == 10
 
 
+def test_frontier_tree_expands_one_depth_per_batched_forward():
+    """EAGLE-2 on a one-position model (EAGLE-style): every forward after the first starts the blocks of
+    up to max_branch nodes of one depth at once, so a tree of depth D costs D forwards; the tree holds
+    the most probable of all drafted nodes, each path probability the product along its path."""
+    torch.manual_seed(0)
+    m = SpecBlock(replace(CFG, block_size=1), ARGS, torch.randn(200, 64), torch.arange(40, 160)).eval()
+    torch.nn.init.normal_(m.rank_head.bias, std=0.01)
+    m.rank_head.bias.data[2] = 5.0  # three candidates per position
+    batches = []
+    original = m.draft_blocks
+    m.draft_blocks = lambda cache, u, *a, **k: batches.append(u.shape[0]) or original(cache, u, *a, **k)
+    d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="frontier", max_blocks=4, max_branch=3))
+    prompt = [random.Random(i).randrange(200) for i in range(9)]
+    tree = d.draft(VerifierUpdate(prompt, None, 10, 200, torch.randn(8, 64)))
+    assert batches == [1, 3, 3, 3] and d.forwards == 4   # the context block, then one forward per depth
+    depth = [0] * len(tree)
+    for i, p in enumerate(tree.parents):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+    assert len(tree) == 10 and max(depth) <= 4 and all(p < i for i, p in enumerate(tree.parents))
+
+
 def sampled_drafter(m, **cfg):
     d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", **cfg))
     calls = []
-    original = m.draft_block
-    m.draft_block = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = m.draft_blocks
+    m.draft_blocks = lambda *a, **k: calls.append(1) or original(*a, **k)
     return d, calls
 
 
