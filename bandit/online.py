@@ -47,20 +47,26 @@ class BanditConfig:
 
 class FeedbackBuffer:
     """Per session: committed tokens, the target's features of them ([n, D], row i = after token i),
-    and which tokens were the user's (prompt) rather than generated. Never more than `cap` feature rows
-    in all (shared) or per session; the oldest rows go first."""
+    the target's top-k next-token distribution at each row when the verifier sends it
+    (verify.feedback_topk > 0), and which tokens were the user's (prompt) rather than generated. Never
+    more than `cap` feature rows in all (shared) or per session; the oldest rows go first."""
 
     def __init__(self, cap: int, shared: bool):
         self.cap, self.shared = cap, shared
         self.sessions: OrderedDict[str, dict] = OrderedDict()   # oldest activity first
 
     def add(self, session: str, update: VerifierUpdate) -> None:
-        s = self.sessions.setdefault(session, {"tokens": [], "hidden": None, "prompt": len(update.new_tokens)})
+        s = self.sessions.setdefault(session, {"tokens": [], "hidden": None, "topk": [], "prompt": len(update.new_tokens)})
         self.sessions.move_to_end(session)
         s["tokens"] += update.new_tokens
         if update.hidden is not None and len(update.hidden):
             h = update.hidden.to(torch.bfloat16)
             s["hidden"] = h if s["hidden"] is None else torch.cat([s["hidden"], h])
+            # the update's rows are read after the previous newest token (the roots' parent, node -1) and
+            # after each accepted node: the feedback's top-k at those nodes is the target's distribution there
+            fb = update.feedback
+            path = [-1] + list(fb.accepted) if fb is not None else []
+            s["topk"] += [fb.target_topk.get(path[r]) if r < len(path) else None for r in range(len(h))]
         self._evict(session)
 
     def end(self, session: str) -> None:
@@ -77,12 +83,13 @@ class FeedbackBuffer:
             key = next(k for k in scope if self.positions(k))
             s = self.sessions[key]
             drop = min(over, len(s["hidden"]))
-            s["hidden"], s["tokens"] = s["hidden"][drop:], s["tokens"][drop:]
+            s["hidden"], s["tokens"], s["topk"] = s["hidden"][drop:], s["tokens"][drop:], s["topk"][drop:]
             s["prompt"] = max(0, s["prompt"] - drop)
 
     def conversations(self) -> list[dict]:
         """Every session's buffered rows as a training conversation (drafter.train.block_loss's input):
-        the target's committed next token is its choice at each row (its argmax at temperature 0)."""
+        the target's top-k where the verifier sent it, else its committed next token (its argmax at
+        temperature 0) as a one-hot distribution."""
         out = []
         for s in self.sessions.values():
             n = 0 if s["hidden"] is None else len(s["hidden"])
@@ -91,8 +98,15 @@ class FeedbackBuffer:
             tokens = torch.tensor(s["tokens"][:n + 1])
             mask = torch.zeros(n, dtype=torch.uint8)
             mask[s["prompt"]:] = 1
-            out.append({"tokens": tokens[:n], "loss_mask": mask, "hidden": s["hidden"],
-                        "topk_ids": tokens[1:, None].int(), "topk_probs": torch.ones(n, 1, dtype=torch.float16)})
+            k = max((len(t[0]) for t in s["topk"] if t), default=1)
+            ids, probs = torch.zeros(n, k, dtype=torch.int32), torch.zeros(n, k, dtype=torch.float16)  # [n, k]
+            ids[:, 0], probs[:, 0] = tokens[1:], 1.0
+            for r, t in enumerate(s["topk"]):
+                if t:
+                    ids[r], probs[r] = 0, 0.0
+                    ids[r, :len(t[0])], probs[r, :len(t[1])] = torch.tensor(t[0]), torch.tensor(t[1])
+            out.append({"tokens": tokens[:n], "loss_mask": mask, "hidden": s["hidden"], "topk_ids": ids,
+                        "topk_probs": probs})
         return out
 
 

@@ -23,7 +23,7 @@ def positive_ints(text: str) -> list[int]:
 
 def cmd_eval(args) -> None:
     from verifier.config import load_config, validate
-    from verifier.evaluate import print_matrix, print_table, run_eval
+    from verifier.evaluate import eval_rows, print_matrix, print_table, run_eval
 
     cfg = load_config(args.config)
     if args.full:
@@ -45,7 +45,7 @@ def cmd_eval(args) -> None:
         from verifier.vllm_backend import print_vllm_table
 
         print_vllm_table(report["vllm"])
-    lost = sum(s["fallback_rounds"] for s in report["datasets"].values())
+    lost = sum(s["fallback_rounds"] for _, _, s in eval_rows(report))
     if lost:
         print(f"note: {lost} sidecar rounds fell back to plain decoding (tree late, malformed or lost); "
               "see the log, or raise drafter.grpc.timeout_ms")

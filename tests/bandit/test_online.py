@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bandit.online import BanditConfig, CostAwareBandit, FeedbackBuffer, OnlineAdapter, restore, snapshot
-from drafter.interface import VerifierUpdate
+from drafter.interface import Feedback, VerifierUpdate
 from tests.drafter.test_specblock import model as tiny_specblock
 
 D, V = 64, 200
@@ -48,6 +48,19 @@ def test_conversations_use_the_committed_next_token_as_the_target_choice():
     assert conv["tokens"].tolist() == [1, 2, 3, 4, 5]
     assert conv["topk_ids"][:, 0].tolist() == [2, 3, 4, 5, 6]
     assert conv["loss_mask"].tolist() == [0, 0, 0, 0, 1]  # predicting the prompt's own tokens is not learned
+
+
+
+def test_conversations_carry_the_targets_top_k_where_the_verifier_sent_it():
+    buf = FeedbackBuffer(cap=100, shared=True)
+    buf.add("a", VerifierUpdate([1, 2, 3, 4], None, 8, V, torch.randn(3, D)))
+    # the tree's node 0 (token 5) was accepted, then the bonus 6; rows: after token 4 (node -1), after 5 (node 0)
+    fb = Feedback([0], {}, {-1: ([5, 9, 7], [0.6, 0.3, 0.1]), 0: ([6, 8, 2], [0.5, 0.4, 0.1]), 3: ([1], [1.0])})
+    buf.add("a", VerifierUpdate([5, 6], fb, 8, V, torch.randn(2, D)))
+    (conv,) = buf.conversations()
+    assert conv["topk_ids"].tolist() == [[2, 0, 0], [3, 0, 0], [4, 0, 0], [5, 9, 7], [6, 8, 2]]
+    assert torch.allclose(conv["topk_probs"][3:].float(), torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]]), atol=1e-3)
+    assert conv["topk_probs"][:3, 1:].abs().sum() == 0  # no top-k: the committed token, one-hot
 
 
 def fed_adapter(cfg: BanditConfig, m=None, rounds: int = 40, clock=None) -> OnlineAdapter:
