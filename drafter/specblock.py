@@ -211,8 +211,8 @@ class SpecBlockDraftConfig:
     max_branch: int = 4          # best_first: candidates per position at most, whatever the rank head says
     # best_first: deterministic tree, candidates chosen by path probability and the rank head, one
     # forward per node expanded by a new block. frontier: EAGLE-2's dynamic tree: depth by depth, the
-    # max_branch most probable nodes of the newest depth get children, their new blocks in one batched
-    # forward; then the max_nodes most probable drafted nodes form the tree.
+    # max_branch most probable nodes of the newest depth get max_branch children each, their new blocks
+    # in one batched forward; then the max_nodes most probable drafted nodes form the tree.
     # sampled: delayed tree expansion with i.i.d. sibling groups (for verify.rule specinfer / spectr /
     # traversal): one sampled path of `delay` tokens, then `branches` i.i.d. continuations of `rollout`
     # sampled tokens each (cut to fit the node budget)
@@ -259,11 +259,13 @@ class SpecBlockDrafter:
         self.trace: list[dict] = []  # sampled trees: per step {"features", "delay", "accepted"} (selector data)
         self.forwards = 0            # drafter forwards (blocks) over the session
 
-    def _candidates(self, states: torch.Tensor) -> list[list[tuple[int, float]]]:
-        """Per block position: [(target token id, draft probability)], best first."""
+    def _candidates(self, states: torch.Tensor, ranked: bool = True) -> list[list[tuple[int, float]]]:
+        """Per block position: [(target token id, draft probability)], best first: as many as the rank
+        head says (at most max_branch), or max_branch each when not ranked."""
         m = self.model
         probs = m.draft_logits(states).softmax(-1)                                  # [K, Vd]
-        counts = (m.rank_head(states).argmax(-1) + 1).clamp(max=self.cfg.max_branch)
+        counts = (m.rank_head(states).argmax(-1) + 1).clamp(max=self.cfg.max_branch) if ranked else \
+            torch.full((states.shape[0],), self.cfg.max_branch)
         out = []
         for j in range(states.shape[0]):
             top = probs[j].topk(int(counts[j]))
@@ -346,7 +348,7 @@ class SpecBlockDrafter:
 
     def _frontier_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
         """EAGLE-2's dynamic tree. Expansion, depth by depth: the max_branch drafted nodes of the newest
-        depth with the highest path probability get children (the rank head's count of candidates):
+        depth with the highest path probability get max_branch children each (no rank head):
         from the next position of their block when they are its top-1, else from new blocks that inherit
         them, all started in one batched forward (each attending to its own drafted ancestors), while
         max_blocks allows. Rerank: the max_nodes drafted nodes of highest path probability form the tree
@@ -367,7 +369,7 @@ class SpecBlockDrafter:
                 nodes.append((p * q, parent, tok, depth + 1, st, cand_rows, j, pos, start))
             return list(range(len(nodes) - len(cands), len(nodes)))
 
-        root_rows = self._candidates(states)
+        root_rows = self._candidates(states, ranked=False)
         newest = add_children(-1, root_rows[0], states, root_rows, 0, t, -1)
         blocks = 1
         while newest:
@@ -395,7 +397,7 @@ class SpecBlockDrafter:
             pool = grow_pool(pool, own)
             for b, i in enumerate(inherit):
                 ancestors.append(paths[b] + [len(ancestors)])
-                rows = self._candidates(bst[:, b])
+                rows = self._candidates(bst[:, b], ranked=False)
                 newest += add_children(i, rows[0], bst[:, b], rows, 0, nodes[i][7] + 1, len(ancestors) - 1)
         keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], nodes[i][3]))[:max_nodes]
         index = {old: new for new, old in enumerate(keep)}

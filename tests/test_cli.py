@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from verifier.cli import main
 from verifier.config import Config, load_config
@@ -106,14 +107,26 @@ def test_shipped_configs_load_and_defaults_match_default_yaml():
 @pytest.mark.model
 def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
     """The default config's n-gram drafter and, through eval.compare, the committed SpecBlock and
-    EAGLE-style checkpoints, on the same prompts against one AR run: a row each, and the plot."""
+    EAGLE-style checkpoints and an untrained copy of SpecBlock (random weights, the control), on the same
+    prompts against one AR run: a row each, and the plot. The trained drafter clears a tau floor that the
+    untrained one does not (T = 0 and fixed prompts: deterministic on a given machine)."""
+    from safetensors.torch import load_file, save_file
+
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    torch.manual_seed(0)
+    sd = load_file(ROOT / "models" / "specblock-smollm2" / "drafter.safetensors")
+    save_file({k: torch.randn_like(v) * 0.05 if v.is_floating_point() else v for k, v in sd.items()},
+              untrained / "drafter.safetensors")
+    (untrained / "config.json").write_text((ROOT / "models" / "specblock-smollm2" / "config.json").read_text())
     out, compared = tmp_path / "report.json", []
-    for name, blocks in (("specblock", 2), ("eagle", 6)):
-        compared.append(tmp_path / f"{name}.yaml")
+    for ckpt, tree in ((ROOT / "models" / "specblock-smollm2", "best_first"),
+                       (ROOT / "models" / "eagle-smollm2", "frontier"), (untrained, "best_first")):
+        compared.append(tmp_path / f"{ckpt.name}.yaml")
         compared[-1].write_text(f"drafter: {{kind: specblock, max_nodes: 16, specblock: "
-                                f"{{checkpoint: {ROOT}/models/{name}-smollm2, max_blocks: {blocks}}}}}\n")
+                                f"{{checkpoint: {ckpt}, tree: {tree}, max_blocks: 4}}}}\n")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text((ROOT / "configs" / "default.yaml").read_text() + f"  compare: [{compared[0]}, {compared[1]}]\n")
+    cfg.write_text((ROOT / "configs" / "default.yaml").read_text() + f"  compare: [{', '.join(map(str, compared))}]\n")
     proc = subprocess.run(
         [sys.executable, "-m", "verifier.cli", "eval", "--config", str(cfg),
          "--num-prompts", "1", "--max-new-tokens", "24", "--output", str(out)],
@@ -122,7 +135,7 @@ def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
     for word in ("speedup", "mt_bench", "humaneval", "ngram", "specblock-smollm2", "eagle-smollm2"):
         assert word in proc.stdout, word
     report = json.loads(out.read_text())
-    assert report["drafter"] == "ngram" and set(report["compare"]) == {"specblock-smollm2", "eagle-smollm2"}
+    assert report["drafter"] == "ngram" and set(report["compare"]) == {"specblock-smollm2", "eagle-smollm2", "untrained"}
     for label, r in [("ngram", report)] + list(report["compare"].items()):
         for name in ("mt_bench", "humaneval"):
             s = r["datasets"][name]
@@ -132,6 +145,11 @@ def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
             # n-gram lookup runs no network; a learned drafter runs at least one forward per tree
             assert (s["draft_forwards_per_step"] == 0) == (label == "ngram"), (label, s)
             assert (label != "eagle-smollm2") or s["draft_forwards_per_step"] > 1  # one position per forward
+
+    def tau(label):
+        ds = report["compare"][label]["datasets"].values()
+        return sum(s["tau"] for s in ds) / len(ds)
+    assert tau("specblock-smollm2") > 1.15 and tau("untrained") < 1.05, (tau("specblock-smollm2"), tau("untrained"))
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 

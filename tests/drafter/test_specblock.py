@@ -121,8 +121,7 @@ def test_frontier_tree_expands_one_depth_per_batched_forward():
     the most probable of all drafted nodes, each path probability the product along its path."""
     torch.manual_seed(0)
     m = SpecBlock(replace(CFG, block_size=1), ARGS, torch.randn(200, 64), torch.arange(40, 160)).eval()
-    torch.nn.init.normal_(m.rank_head.bias, std=0.01)
-    m.rank_head.bias.data[2] = 5.0  # three candidates per position
+    m.rank_head.bias.data[0] = 50.0  # the rank head says one candidate: EAGLE-2 takes max_branch anyway
     batches = []
     original = m.draft_blocks
     m.draft_blocks = lambda cache, u, *a, **k: batches.append(u.shape[0]) or original(cache, u, *a, **k)
@@ -134,6 +133,7 @@ def test_frontier_tree_expands_one_depth_per_batched_forward():
     for i, p in enumerate(tree.parents):
         depth[i] = 1 if p < 0 else depth[p] + 1
     assert len(tree) == 10 and max(depth) <= 4 and all(p < i for i, p in enumerate(tree.parents))
+    assert sum(p == -1 for p in tree.parents) <= 3 and max(depth) >= 2
 
 
 def sampled_drafter(m, **cfg):
