@@ -173,6 +173,7 @@ def run_eval(cfg: Config) -> dict:
         Path(cfg.eval.trace).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.eval.trace).write_text("".join(json.dumps(r) + "\n" for r in trace))
         log.info("%d traced steps -> %s", len(trace), cfg.eval.trace)
+
     def results(by_name: dict[str, list]) -> dict:
         return {"datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in by_name.items() if recs},
                 "outputs": {name: [{"id": r["id"], "tokens": len(r["spec"]["tokens"]),
