@@ -145,11 +145,21 @@ def save(model: SpecBlock, cfg: TrainConfig, metrics: dict, out: Path) -> None:
                                                 indent=2))
 
 
+def data_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
+    """The training and held-out data folders, each checked to hold prepared shards."""
+    data, held_dir = Path(cfg.data_dir), Path(cfg.heldout_dir or cfg.data_dir)
+    for key, folder in (("train.data_dir", data), ("train.heldout_dir", held_dir)):
+        if not (folder / "manifest.json").is_file():
+            raise FileNotFoundError(f"{key}: {folder}: no manifest.json (run `specdraft prepare-data` first; the "
+                                    "held-out set: --config configs/data-heldout.yaml)")
+    return data, held_dir
+
+
 def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    data = Path(cfg.data_dir)
-    train_convs, held = load_split(data, "train"), load_split(Path(cfg.heldout_dir or data), "heldout")
+    data, held_dir = data_dirs(cfg)
+    train_convs, held = load_split(data, "train"), load_split(held_dir, "heldout")
     if not train_convs:
         raise FileNotFoundError(f"{data}: no training shards (run `specdraft prepare-data` first)")
     draft_ids = draft_vocabulary(train_convs, cfg.model.draft_vocab)

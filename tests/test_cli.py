@@ -193,3 +193,12 @@ def test_eval_matrix_and_selector_trace_on_the_real_model(tmp_path, capsys):
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(records) >= 20 and {r["delay"] for r in records} == {0, 2}
     assert all(len(r["features"]) == 10 and 0 <= r["accepted"] <= 6 for r in records)
+
+
+@pytest.mark.model
+def test_train_without_prepared_data_exits_2_naming_the_folder(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"train: {{data_dir: {tmp_path / 'nodata'}, out: {tmp_path / 'ck'}}}\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.data_dir:" in err and "no manifest.json" in err, err

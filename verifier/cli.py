@@ -152,7 +152,7 @@ def cmd_train(args) -> None:
 
     from tqdm import tqdm
 
-    from drafter.train import evaluate_checkpoint, train
+    from drafter.train import data_dirs, evaluate_checkpoint, train
     from verifier.assets import model_dir, target_embedding
     from verifier.config import ConfigError, load_config, validate
 
@@ -180,6 +180,7 @@ def cmd_train(args) -> None:
             raise ConfigError(f"--evaluate: {args.evaluate}: no drafter.safetensors")
         print(json.dumps(evaluate_checkpoint(Path(args.evaluate), cfg.train, targs, embedding)))
         return
+    data_dirs(cfg.train)  # before the progress bar: a missing folder is one line
     with tqdm(total=cfg.train.steps, desc="train", unit="step") as bar:
         def progress(m):
             bar.n = m["step"]
