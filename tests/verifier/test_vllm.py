@@ -136,8 +136,10 @@ def test_vllm_with_the_sidecar_decodes_exactly_like_vllm_and_survives_losing_it(
     params = SamplingParams(temperature=0, max_tokens=64)
 
     def engine(spec):
+        # an explicit KV cache size: vLLM's CPU worker otherwise sizes it as memory fraction minus its own
+        # RSS, which a worker forked from this grown test process can exceed (CI failed so once)
         return LLM(model=str(model_path), dtype="float32", max_model_len=1024, enforce_eager=True,
-                   gpu_memory_utilization=0.15, speculative_config=spec, seed=0)
+                   kv_cache_memory_bytes=512 * 2**20, speculative_config=spec, seed=0)
 
     def run(llm, ps):
         return [list(o.outputs[0].token_ids) for o in llm.generate(ps, params, use_tqdm=False)]
