@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExperimentConfig:
     stream: list[str] = field(default_factory=lambda: ["humaneval", "mt_bench"])  # segments, in order
-    prompts_per_segment: int = 8
+    prompts_per_segment: list[int] = field(default_factory=lambda: [8, 8])  # one count per stream segment
     max_new_tokens: int = 96
     policies: list[str] = field(default_factory=lambda: ["never", "always", "bandit"])
     always_steps: int = 4
@@ -128,8 +128,8 @@ def run_experiment(cfg, progress=None) -> dict:
     ex = cfg.experiment
     target, tokenizer, stops = load_target(cfg.target)
     cfg = replace(cfg, eval=replace(cfg.eval, max_new_tokens=ex.max_new_tokens))
-    jobs = [(s, pid, chat_prompt(tokenizer, text)) for s in ex.stream
-            for pid, text in load_prompts(s)[:ex.prompts_per_segment]]
+    jobs = [(s, pid, chat_prompt(tokenizer, text))
+            for s, n in zip(ex.stream, ex.prompts_per_segment) for pid, text in load_prompts(s)[:n]]
     runs = {p: run_policy(cfg, p, target, stops, jobs, progress) for p in ex.policies}
     out = Path(ex.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,14 +4,20 @@ Every update a drafter process receives tells it, for free, what the target comm
 drafts, and the target's features there. `FeedbackBuffer` keeps the newest of that (a memory cap) in the
 same shape as the offline training shards, so an online update is a few optimizer steps of the offline
 loss (`drafter.train.block_loss`) on it. Updates cost compute on the machine that also drafts, so every
-`decide_every` drafting rounds a bandit picks an arm, "skip" or "update n steps", and is rewarded with
-the tokens/s the whole process then serves over the next window, wall time of the update included: an
-update that does not raise acceptance enough to repay its own time loses to skipping. A guard rolls an
-update back (weights and optimizer state, bit for bit) when the drafter's top-1 agreement with the
-target on the newest feedback, held out of the update, falls.
+`decide_every` drafting rounds a bandit picks an arm, "skip" or "update n steps". A guard measures each
+update on the newest feedback, held out of it: the drafter's top-1 agreement with the target before and
+after, on the same rows (a paired comparison, free of the noise of which prompts a window happened to
+serve). It rolls the update back (weights and optimizer state, bit for bit) when agreement falls.
 
-Losslessness is untouched: only the drafter changes. Sessions keep the context keys/values they computed
-with the old weights until they end; the next drafts use the new weights everywhere else."""
+The reward of the arm pulled is the tokens/s the whole process served over the next window, the update's
+own wall time included (its cost, measured), plus the gain a kept update goes on delivering after that
+window: the window's tokens/s x `horizon` windows x the update's relative throughput gain, estimated from
+the guard (relative agreement gain, scaled by the share of tau that drafted tokens make, (tau - 1) / tau).
+Without that credit an update would pay for itself in one window or never: its gain lifts every later
+window whatever arm is pulled there, so a one-window reward cannot tell the arms apart.
+
+Losslessness is untouched: only the drafter changes. Sessions see a changed drafter at their next round
+(the model's `version`): they recompute their context keys/values with the new weights."""
 import copy
 import logging
 import math
@@ -42,6 +48,8 @@ class BanditConfig:
     window_positions: int = 256             # positions per training window
     guard_positions: int = 256              # newest positions held out of an update to check it
     lr: float = 3e-4
+    horizon: float = 8.0                    # windows an update's guard-measured gain is credited for (it persists
+                                            # until the traffic moves on); 0 = the window's tokens/s only
     seed: int = 0
 
 
@@ -185,8 +193,9 @@ class OnlineAdapter:
         self.train_cfg = TrainConfig()          # the offline loss weights
         self.to_draft = draft_index(model.draft_ids, model.embedding.shape[0])
         self.rng = random.Random(cfg.seed)
-        self.rounds = self.window_tokens = self.decisions = self.updates = self.rollbacks = 0
+        self.rounds = self.window_tokens = self.window_rounds = self.decisions = self.updates = self.rollbacks = 0
         self.update_s = 0.0
+        self.gain = 0.0                         # the pulled arm's estimated relative throughput gain (0: skip)
         self.arm: int | None = None
         self.window_start = clock()
         self.last: dict = {}
@@ -196,20 +205,28 @@ class OnlineAdapter:
         self.rounds += 1
         if not first:
             self.window_tokens += len(update.new_tokens)
+            self.window_rounds += 1
         if self.rounds % self.cfg.decide_every == 0:
             self.decide()
 
     def decide(self) -> None:
         now = self.clock()
+        tok_s = self.window_tokens / max(now - self.window_start, 1e-9)
+        tau = self.window_tokens / max(self.window_rounds, 1)
         if self.arm is not None:
-            self.bandit.record(self.arm, self.window_tokens / max(now - self.window_start, 1e-9))
+            self.bandit.record(self.arm, tok_s * (1 + self.cfg.horizon * self.gain))
         self.arm = self.bandit.choose()
         self.decisions += 1
-        self.window_start, self.window_tokens = now, 0   # the update's time counts against its own window
+        self.window_start, self.window_tokens, self.window_rounds = now, 0, 0  # the update's time counts in its window
         steps = self.cfg.arms[self.arm]
-        self.last = {"arm": steps}
+        self.last, self.gain = {"arm": steps, "tok_s": round(tok_s, 3), "tau": round(tau, 3)}, 0.0
         if steps:
             self.last.update(self.update(steps))
+            # agreement gain at the first drafted position -> tau gain: drafted tokens are (tau - 1) of tau
+            g = self.last.get("guard_top1")
+            if g and not self.last["rolled_back"] and tau > 1:
+                self.gain = (g[1] - g[0]) / max(g[0], 1e-3) * (tau - 1) / tau
+            self.last["gain"] = round(self.gain, 4)
         log.info("bandit decision %d: %s; arms %s", self.decisions, self.last, self.bandit.stats())
 
     def split(self) -> tuple[list[dict], list[dict]]:
@@ -246,6 +263,8 @@ class OnlineAdapter:
         if rolled_back:
             restore(self.model, self.opt, snap)
             self.rollbacks += 1
+        else:
+            self.model.version += 1  # sessions recompute their context with the new weights
         self.updates += 1
         dt = self.clock() - t0
         self.update_s += dt

@@ -221,6 +221,7 @@ class DrafterService(pb_grpc.DrafterServicer):
         flat = {k: float(st[k]) for k in ("decisions", "updates", "rollbacks", "update_s", "buffer_positions")}
         for arm, a in st["arms"].items():
             flat[f"{arm}_pulls"], flat[f"{arm}_mean_tok_s"] = a["pulls"], a["mean_tok_s"]
+        flat |= {f"last_{k}": float(st["last"][k]) for k in ("arm", "tok_s", "tau", "gain") if k in st["last"]}
         return flat
 
     async def GetSessionStats(self, request, context):

@@ -111,6 +111,7 @@ class SpecBlock(nn.Module):
         cos, sin = rope_tables(args, cfg.max_seq_len + cfg.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.version = 0  # bumped by an online update (bandit/online.py): sessions' cached context is then stale
 
     def inputs(self, feats: torch.Tensor | None, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Positions' target features [T, D] (unused, may be None, when conditioning on tokens), their
@@ -248,7 +249,9 @@ class SpecBlockDrafter:
     def __init__(self, model: SpecBlock, cfg: SpecBlockDraftConfig):
         self.model, self.cfg = model, cfg
         self.cache = ContextCache(model)
+        self.version = model.version      # the weights the cache was computed with
         self.tokens: list[int] = []
+        self.feats: list[torch.Tensor] = []  # the target's features so far [n, D] chunks (to recompute the cache)
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
         self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
         self.selector = cached_selector(cfg.selector) if cfg.tree == "sampled" and cfg.select == "neural" else None
@@ -280,6 +283,8 @@ class SpecBlockDrafter:
             self.recent.append(len(update.feedback.accepted))
             if self.trace and "accepted" not in self.trace[-1]:
                 self.trace[-1]["accepted"] = self.recent[-1]
+        if self.version != m.version:     # the weights changed under this session: recompute its context
+            self._recompute()
         start = self.cache.length         # context positions so far; the update brings the next ones
         if m.cfg.conditioning == "tokens":
             n_f = len(self.tokens) - 1    # every committed token but the newest (its next token is pending)
@@ -288,6 +293,8 @@ class SpecBlockDrafter:
                              "update, or serve a drafter trained with conditioning: tokens")
         else:
             n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
+        if update.hidden is not None and m.cfg.conditioning != "tokens":
+            self.feats.append(update.hidden)
         if n_f > start:
             toks = torch.tensor(self.tokens[start:n_f + 1])
             u = m.inputs(update.hidden, toks[:-1], toks[1:])
@@ -306,6 +313,16 @@ class SpecBlockDrafter:
         if self.cfg.tree == "frontier":
             return self._frontier_tree(states, t, n_f, update.max_nodes, update.vocab_size)
         return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
+
+    def _recompute(self) -> None:
+        """The context cache again from the session's tokens and features, with the current weights."""
+        m, n = self.model, self.cache.length
+        self.cache, self.version = ContextCache(m), m.version
+        if n:
+            toks = torch.tensor(self.tokens[:n + 1])
+            u = m.inputs(torch.cat(self.feats)[:n] if self.feats else None, toks[:-1], toks[1:])
+            m.extend(self.cache, u)
+            self.last_u = u[-1]
 
     def _inherit(self, state: torch.Tensor, tok: int, pos: int, n_f: int, pool: list) -> tuple[torch.Tensor, list]:
         """A new block from a drafted node (its state [D] standing in for the feature, its token) at
@@ -486,4 +503,4 @@ class SpecBlockDrafter:
 
     def close(self) -> None:
         self.cache = ContextCache(self.model)
-        self.tokens, self.last_u, self.recent = [], None, []
+        self.tokens, self.feats, self.last_u, self.recent = [], [], None, []

@@ -201,12 +201,12 @@ def cmd_bandit_experiment(args) -> None:
 
     cfg = load_config(args.config)
     if args.prompts_per_segment is not None:
-        cfg.experiment.prompts_per_segment = args.prompts_per_segment
+        cfg.experiment.prompts_per_segment = [args.prompts_per_segment] * len(cfg.experiment.stream)
     validate(cfg)
     if cfg.drafter.kind != "specblock" or cfg.drafter.mode != "inprocess":
         raise ConfigError("drafter: the experiment needs an in-process learned drafter (kind: specblock, mode: inprocess)")
     ex = cfg.experiment
-    with tqdm(total=len(ex.policies) * len(ex.stream) * ex.prompts_per_segment, desc="bandit experiment",
+    with tqdm(total=len(ex.policies) * sum(ex.prompts_per_segment), desc="bandit experiment",
               unit="prompt") as bar:
         def progress(policy, row):
             bar.update()
@@ -307,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
                                    "cost per segment; writes experiment.json and a PNG to experiment.output.",
                        epilog=EPILOG)
     x.add_argument("--config", default="configs/bandit-experiment.yaml", help="YAML config (default: %(default)s)")
-    x.add_argument("--prompts-per-segment", type=positive_int, help="overrides experiment.prompts_per_segment")
+    x.add_argument("--prompts-per-segment", type=positive_int, help="prompts in every stream segment (overrides experiment.prompts_per_segment)")
     x.set_defaults(func=cmd_bandit_experiment)
 
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")

@@ -50,7 +50,10 @@ class VllmConfig:
     sidecars: list[str] = field(default_factory=lambda: ["configs/sidecar.yaml"])  # serve-drafter configs
     dtype: typing.Literal["float32", "bfloat16"] = "bfloat16"
     enforce_eager: bool = False             # True skips torch.compile: minutes less start-up, slower steps
-    memory_fraction: float = 0.2            # of CPU memory vLLM reserves for its KV cache
+    memory_fraction: float = 0.2            # of CPU memory vLLM reserves for its KV cache (when kv_cache_mib is 0)
+    # an explicit KV cache size; 0 = by memory_fraction, which vLLM's CPU worker takes as that fraction of
+    # host memory minus its own RSS, so a big parent process (it forks from it) can leave nothing
+    kv_cache_mib: int = 0
 
 
 @dataclass
@@ -237,6 +240,8 @@ def validate(cfg: Config) -> Config:
     for key in ("buffer_positions", "decide_every", "window_positions", "guard_positions", "lr", "exploration"):
         if getattr(b, key) <= 0:
             raise ConfigError(f"drafter.bandit.{key}: must be > 0, got {getattr(b, key)}")
+    if b.horizon < 0:
+        raise ConfigError(f"drafter.bandit.horizon: must be >= 0 (0 = no credit beyond the window), got {b.horizon}")
     if not 0 < b.discount <= 1:
         raise ConfigError(f"drafter.bandit.discount: must be in (0, 1], got {b.discount}")
     ex = cfg.experiment
@@ -246,7 +251,10 @@ def validate(cfg: Config) -> Config:
     for i, name in enumerate(ex.policies):
         if name not in ("never", "always", "bandit"):
             raise ConfigError(f"experiment.policies[{i}]: {name!r} is not one of never, always, bandit")
-    for key in ("prompts_per_segment", "max_new_tokens", "always_steps"):
+    if len(ex.prompts_per_segment) != len(ex.stream) or any(n <= 0 for n in ex.prompts_per_segment):
+        raise ConfigError(f"experiment.prompts_per_segment: one count > 0 per stream segment ({len(ex.stream)}), "
+                          f"got {ex.prompts_per_segment}")
+    for key in ("max_new_tokens", "always_steps"):
         if getattr(ex, key) <= 0:
             raise ConfigError(f"experiment.{key}: must be > 0, got {getattr(ex, key)}")
     v = cfg.verifier.vllm
@@ -255,6 +263,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"verifier.vllm.{key}: must be > 0, got {getattr(v, key)}")
     if v.ngram_max < v.ngram_min:
         raise ConfigError(f"verifier.vllm.ngram_max: {v.ngram_max} < ngram_min {v.ngram_min}")
+    if v.kv_cache_mib < 0:
+        raise ConfigError(f"verifier.vllm.kv_cache_mib: must be >= 0 (0 = by memory_fraction), got {v.kv_cache_mib}")
     if not 0 < v.memory_fraction <= 1:
         raise ConfigError(f"verifier.vllm.memory_fraction: must be in (0, 1], got {v.memory_fraction}")
     if cfg.verifier.backend == "vllm":

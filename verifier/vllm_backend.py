@@ -174,8 +174,8 @@ def run_vllm_variant(cfg, model_path: str, spec: dict | None, prompts: dict[str,
 
     v = cfg.verifier.vllm
     llm = LLM(model=model_path, dtype=v.dtype, max_model_len=cfg.target.max_seq_len, seed=cfg.sampling.seed,
-              gpu_memory_utilization=v.memory_fraction, enforce_eager=v.enforce_eager, speculative_config=spec,
-              disable_log_stats=False)
+              gpu_memory_utilization=v.memory_fraction, kv_cache_memory_bytes=v.kv_cache_mib * 2**20 or None,
+              enforce_eager=v.enforce_eager, speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             top_k=cfg.sampling.top_k or -1, max_tokens=cfg.eval.max_new_tokens, seed=cfg.sampling.seed,
                             stop_token_ids=sorted(stops))

@@ -83,6 +83,7 @@ def test_an_update_changes_only_the_drafters_trainable_weights_and_a_rollback_re
     changed = [k for k, v in m.named_parameters() if not torch.equal(v, before[k])]
     if not result["rolled_back"]:
         assert changed and all(m.get_parameter(k).requires_grad for k in changed)
+    assert m.version == (0 if result["rolled_back"] else 1)  # a kept update tells sessions to recompute
     assert all(torch.equal(v, frozen[k]) for k, v in m.named_buffers())  # embedding, draft head, rope: untouched
     restore(m, ad.opt, snap)
     assert all(torch.equal(v, before[k]) for k, v in m.named_parameters())
@@ -175,6 +176,25 @@ def test_the_adapter_decides_every_window_and_reports_it():
     assert set(s["arms"]) == {"arm0", "arm2"}
 
 
+def test_a_kept_update_is_credited_with_its_guard_measured_gain_over_the_horizon():
+    """Reward = the next window's tokens/s x (1 + horizon x relative gain); the gain is the guard's relative
+    top-1 gain times (tau - 1) / tau, and nothing for an update the guard rolled back."""
+    t = [0.0]
+    ad = OnlineAdapter(tiny_specblock(), BanditConfig(enabled=True, arms=[4], decide_every=10, horizon=8, discount=1.0),
+                       clock=lambda: t[0])
+    verdicts = iter([{"guard_top1": [0.2, 0.25], "rolled_back": False}, {"guard_top1": [0.2, 0.3], "rolled_back": True},
+                     {"guard_top1": [0.2, 0.2], "rolled_back": False}])
+    ad.update = lambda steps: dict(next(verdicts))
+    rng = random.Random(0)
+    for r in range(30):  # one second per round; 2 tokens per round after the prompt: tau 2, 2 tok/s
+        t[0] += 1.0
+        ad.observe("a", update(10 if r == 0 else 2, 9 if r == 0 else 2, rng), first=r == 0)
+    assert ad.last["gain"] == 0.0 and ad.last["tau"] == 2.0
+    # decision 2 rewards update 1 (kept, +25% agreement -> +12.5% throughput, 8 windows): 2 x (1 + 8 x 0.125);
+    # decision 3 rewards update 2 (rolled back): the window's 2 tok/s alone
+    assert ad.bandit.n == [2.0] and ad.bandit.sum == [pytest.approx(4.0 + 2.0)]
+
+
 @pytest.mark.model
 def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_path, tmp_path):
     """A real sidecar process serving an (untrained) SpecBlock drafter of SmolLM2's shape, bandit on:
@@ -240,7 +260,7 @@ def test_the_experiment_runs_every_policy_on_the_same_stream_and_plots_it(model_
     cfg = load_config("configs/bandit-experiment.yaml")
     cfg.drafter.specblock.checkpoint = str(tmp_path / "ckpt")
     cfg.drafter.bandit = replace(cfg.drafter.bandit, decide_every=4, guard_positions=16, window_positions=64)
-    cfg.experiment = replace(cfg.experiment, prompts_per_segment=1, max_new_tokens=12, output=str(tmp_path / "out"))
+    cfg.experiment = replace(cfg.experiment, prompts_per_segment=[1, 1], max_new_tokens=12, output=str(tmp_path / "out"))
     report = run_experiment(cfg)
     ids = {p: [r["id"] for r in run["rows"]] for p, run in report["runs"].items()}
     assert ids["never"] == ids["always"] == ids["bandit"] and len(ids["never"]) == 2

@@ -212,6 +212,29 @@ def test_a_token_conditioned_drafter_needs_no_hidden_states():
 
 
 @pytest.mark.parametrize("conditioning", ["features", "tokens"])
+def test_a_session_recomputes_its_context_when_the_weights_change_under_it(conditioning):
+    """An online update (bandit) changes the shared weights between rounds: a live session's next tree
+    must equal that of a session that saw the same history with the new weights only."""
+    m = model(conditioning=conditioning)
+    rng = random.Random(0)
+    ups = [VerifierUpdate([rng.randrange(200) for _ in range(n)], None, 8, 200, torch.randn(h, 64))
+           for n, h in ((10, 9), (3, 3), (2, 2))]
+    live = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
+    for up in ups[:2]:
+        live.draft(up)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.version += 1
+    fresh = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
+    for up in ups[:2]:
+        fresh.draft(up)
+    stale_keys = live.cache.keys[0].clone()
+    assert live.draft(ups[2]) == fresh.draft(ups[2])
+    assert not torch.equal(live.cache.keys[0][:, :stale_keys.shape[1]], stale_keys)  # it did recompute
+
+
+@pytest.mark.parametrize("conditioning", ["features", "tokens"])
 def test_short_training_run_lowers_the_loss(tmp_path, conditioning):
     """Synthetic shards where the next token is a function of the current one: learnable in seconds."""
     g = torch.Generator().manual_seed(0)

@@ -219,3 +219,58 @@ def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
     assert rows["vLLM + sidecar (sidecar.yaml)"]["speedup"] == pytest.approx(1.5)
     assert rows["vLLM + sidecar (sidecar.yaml)"]["equal_to_plain"] is True
     assert rows["specdraft tree verifier (float32)"]["speedup"] == pytest.approx(0.5)
+
+
+@pytest.mark.model
+def test_vllm_serve_drafts_through_the_sidecar(model_path, tmp_path):
+    """The README's deployment: vLLM's OpenAI-compatible server (started as a module, as the README says)
+    with the proposer, next to a sidecar: chat completions are served and drafted for, and a finished
+    request's stream is closed at the engine's next step (here: the next request's first). (Exactness
+    against plain vLLM is the LLM test's.)"""
+    pytest.importorskip("vllm", reason="vLLM is not installed here (make setup-vllm installs it)")
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.verifier.test_remote import free_port
+
+    side = Sidecar(tmp_path, "max_sessions: 8")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != CONFIG_ENV} | {ADDRESS_ENV: side.address}
+    spec = json.dumps({"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": K})
+    log_path = tmp_path / "vllm-serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+             "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+             "--kv-cache-memory-bytes", str(512 * 2**20), "--host", "127.0.0.1", "--port", str(port),
+             "--speculative-config", spec], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"vLLM's server exited: {log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"vLLM's server not up in 300 s: {log_path.read_text()[-3000:]}"
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        for n, prompt in enumerate(PROMPTS[:2], 1):
+            body = json.dumps({"model": "smollm2", "max_tokens": 48, "temperature": 0,
+                               "messages": [{"role": "user", "content": prompt}]}).encode()
+            req = urllib.request.Request(f"{base}/v1/chat/completions", body, {"content-type": "application/json"})
+            reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+            assert reply["choices"][0]["message"]["content"].strip() and reply["usage"]["completion_tokens"] > 8, reply
+            stats = side.stats()
+            assert stats.sessions_total >= n and stats.sessions_open == 1, stats  # the previous stream was closed
+        assert stats.accepted_tokens > 0 and stats.feedback_rounds > 0, stats
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        side.stop()
