@@ -105,7 +105,7 @@ class FeedbackBuffer:
                 continue
             tokens = torch.tensor(s["tokens"][:n + 1])
             mask = torch.zeros(n, dtype=torch.uint8)
-            mask[s["prompt"]:] = 1
+            mask[max(s["prompt"] - 1, 0):] = 1   # rows whose next token was generated (data.py's convention)
             k = max((len(t[0]) for t in s["topk"] if t), default=1)
             ids, probs = torch.zeros(n, k, dtype=torch.int32), torch.zeros(n, k, dtype=torch.float16)  # [n, k]
             ids[:, 0], probs[:, 0] = tokens[1:], 1.0
@@ -230,15 +230,18 @@ class OnlineAdapter:
         log.info("bandit decision %d: %s; arms %s", self.decisions, self.last, self.bandit.stats())
 
     def split(self) -> tuple[list[dict], list[dict]]:
-        """Training conversations and the guard set: the newest guard_positions rows of the newest session."""
-        convs = self.buffer.conversations()
-        if not convs:
-            return [], []
-        g = min(self.cfg.guard_positions, len(convs[-1]["tokens"]) // 2)
-        newest = convs[-1]
-        guard = [{k: v[-g:] for k, v in newest.items()}] if g >= 3 else []
-        rest = {k: v[:-g] for k, v in newest.items()} if g else newest
-        return convs[:-1] + ([rest] if len(rest["tokens"]) >= 3 else []), guard
+        """Training conversations and the guard set: the newest guard_positions generated rows (prompt rows
+        are not scored), taken from the ends of the newest sessions backwards; the rest is for training."""
+        train, guard, need = [], [], self.cfg.guard_positions
+        for conv in reversed(self.buffer.conversations()):
+            g = min(need, int(conv["loss_mask"].sum()))
+            if g >= 3:
+                guard.append({k: v[-g:] for k, v in conv.items()})
+                need -= g
+                conv = {k: v[:-g] for k, v in conv.items()}
+            if int(conv["loss_mask"].sum()) >= 3:
+                train.append(conv)
+        return train, guard
 
     def update(self, steps: int) -> dict:
         from drafter.train import block_loss, evaluate, window

@@ -47,7 +47,7 @@ def test_conversations_use_the_committed_next_token_as_the_target_choice():
     (conv,) = buf.conversations()
     assert conv["tokens"].tolist() == [1, 2, 3, 4, 5]
     assert conv["topk_ids"][:, 0].tolist() == [2, 3, 4, 5, 6]
-    assert conv["loss_mask"].tolist() == [0, 0, 0, 0, 1]  # predicting the prompt's own tokens is not learned
+    assert conv["loss_mask"].tolist() == [0, 0, 0, 1, 1]  # predicting the prompt's own tokens is not learned
 
 
 
@@ -88,6 +88,19 @@ def test_an_update_changes_only_the_drafters_trainable_weights_and_a_rollback_re
     restore(m, ad.opt, snap)
     assert all(torch.equal(v, before[k]) for k, v in m.named_parameters())
     assert ad.opt.state_dict()["state"].keys() == opt_before.keys()
+
+
+def test_the_guard_holds_out_the_newest_generated_rows_across_sessions():
+    ad = OnlineAdapter(tiny_specblock(), BanditConfig(enabled=True, guard_positions=12, decide_every=10_000))
+    rng = random.Random(0)
+    for sess, gen in (("a", 20), ("b", 8)):  # prompts of 10 tokens (9 rows), then gen generated rows each
+        ad.observe(sess, update(10, 9, rng), first=True)
+        ad.observe(sess, update(gen, gen, rng), first=False)
+    train, guard = ad.split()
+    # b's 8 generated rows, then a's last 4; prompt rows never (they are not scored)
+    assert [len(g["tokens"]) for g in guard] == [8, 4] and all(bool(g["loss_mask"].all()) for g in guard)
+    (a_rest,) = train  # b has nothing left to learn from; a keeps its prompt and first 16 generated rows
+    assert len(a_rest["tokens"]) == 9 + 16 and int(a_rest["loss_mask"].sum()) == 16
 
 
 def test_ucb_statistics_follow_the_discounted_formulas():
