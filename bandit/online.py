@@ -46,7 +46,8 @@ class BanditConfig:
     exploration: float = 0.25               # UCB bonus scale / Thompson posterior width, in units of mean reward
     discount: float = 0.98                  # per decision: old rewards fade, since the drafter keeps changing
     window_positions: int = 256             # positions per training window
-    guard_positions: int = 256              # newest positions held out of an update to check it
+    guard_positions: int = 256              # newest generated positions held out of an update to check it
+    guard_z: float = 1.64                   # credit the guard's agreement gain at its lower confidence bound
     lr: float = 3e-4
     horizon: float = 8.0                    # windows an update's guard-measured gain is credited for (it persists
                                             # until the traffic moves on); 0 = the window's tokens/s only
@@ -164,6 +165,14 @@ class CostAwareBandit:
                 for i, steps in enumerate(self.arms)}
 
 
+def paired_gain(before: torch.Tensor, after: torch.Tensor, z: float) -> float:
+    """Lower confidence bound of the agreement gain from `before` to `after`, bool [n] over the same rows:
+    only rows that flipped tell (a sign test's normal approximation), so an update that moved a handful
+    of rows either way earns nothing."""
+    up, down = int((after & ~before).sum()), int((before & ~after).sum())
+    return max(0.0, (up - down - z * math.sqrt(up + down)) / max(len(before), 1))
+
+
 def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return ({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad},
             copy.deepcopy(opt.state_dict()))
@@ -225,7 +234,7 @@ class OnlineAdapter:
             # agreement gain at the first drafted position -> tau gain: drafted tokens are (tau - 1) of tau
             g = self.last.get("guard_top1")
             if g and not self.last["rolled_back"] and tau > 1:
-                self.gain = (g[1] - g[0]) / max(g[0], 1e-3) * (tau - 1) / tau
+                self.gain = self.last["gain_lcb"] / max(g[0], 1e-3) * (tau - 1) / tau
             self.last["gain"] = round(self.gain, 4)
         log.info("bandit decision %d: %s; arms %s", self.decisions, self.last, self.bandit.stats())
 
@@ -244,13 +253,13 @@ class OnlineAdapter:
         return train, guard
 
     def update(self, steps: int) -> dict:
-        from drafter.train import block_loss, evaluate, window
+        from drafter.train import block_loss, window
 
         train, guard = self.split()
         if not train or not guard:
             return {"skipped": "not enough feedback yet"}
         t0 = self.clock()
-        before = sum(evaluate(self.model, guard, self.to_draft, self.train_cfg)["top1"][:1])
+        before = self.guard_hits(guard)
         snap = snapshot(self.model, self.opt)
         self.model.train()
         for _ in range(steps):
@@ -261,8 +270,8 @@ class OnlineAdapter:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
         self.model.eval()
-        after = sum(evaluate(self.model, guard, self.to_draft, self.train_cfg)["top1"][:1])
-        rolled_back = after < before
+        after = self.guard_hits(guard)
+        rolled_back = int(after.sum()) < int(before.sum())
         if rolled_back:
             restore(self.model, self.opt, snap)
             self.rollbacks += 1
@@ -271,7 +280,16 @@ class OnlineAdapter:
         self.updates += 1
         dt = self.clock() - t0
         self.update_s += dt
-        return {"guard_top1": [round(before, 4), round(after, 4)], "rolled_back": rolled_back, "seconds": round(dt, 3)}
+        return {"guard_top1": [round(float(before.float().mean()), 4), round(float(after.float().mean()), 4)],
+                "guard_rows": len(before), "gain_lcb": round(paired_gain(before, after, self.cfg.guard_z), 4),
+                "rolled_back": rolled_back, "seconds": round(dt, 3)}
+
+    def guard_hits(self, guard: list[dict]) -> torch.Tensor:
+        """Per scored guard row: does the drafter's first block position agree with the target's top-1."""
+        from drafter.train import block_loss
+
+        with torch.no_grad():
+            return torch.cat([block_loss(self.model, g, self.to_draft, self.train_cfg)[1]["hits"] for g in guard])
 
     def stats(self) -> dict:
         return {"decisions": self.decisions, "updates": self.updates, "rollbacks": self.rollbacks,

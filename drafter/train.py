@@ -104,7 +104,8 @@ def block_loss(model: SpecBlock, conv: dict, to_draft: torch.Tensor, cfg: TrainC
     n = weight.sum().clamp(min=1)
     loss = ((ce + cfg.feature_weight * feat + cfg.rank_weight * rank.view(k, t)) * weight).sum() / n
     top1 = (hit & scored).float().sum(1) / scored.float().sum(1).clamp(min=1)  # [K] accuracy per position
-    return loss, {"loss": float(loss.detach()), "top1": top1.tolist()}
+    # hits: per scored row, whether block position 1 agrees with the target's top-1 (the bandit's paired guard)
+    return loss, {"loss": float(loss.detach()), "top1": top1.tolist(), "hits": hit[0][scored[0]]}
 
 
 def window(conv: dict, n: int, rng: random.Random) -> dict:

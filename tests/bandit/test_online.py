@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from bandit.online import BanditConfig, CostAwareBandit, FeedbackBuffer, OnlineAdapter, restore, snapshot
+from bandit.online import BanditConfig, CostAwareBandit, FeedbackBuffer, OnlineAdapter, paired_gain, restore, snapshot
 from drafter.interface import Feedback, VerifierUpdate
 from tests.drafter.test_specblock import model as tiny_specblock
 
@@ -103,6 +103,16 @@ def test_the_guard_holds_out_the_newest_generated_rows_across_sessions():
     assert len(a_rest["tokens"]) == 9 + 16 and int(a_rest["loss_mask"].sum()) == 16
 
 
+def test_the_credited_gain_is_the_paired_lower_confidence_bound():
+    before = torch.zeros(100, dtype=torch.bool)
+    after = before.clone()
+    after[:10] = True                                  # 10 rows gained, none lost
+    assert paired_gain(before, after, 1.64) == pytest.approx((10 - 1.64 * 10 ** 0.5) / 100)
+    after[:10], before[10:12], after[10], after[90:93] = False, True, True, True  # 3 gained, 1 lost, 1 held
+    assert paired_gain(before, after, 1.64) == 0.0     # within noise: no credit
+    assert paired_gain(before, after, 0.0) == pytest.approx(0.02)
+
+
 def test_ucb_statistics_follow_the_discounted_formulas():
     b = CostAwareBandit([0, 4, 16], "ucb", exploration=1.0, discount=0.5)
     assert [b.choose() for _ in range(1)] == [0]  # untried arms first, in order
@@ -190,20 +200,22 @@ def test_the_adapter_decides_every_window_and_reports_it():
 
 
 def test_a_kept_update_is_credited_with_its_guard_measured_gain_over_the_horizon():
-    """Reward = the next window's tokens/s x (1 + horizon x relative gain); the gain is the guard's relative
-    top-1 gain times (tau - 1) / tau, and nothing for an update the guard rolled back."""
+    """Reward = the next window's tokens/s x (1 + horizon x relative gain); the gain is the guard's credited
+    (lower-bound) top-1 gain relative to its level before, times (tau - 1) / tau, and nothing for an update
+    the guard rolled back."""
     t = [0.0]
     ad = OnlineAdapter(tiny_specblock(), BanditConfig(enabled=True, arms=[4], decide_every=10, horizon=8, discount=1.0),
                        clock=lambda: t[0])
-    verdicts = iter([{"guard_top1": [0.2, 0.25], "rolled_back": False}, {"guard_top1": [0.2, 0.3], "rolled_back": True},
-                     {"guard_top1": [0.2, 0.2], "rolled_back": False}])
+    verdicts = iter([{"guard_top1": [0.2, 0.26], "gain_lcb": 0.05, "rolled_back": False},
+                     {"guard_top1": [0.2, 0.3], "gain_lcb": 0.08, "rolled_back": True},
+                     {"guard_top1": [0.2, 0.2], "gain_lcb": 0.0, "rolled_back": False}])
     ad.update = lambda steps: dict(next(verdicts))
     rng = random.Random(0)
     for r in range(30):  # one second per round; 2 tokens per round after the prompt: tau 2, 2 tok/s
         t[0] += 1.0
         ad.observe("a", update(10 if r == 0 else 2, 9 if r == 0 else 2, rng), first=r == 0)
     assert ad.last["gain"] == 0.0 and ad.last["tau"] == 2.0
-    # decision 2 rewards update 1 (kept, +25% agreement -> +12.5% throughput, 8 windows): 2 x (1 + 8 x 0.125);
+    # decision 2 rewards update 1 (kept, +0.05 / 0.2 = 25% agreement -> +12.5% throughput, 8 windows): 2 x (1 + 8 x 0.125);
     # decision 3 rewards update 2 (rolled back): the window's 2 tok/s alone
     assert ad.bandit.n == [2.0] and ad.bandit.sum == [pytest.approx(4.0 + 2.0)]
 
