@@ -1,7 +1,8 @@
 """`specdraft bandit-experiment`: does online learning pay under a domain shift?
 
 One process, one target, the same prompt stream (by default HumanEval code prompts, then MT-Bench chat)
-decoded once per policy, each from the same drafter checkpoint and seed:
+decoded once per policy, each from the same drafter checkpoint and seed, the policies taking turns prompt
+by prompt (each timed on its own clock):
   never   no updates;
   always  `always_steps` optimizer steps every `decide_every` rounds;
   bandit  the cost-aware bandit of drafter.bandit.
@@ -48,29 +49,59 @@ class AdaptingDrafter:
             self.adapter.buffer.end(self.session)
 
 
-def run_policy(cfg, policy: str, target, stops, jobs, progress=None) -> dict:
+class PolicyClock:
+    """Wall time spent in one policy's own prompts (policies take turns prompt by prompt): the clock its
+    bandit measures windows and updates with."""
+
+    def __init__(self):
+        self.spent, self.since = 0.0, None
+
+    def __call__(self) -> float:
+        return self.spent + (time.perf_counter() - self.since if self.since is not None else 0.0)
+
+    def start(self) -> None:
+        self.since = time.perf_counter()
+
+    def stop(self) -> float:
+        """Stops the clock; returns the seconds since start."""
+        dt = time.perf_counter() - self.since
+        self.spent, self.since = self.spent + dt, None
+        return dt
+
+
+def run_policies(cfg, target, stops, jobs, progress=None) -> dict:
+    """Every policy over the same prompts, taking turns prompt by prompt (the order rotating), so the
+    machine's drift over the run (these machines are noisy) falls on all policies alike."""
     from drafter.build import load_drafter_model, make_drafter
     from verifier.evaluate import run_prompt
 
     ex = cfg.experiment
-    model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
-    bandit_cfg = {"never": None, "bandit": replace(cfg.drafter.bandit, enabled=True),
-                  "always": replace(cfg.drafter.bandit, enabled=True, arms=[ex.always_steps])}[policy]
-    adapter = OnlineAdapter(model, bandit_cfg) if bandit_cfg is not None else None
-    rows = []
-    for segment, pid, ids in jobs:
-        drafter = AdaptingDrafter(make_drafter(cfg.drafter, model), adapter, pid)
-        t0 = time.perf_counter()
-        rec = run_prompt(target, ids, cfg, stops, drafter)
-        wall = time.perf_counter() - t0  # includes any update run inside this prompt's rounds
-        drafter.close()
-        steps = rec["steps"][1:]
-        rows.append({"segment": segment, "id": pid, "tokens": len(rec["tokens"]), "wall_s": wall,
-                     "tau": sum(len(s.tokens) for s in steps) / max(len(steps), 1),
-                     "updates": adapter.updates if adapter else 0, "update_s": adapter.update_s if adapter else 0.0})
-        if progress is not None:
-            progress(policy, rows[-1])
-    return {"rows": rows, "adapter": adapter.stats() if adapter else None}
+    state = {}
+    for policy in ex.policies:
+        model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
+        bandit_cfg = {"never": None, "bandit": replace(cfg.drafter.bandit, enabled=True),
+                      "always": replace(cfg.drafter.bandit, enabled=True, arms=[ex.always_steps])}[policy]
+        clock = PolicyClock()
+        adapter = OnlineAdapter(model, bandit_cfg, clock) if bandit_cfg is not None else None
+        state[policy] = (model, adapter, clock, [])
+    for i, (segment, pid, ids) in enumerate(jobs):
+        for j in range(len(ex.policies)):
+            policy = ex.policies[(i + j) % len(ex.policies)]
+            model, adapter, clock, rows = state[policy]
+            drafter = AdaptingDrafter(make_drafter(cfg.drafter, model), adapter, pid)
+            clock.start()
+            rec = run_prompt(target, ids, cfg, stops, drafter)
+            wall = clock.stop()  # includes any update run inside this prompt's rounds
+            drafter.close()
+            steps = rec["steps"][1:]
+            rows.append({"segment": segment, "id": pid, "tokens": len(rec["tokens"]), "wall_s": wall,
+                         "tau": sum(len(s.tokens) for s in steps) / max(len(steps), 1),
+                         "updates": adapter.updates if adapter else 0,
+                         "update_s": adapter.update_s if adapter else 0.0})
+            if progress is not None:
+                progress(policy, rows[-1])
+    return {p: {"rows": rows, "adapter": adapter.stats() if adapter else None}
+            for p, (_, adapter, _, rows) in state.items()}
 
 
 def summarize(runs: dict, segments: list[str]) -> dict:
@@ -130,7 +161,7 @@ def run_experiment(cfg, progress=None) -> dict:
     cfg = replace(cfg, eval=replace(cfg.eval, max_new_tokens=ex.max_new_tokens))
     jobs = [(s, pid, chat_prompt(tokenizer, text))
             for s, n in zip(ex.stream, ex.prompts_per_segment) for pid, text in load_prompts(s)[:n]]
-    runs = {p: run_policy(cfg, p, target, stops, jobs, progress) for p in ex.policies}
+    runs = run_policies(cfg, target, stops, jobs, progress)
     out = Path(ex.output)
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": asdict(cfg), "segments": summarize(runs, ex.stream), "runs": runs}

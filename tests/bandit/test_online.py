@@ -220,6 +220,22 @@ def test_a_kept_update_is_credited_with_its_guard_measured_gain_over_the_horizon
     assert ad.bandit.n == [2.0] and ad.bandit.sum == [pytest.approx(4.0 + 2.0)]
 
 
+def test_a_policy_clock_runs_only_while_its_policy_decodes():
+    import time
+
+    from bandit.experiment import PolicyClock
+
+    c = PolicyClock()
+    assert c() == 0.0
+    c.start()
+    time.sleep(0.02)
+    first = c.stop()
+    time.sleep(0.05)                     # another policy's turn: not counted
+    assert c() == first and 0.02 <= first < 0.05
+    c.start()
+    assert c() >= first
+
+
 @pytest.mark.model
 def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_path, tmp_path):
     """A real sidecar process serving an (untrained) SpecBlock drafter of SmolLM2's shape, bandit on:
