@@ -255,7 +255,7 @@ def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_pa
     save(SpecBlock(cfg, args, emb, torch.arange(512)), TrainConfig(model=cfg), {}, tmp_path / "ckpt")
     yaml = tmp_path / "sidecar.yaml"
     yaml.write_text(f"drafter: {{kind: specblock, specblock: {{checkpoint: {tmp_path / 'ckpt'}}}, bandit: "
-                    "{enabled: true, arms: [0, 2], decide_every: 8, guard_positions: 16, window_positions: 64}}\n")
+                    "{enabled: true, arms: [0, 2], decide_every: 8, guard_positions: 4, window_positions: 64}}\n")
     proc, address = spawn(str(yaml))
     try:
         conn = connect(RemoteConfig(address=address, timeout_ms=5000))
@@ -300,7 +300,7 @@ def test_the_experiment_runs_every_policy_on_the_same_stream_and_plots_it(model_
     save(SpecBlock(sb, args, emb, torch.arange(512)), TrainConfig(model=sb), {}, tmp_path / "ckpt")
     cfg = load_config("configs/bandit-experiment.yaml")
     cfg.drafter.specblock.checkpoint = str(tmp_path / "ckpt")
-    cfg.drafter.bandit = replace(cfg.drafter.bandit, decide_every=4, guard_positions=16, window_positions=64)
+    cfg.drafter.bandit = replace(cfg.drafter.bandit, decide_every=4, guard_positions=4, window_positions=64)
     cfg.experiment = replace(cfg.experiment, prompts_per_segment=[1, 1], max_new_tokens=12, output=str(tmp_path / "out"))
     report = run_experiment(cfg)
     ids = {p: [r["id"] for r in run["rows"]] for p, run in report["runs"].items()}
