@@ -5,14 +5,16 @@ drafts, and the target's features there. `FeedbackBuffer` keeps the newest of th
 same shape as the offline training shards, so an online update is a few optimizer steps of the offline
 loss (`drafter.train.block_loss`) on it. Updates cost compute on the machine that also drafts, so every
 `decide_every` drafting rounds a bandit picks an arm, "skip" or "update n steps". A guard measures each
-update on the newest feedback, held out of it: the drafter's top-1 agreement with the target before and
-after, on the same rows (a paired comparison, free of the noise of which prompts a window happened to
-serve). It rolls the update back (weights and optimizer state, bit for bit) when agreement falls.
+update on the newest generated rows, held out of it: per row, whether the drafter's first position agrees
+with the target's top-1 before and after (a paired comparison, free of the noise of which prompts a
+window happened to serve). It rolls the update back (weights and optimizer state, bit for bit) when more
+rows were lost than gained.
 
 The reward of the arm pulled is the tokens/s the whole process served over the next window, the update's
 own wall time included (its cost, measured), plus the gain a kept update goes on delivering after that
 window: the window's tokens/s x `horizon` windows x the update's relative throughput gain, estimated from
-the guard (relative agreement gain, scaled by the share of tau that drafted tokens make, (tau - 1) / tau).
+the guard: the paired agreement gain's lower confidence bound (`paired_gain`), relative to the agreement
+before, scaled by the share of tau that drafted tokens make, (tau - 1) / tau.
 Without that credit an update would pay for itself in one window or never: its gain lifts every later
 window whatever arm is pulled there, so a one-window reward cannot tell the arms apart.
 

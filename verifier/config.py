@@ -240,6 +240,8 @@ def validate(cfg: Config) -> Config:
     for key in ("buffer_positions", "decide_every", "window_positions", "guard_positions", "lr", "exploration"):
         if getattr(b, key) <= 0:
             raise ConfigError(f"drafter.bandit.{key}: must be > 0, got {getattr(b, key)}")
+    if b.guard_z < 0:
+        raise ConfigError(f"drafter.bandit.guard_z: must be >= 0, got {b.guard_z}")
     if b.horizon < 0:
         raise ConfigError(f"drafter.bandit.horizon: must be >= 0 (0 = no credit beyond the window), got {b.horizon}")
     if not 0 < b.discount <= 1:
