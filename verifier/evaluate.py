@@ -222,7 +222,8 @@ def plot_acceptance(report: dict, path: Path) -> None:
                         label=f"{label} (tau {s['tau']:.2f})")
         ax.set(title=name, xlabel="tree depth d", ylabel="P(accepted >= d | tree reaches d)", ylim=(0, 1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a drafter that accepted nothing has no curve
+            ax.legend(fontsize=8)
     fig.suptitle(f"acceptance by depth, temperature {report['config']['sampling']['temperature']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
