@@ -34,13 +34,13 @@ class AdaptingDrafter:
     model between this session's rounds)."""
 
     def __init__(self, inner, adapter: OnlineAdapter | None, session: str):
-        self.inner, self.adapter, self.session, self.first = inner, adapter, session, True
+        self.inner, self.adapter, self.session, self.first, self.prev = inner, adapter, session, True, None
 
     def draft(self, update):
         tree = self.inner.draft(update)
         if self.adapter is not None:
-            self.adapter.observe(self.session, update, self.first)
-        self.first = False
+            self.adapter.observe(self.session, update, self.first, self.prev)
+        self.first, self.prev = False, tree
         return tree
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafter.interface import VerifierUpdate
+from drafter.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,19 @@ class BanditConfig:
 class FeedbackBuffer:
     """Per session: committed tokens, the target's features of them ([n, D], row i = after token i),
     the target's top-k next-token distribution at each row when the verifier sends it
-    (verify.feedback_topk > 0), and which tokens were the user's (prompt) rather than generated. Never
+    (verify.feedback_topk > 0), at each verified row the tokens drafted there (the judged tree's children
+    of that node) and whether one was accepted, and which tokens were the user's (prompt) rather than
+    generated. Never
     more than `cap` feature rows in all (shared) or per session; the oldest rows go first."""
 
     def __init__(self, cap: int, shared: bool):
         self.cap, self.shared = cap, shared
         self.sessions: OrderedDict[str, dict] = OrderedDict()   # oldest activity first
 
-    def add(self, session: str, update: VerifierUpdate) -> None:
-        s = self.sessions.setdefault(session, {"tokens": [], "hidden": None, "topk": [], "prompt": len(update.new_tokens)})
+    def add(self, session: str, update: VerifierUpdate, tree: DraftTree | None = None) -> None:
+        """tree: the session's previous tree, the one update.feedback judges (None if there was none)."""
+        s = self.sessions.setdefault(session, {"tokens": [], "hidden": None, "topk": [], "drafted": [],
+                                               "prompt": len(update.new_tokens)})
         self.sessions.move_to_end(session)
         s["tokens"] += update.new_tokens
         if update.hidden is not None and len(update.hidden):
@@ -78,6 +83,10 @@ class FeedbackBuffer:
             fb = update.feedback
             path = [-1] + list(fb.accepted) if fb is not None else []
             s["topk"] += [fb.target_topk.get(path[r]) if r < len(path) else None for r in range(len(h))]
+            # row r's next token is the accepted child of path[r] while r < len(accepted), else the bonus
+            # token, which none of the drafted children carried
+            s["drafted"] += [(tuple(t for t, p in zip(tree.tokens, tree.parents) if p == path[r]), r < len(fb.accepted))
+                             if tree is not None and r < len(path) else None for r in range(len(h))]
         self._evict(session)
 
     def end(self, session: str) -> None:
@@ -94,8 +103,14 @@ class FeedbackBuffer:
             key = next(k for k in scope if self.positions(k))
             s = self.sessions[key]
             drop = min(over, len(s["hidden"]))
-            s["hidden"], s["tokens"], s["topk"] = s["hidden"][drop:], s["tokens"][drop:], s["topk"][drop:]
+            for k in ("hidden", "tokens", "topk", "drafted"):
+                s[k] = s[k][drop:]
             s["prompt"] = max(0, s["prompt"] - drop)
+
+    def acceptance(self) -> float | None:
+        """Of the buffered rows where something was drafted, the share where the target took a drafted token."""
+        rows = [d[1] for s in self.sessions.values() for d in s["drafted"] if d and d[0]]
+        return sum(rows) / len(rows) if rows else None
 
     def conversations(self) -> list[dict]:
         """Every session's buffered rows as a training conversation (drafter.train.block_loss's input):
@@ -211,8 +226,9 @@ class OnlineAdapter:
         self.window_start = clock()
         self.last: dict = {}
 
-    def observe(self, session: str, update: VerifierUpdate, first: bool) -> None:
-        self.buffer.add(session, update)
+    def observe(self, session: str, update: VerifierUpdate, first: bool, tree: DraftTree | None = None) -> None:
+        """tree: the session's previous tree (the one update.feedback judges)."""
+        self.buffer.add(session, update, tree)
         self.rounds += 1
         if not first:
             self.window_tokens += len(update.new_tokens)
@@ -295,5 +311,6 @@ class OnlineAdapter:
 
     def stats(self) -> dict:
         return {"decisions": self.decisions, "updates": self.updates, "rollbacks": self.rollbacks,
-                "update_s": self.update_s, "buffer_positions": self.buffer.positions(), "last": self.last,
+                "update_s": self.update_s, "buffer_positions": self.buffer.positions(),
+                "buffer_acceptance": self.buffer.acceptance(), "last": self.last,
                 "arms": self.bandit.stats()}

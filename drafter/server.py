@@ -54,7 +54,7 @@ class Session:
         self.id, self.drafter, self.label = sid, drafter, ""
         self.rounds = self.tokens = self.nodes = self.accepted = self.feedback_rounds = 0
         self.last_seen = time.monotonic()
-        self.prev_parents: tuple[int, ...] | None = None  # the last tree sent, to check feedback against
+        self.prev_tree: DraftTree | None = None  # the last tree sent, to check feedback against
 
 
 class Stats:
@@ -147,7 +147,7 @@ class DrafterService(pb_grpc.DrafterServicer):
                 t0 = time.perf_counter()
                 first = sess.rounds == 0
                 try:
-                    update = msg_to_update(msg, self.vocab_size, self.hidden_dim, sess.prev_parents,
+                    update = msg_to_update(msg, self.vocab_size, self.hidden_dim, sess.prev_tree.parents if sess.prev_tree else None,
                                            self.cfg.max_nodes, first)
                 except WireError as e:
                     ended = "bad update"
@@ -168,7 +168,7 @@ class DrafterService(pb_grpc.DrafterServicer):
                     await self._fail(context, grpc.StatusCode.INTERNAL, f"session {sess.id}: drafter failed: {e!r}")
                 if self.adapter is not None:  # may run an online update: between rounds, under the model lock
                     with self.model_lock:
-                        self.adapter.observe(sess.id, update, first)
+                        self.adapter.observe(sess.id, update, first, sess.prev_tree)
                 sess.rounds += 1
                 sess.tokens += len(update.new_tokens)
                 sess.last_seen = time.monotonic()
@@ -179,7 +179,7 @@ class DrafterService(pb_grpc.DrafterServicer):
                     self.stats.accepted += len(update.feedback.accepted)
                 n = len(tree) if tree else 0
                 sess.nodes += n
-                sess.prev_parents = tree.parents if tree else None
+                sess.prev_tree = tree
                 ms = 1000 * (time.perf_counter() - t0)
                 self.stats.add_round(n, ms)
                 yield pb.DraftTree(session_id=sess.id, round=msg.round, tokens=tree.tokens if tree else (),
@@ -221,6 +221,8 @@ class DrafterService(pb_grpc.DrafterServicer):
         flat = {k: float(st[k]) for k in ("decisions", "updates", "rollbacks", "update_s", "buffer_positions")}
         for arm, a in st["arms"].items():
             flat[f"{arm}_pulls"], flat[f"{arm}_mean_tok_s"] = a["pulls"], a["mean_tok_s"]
+        if st["buffer_acceptance"] is not None:
+            flat["buffer_acceptance"] = st["buffer_acceptance"]
         flat |= {f"last_{k}": float(st["last"][k]) for k in ("arm", "tok_s", "tau", "gain") if k in st["last"]}
         return flat
 

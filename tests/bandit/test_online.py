@@ -63,6 +63,21 @@ def test_conversations_carry_the_targets_top_k_where_the_verifier_sent_it():
     assert conv["topk_probs"][:3, 1:].abs().sum() == 0  # no top-k: the committed token, one-hot
 
 
+def test_the_buffer_keeps_what_was_drafted_at_each_verified_row_and_whether_it_was_accepted():
+    from drafter.tree import DraftTree
+
+    buf = FeedbackBuffer(cap=100, shared=True)
+    buf.add("a", VerifierUpdate([1, 2, 3, 4], None, 8, V, torch.randn(3, D)))
+    # roots 5 and 7; 5 -> 6 and 9. Node 0 (5) accepted, then the bonus 8 (neither 6 nor 9)
+    tree = DraftTree((5, 7, 6, 9), (-1, -1, 0, 0), V, 8)
+    buf.add("a", VerifierUpdate([5, 8], Feedback([0], {}), 8, V, torch.randn(2, D)), tree)
+    assert buf.sessions["a"]["drafted"] == [None, None, None, ((5, 7), True), ((6, 9), False)]
+    assert buf.acceptance() == 0.5
+    buf.cap = 4
+    buf._evict("a")                       # rows stay aligned when the oldest go
+    assert buf.sessions["a"]["drafted"] == [None, None, ((5, 7), True), ((6, 9), False)]
+
+
 def fed_adapter(cfg: BanditConfig, m=None, rounds: int = 40, clock=None) -> OnlineAdapter:
     rng = random.Random(1)
     ad = OnlineAdapter(m if m is not None else tiny_specblock(), cfg, **({"clock": clock} if clock else {}))
