@@ -62,8 +62,7 @@ class FeedbackBuffer:
     the target's top-k next-token distribution at each row when the verifier sends it
     (verify.feedback_topk > 0), at each verified row the tokens drafted there (the judged tree's children
     of that node) and whether one was accepted, and which tokens were the user's (prompt) rather than
-    generated. Never
-    more than `cap` feature rows in all (shared) or per session; the oldest rows go first."""
+    generated. Never more than `cap` feature rows in all (shared) or per session; the oldest rows go first."""
 
     def __init__(self, cap: int, shared: bool):
         self.cap, self.shared = cap, shared

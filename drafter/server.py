@@ -147,8 +147,8 @@ class DrafterService(pb_grpc.DrafterServicer):
                 t0 = time.perf_counter()
                 first = sess.rounds == 0
                 try:
-                    update = msg_to_update(msg, self.vocab_size, self.hidden_dim, sess.prev_tree.parents if sess.prev_tree else None,
-                                           self.cfg.max_nodes, first)
+                    prev_parents = sess.prev_tree.parents if sess.prev_tree else None
+                    update = msg_to_update(msg, self.vocab_size, self.hidden_dim, prev_parents, self.cfg.max_nodes, first)
                 except WireError as e:
                     ended = "bad update"
                     await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
