@@ -212,6 +212,7 @@ class OnlineAdapter:
         from drafter.train import TrainConfig, draft_index
 
         self.model, self.cfg, self.clock = model, cfg, clock
+        model.version = 0                       # its weights now change: sessions keep what they need to recompute
         self.buffer = FeedbackBuffer(cfg.buffer_positions, cfg.shared)
         self.bandit = CostAwareBandit(cfg.arms, cfg.algorithm, cfg.exploration, cfg.discount, cfg.seed)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)

@@ -111,7 +111,9 @@ class SpecBlock(nn.Module):
         cos, sin = rope_tables(args, cfg.max_seq_len + cfg.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.version = 0  # bumped by an online update (bandit/online.py): sessions' cached context is then stale
+        # None: frozen weights. An online learner (bandit/online.py) sets it to 0 and bumps it at every kept
+        # update; sessions then keep their features, to recompute their cached context when it changes
+        self.version: int | None = None
 
     def inputs(self, feats: torch.Tensor | None, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Positions' target features [T, D] (unused, may be None, when conditioning on tokens), their
@@ -251,7 +253,7 @@ class SpecBlockDrafter:
         self.cache = ContextCache(model)
         self.version = model.version      # the weights the cache was computed with
         self.tokens: list[int] = []
-        self.feats: list[torch.Tensor] = []  # the target's features so far [n, D] chunks (to recompute the cache)
+        self.feats: list[torch.Tensor] = []  # the target's features so far [n, D] chunks, kept while weights may change
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
         self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
         self.selector = cached_selector(cfg.selector) if cfg.tree == "sampled" and cfg.select == "neural" else None
@@ -293,7 +295,7 @@ class SpecBlockDrafter:
                              "update, or serve a drafter trained with conditioning: tokens")
         else:
             n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
-        if update.hidden is not None and m.cfg.conditioning != "tokens":
+        if update.hidden is not None and m.cfg.conditioning != "tokens" and m.version is not None:
             self.feats.append(update.hidden)
         if n_f > start:
             toks = torch.tensor(self.tokens[start:n_f + 1])

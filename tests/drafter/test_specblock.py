@@ -216,6 +216,7 @@ def test_a_session_recomputes_its_context_when_the_weights_change_under_it(condi
     """An online update (bandit) changes the shared weights between rounds: a live session's next tree
     must equal that of a session that saw the same history with the new weights only."""
     m = model(conditioning=conditioning)
+    m.version = 0  # as an online learner sets it
     rng = random.Random(0)
     ups = [VerifierUpdate([rng.randrange(200) for _ in range(n)], None, 8, 200, torch.randn(h, 64))
            for n, h in ((10, 9), (3, 3), (2, 2))]
@@ -232,6 +233,9 @@ def test_a_session_recomputes_its_context_when_the_weights_change_under_it(condi
     stale_keys = live.cache.keys[0].clone()
     assert live.draft(ups[2]) == fresh.draft(ups[2])
     assert not torch.equal(live.cache.keys[0][:, :stale_keys.shape[1]], stale_keys)  # it did recompute
+    frozen = SpecBlockDrafter(model(conditioning=conditioning), SpecBlockDraftConfig(max_blocks=2, max_branch=3))
+    frozen.draft(ups[0])
+    assert frozen.feats == [] and (live.feats != []) == (conditioning == "features")  # kept only where weights change
 
 
 @pytest.mark.parametrize("conditioning", ["features", "tokens"])
