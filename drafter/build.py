@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bandit.online import BanditConfig
 from drafter.interface import Drafter
-from drafter.ngram import NgramConfig, NgramDrafter
+from drafter.ngram import LookupFirst, NgramConfig, NgramDrafter
 from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
 from drafter.synthetic import RandomDrafter
 
@@ -26,6 +26,9 @@ class DrafterConfig:
     mode: typing.Literal["inprocess", "grpc"] = "inprocess"
     kind: typing.Literal["ngram", "specblock", "random"] = "ngram"  # random: benchmark trees, never a speed-up
     max_nodes: int = 8                      # node budget per draft tree
+    # specblock: prompt lookup first (drafter.ngram): where the context's suffix occurred before, what
+    # followed it leads the tree, and the learned drafter's tree fills the rest (drafter/ngram.py LookupFirst)
+    lookup: bool = False
     ngram: NgramConfig = field(default_factory=NgramConfig)
     specblock: SpecBlockDraftConfig = field(default_factory=SpecBlockDraftConfig)
     grpc: RemoteConfig = field(default_factory=RemoteConfig)
@@ -49,5 +52,6 @@ def make_drafter(cfg: DrafterConfig, model: SpecBlock | None = None) -> Drafter:
     if cfg.kind == "random":
         return RandomDrafter()
     if cfg.kind == "specblock":
-        return SpecBlockDrafter(model, cfg.specblock)
+        drafter = SpecBlockDrafter(model, cfg.specblock)
+        return LookupFirst(NgramDrafter(cfg.ngram), drafter) if cfg.lookup else drafter
     return NgramDrafter(cfg.ngram)

@@ -5,9 +5,14 @@ top-k next-token distributions cached to disk in shards.
 Alignment, per conversation of T tokens: hidden[t] is the target's final (normed) hidden state after
 reading tokens[:t+1], exactly what the verifier hands a drafter in VerifierUpdate.hidden; topk_*[t] is
 the target's distribution of tokens[t+1]. loss_mask[t] marks positions whose next token belongs to an
-assistant turn (what a drafter is asked to predict at serving time)."""
+assistant turn (what a drafter is asked to predict at serving time).
+
+With `replies: target` a conversation is instead a record's first user turn and the *target's own* greedy
+reply to it (self-distillation: the text a drafter meets at temperature 0 is the target's, not ChatGPT's),
+generated in batches by a `Replies` function (vLLM's batched engine, see `specdraft prepare-data`)."""
 import json
 import logging
+import typing
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +37,11 @@ class DataConfig:
     topk: int = 16                          # target next-token distribution kept per position
     heldout_fraction: float = 0.02          # stable split by conversation id (1 = all held out)
     shard_tokens: int = 65536               # tokens per shard file
+    # "dataset": the records' own assistant turns; "target": the first user turn and the target's greedy
+    # reply (at most reply_tokens), generated reply_batch prompts at a time (needs vLLM)
+    replies: typing.Literal["dataset", "target"] = "dataset"
+    reply_tokens: int = 256
+    reply_batch: int = 64
 
 
 def read_sharegpt(path: Path) -> Iterator[dict]:
@@ -88,6 +98,26 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_tokens: int) -> t
     return ids, in_reply[1:len(ids)] + [False]  # position t predicts token t+1
 
 
+def first_turn(tokenizer, messages: list[dict], max_tokens: int) -> list[int] | None:
+    """Token ids of the first user turn, ready for the assistant's reply, or None when it alone would leave
+    fewer than a quarter of max_tokens for the reply."""
+    from verifier.assets import chat_prompt
+
+    ids = chat_prompt(tokenizer, next(m["content"] for m in messages if m["role"] == "user"))
+    return ids if len(ids) <= max_tokens * 3 // 4 else None
+
+
+def with_reply(prompt: list[int], reply: list[int], max_tokens: int) -> tuple[list[int], list[bool]]:
+    """A prompt and a generated reply as one conversation: ids and, per position, whether it predicts a
+    reply token (tokenize_conversation's convention)."""
+    ids = (prompt + reply)[:max_tokens]
+    mask = [len(prompt) - 1 <= t < len(prompt) + len(reply) - 1 for t in range(len(ids))]
+    return ids, mask
+
+
+# prompts' token ids -> the target's greedy replies' token ids, one list per prompt
+Replies = Callable[[list[list[int]]], list[list[int]]]
+
 # ids -> (hidden states [T, dim], a function from state rows [R, dim] to logits [R, V])
 Features = Callable[[list[int]], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
 
@@ -103,18 +133,21 @@ def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 25
     return {"hidden": hidden.to(torch.bfloat16), "topk_ids": torch.cat(top_ids), "topk_probs": torch.cat(top_p)}
 
 
-def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: DataConfig, model: str, progress=None) -> dict:
+def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: DataConfig, model: str, progress=None,
+                replies: Replies | None = None) -> dict:
     """Teacher-force conversations into shards under cfg.out_dir; returns the manifest. Resumable: a
     shard is written whole (temporary name, then renamed) and the manifest records, per split, the last
-    record on disk, so a rerun skips exactly the conversations already in shards."""
+    record on disk, so a rerun skips exactly the conversations already in shards. `replies` generates the
+    target's replies when cfg.replies is "target"."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
         "model": model, "config": asdict(cfg), "shards": [], "done": {"train": 0, "heldout": 0}}
-    if manifest["model"] != model or manifest["config"]["topk"] != cfg.topk:
-        raise ValueError(f"{manifest_path}: built for {manifest['model']} with topk {manifest['config']['topk']}; "
-                         f"use another data.out_dir for {model} with topk {cfg.topk}")
+    built = (manifest["model"], manifest["config"]["topk"], manifest["config"].get("replies", "dataset"))
+    if built != (model, cfg.topk, cfg.replies):
+        raise ValueError(f"{manifest_path}: built for {built[0]} with topk {built[1]}, replies {built[2]}; "
+                         f"use another data.out_dir for {model} with topk {cfg.topk}, replies {cfg.replies}")
     pending = {"train": [], "heldout": []}
     n_read = 0
 
@@ -134,6 +167,24 @@ def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: Dat
         pending[split] = []
         manifest_path.write_text(json.dumps(manifest, indent=2))
 
+    def add(n: int, split: str, ids: list[int], mask: list[bool]) -> None:
+        if len(ids) < 2 or not any(mask):
+            return
+        conv = {"record": n, "tokens": torch.tensor(ids, dtype=torch.int32),
+                "loss_mask": torch.tensor(mask, dtype=torch.uint8), **teacher_force(features, ids, cfg.topk)}
+        pending[split].append(conv)
+        if progress is not None:
+            progress(len(ids))
+        if sum(len(c["tokens"]) for c in pending[split]) >= cfg.shard_tokens:
+            flush(split)
+
+    prompts: list[tuple[int, str, list[int]]] = []  # waiting for their replies
+
+    def reply_all() -> None:
+        for (n, split, ids), reply in zip(prompts, replies([p[2] for p in prompts]) if prompts else []):
+            add(n, split, *with_reply(ids, reply, cfg.max_tokens))
+        prompts.clear()
+
     for n_read, record in enumerate(records, start=1):
         if n_read <= cfg.first_record:
             continue
@@ -146,16 +197,15 @@ def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: Dat
         msgs = to_messages(record)
         if msgs is None:
             continue
-        ids, mask = tokenize_conversation(tokenizer, msgs, cfg.max_tokens)
-        if len(ids) < 2 or not any(mask):
+        if cfg.replies == "dataset":
+            add(n_read, split, *tokenize_conversation(tokenizer, msgs, cfg.max_tokens))
             continue
-        conv = {"record": n_read, "tokens": torch.tensor(ids, dtype=torch.int32),
-                "loss_mask": torch.tensor(mask, dtype=torch.uint8), **teacher_force(features, ids, cfg.topk)}
-        pending[split].append(conv)
-        if progress is not None:
-            progress(len(ids))
-        if sum(len(c["tokens"]) for c in pending[split]) >= cfg.shard_tokens:
-            flush(split)
+        ids = first_turn(tokenizer, msgs, cfg.max_tokens)
+        if ids is not None:
+            prompts.append((n_read, split, ids))
+        if len(prompts) == cfg.reply_batch:
+            reply_all()
+    reply_all()
     for split in pending:
         flush(split)
         manifest["done"][split] = max(manifest["done"][split], n_read)

@@ -2,10 +2,10 @@
 propose what followed them, merged into a tree (continuations sharing a prefix share nodes)."""
 import heapq
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from drafter.interface import VerifierUpdate
-from drafter.tree import DraftTree
+from drafter.interface import Drafter, Feedback, VerifierUpdate
+from drafter.tree import DraftTree, merge
 
 
 @dataclass
@@ -77,3 +77,29 @@ class NgramDrafter:
         self.tokens.clear()
         for table in self.index.values():
             table.clear()
+
+
+class LookupFirst:
+    """Prompt lookup in front of another drafter (`drafter.lookup`): when the n-gram drafter finds a match
+    its tree comes first (its first path is what a chain verifier such as vLLM takes), and the other
+    drafter's tree fills the rest of the node budget. The other drafter sees every update, with feedback
+    restated in its own node ids (empty when the accepted path ran through the lookup's nodes)."""
+
+    def __init__(self, lookup: NgramDrafter, drafter: Drafter):
+        self.lookup, self.drafter = lookup, drafter
+        self.offset = 0  # where the other drafter's nodes began in the last merged tree
+
+    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+        fb, off = update.feedback, self.offset
+        if fb is not None:
+            ours = bool(fb.accepted) and fb.accepted[0] >= off
+            fb = Feedback([n - off for n in fb.accepted] if ours else [],
+                          {n - off: p for n, p in fb.target_probs.items() if n >= off},
+                          {n if n < 0 else n - off: v for n, v in fb.target_topk.items() if n < 0 or n >= off})
+        found = self.lookup.draft(replace(update, feedback=None))
+        tree, self.offset = merge(found, self.drafter.draft(replace(update, feedback=fb)), update.max_nodes)
+        return tree
+
+    def close(self) -> None:
+        self.lookup.close()
+        self.drafter.close()

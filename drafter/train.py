@@ -33,6 +33,9 @@ class TrainConfig:
     heldout_dir: str = ""                   # where the held-out split is read from; "" = data_dir
     out: str = "checkpoints/specblock-smollm2"  # drafter.safetensors + config.json (+ state.pt to resume)
     model: SpecBlockConfig = field(default_factory=SpecBlockConfig)
+    # a trained drafter's folder to start from (its shape and draft vocabulary replace `model`): fine-tuning
+    # on other data, e.g. the target's own replies (configs/data-replies.yaml); "" = random initialisation
+    init: str = ""
     steps: int = 2000
     conversations_per_step: int = 4
     max_positions: int = 512                # a random window of each conversation
@@ -163,10 +166,14 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None)
     train_convs, held = load_split(data, "train"), load_split(held_dir, "heldout")
     if not train_convs:
         raise FileNotFoundError(f"{data}: no training shards (run `specdraft prepare-data` first)")
-    draft_ids = draft_vocabulary(train_convs, cfg.model.draft_vocab)
-    cfg.model.draft_vocab = len(draft_ids)
-    to_draft = draft_index(draft_ids, embedding.shape[0])
-    model = SpecBlock(cfg.model, target_args, embedding, draft_ids)
+    if cfg.init:
+        model = load_specblock(Path(cfg.init), target_args, embedding).train()
+        cfg.model = model.cfg
+    else:
+        draft_ids = draft_vocabulary(train_convs, cfg.model.draft_vocab)
+        cfg.model.draft_vocab = len(draft_ids)
+        model = SpecBlock(cfg.model, target_args, embedding, draft_ids)
+    to_draft = draft_index(model.draft_ids, embedding.shape[0])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) *
                                               0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))

@@ -124,7 +124,7 @@ def cmd_prepare_data(args) -> None:
 
     from drafter.data import SHAREGPT, build_cache, read_sharegpt
     from verifier.assets import load_target, package_file
-    from verifier.config import load_config, validate
+    from verifier.config import ConfigError, load_config, validate
 
     cfg = load_config(args.config)
     if args.max_conversations is not None:
@@ -133,13 +133,21 @@ def cmd_prepare_data(args) -> None:
         cfg.data.out_dir = args.out_dir
     validate(cfg)
     source = package_file(*SHAREGPT)
-    target, tokenizer, _ = load_target(cfg.target)
+    target, tokenizer, stops = load_target(cfg.target)
+    replies = None
+    if cfg.data.replies == "target":
+        try:
+            from verifier.vllm_backend import reply_generator
+            replies = reply_generator(cfg, stops)
+        except ImportError as e:
+            raise ConfigError(f"data.replies: target needs vLLM to generate the replies (make setup-vllm): {e}")
 
     def features(ids):
         return target.prefill(ids), target.logits
 
     with tqdm(desc="teacher forcing", unit="tok") as bar:
-        manifest = build_cache(read_sharegpt(source), tokenizer, features, cfg.data, cfg.target.model, bar.update)
+        manifest = build_cache(read_sharegpt(source), tokenizer, features, cfg.data, cfg.target.model, bar.update,
+                               replies)
     for split in ("train", "heldout"):
         shards = [s for s in manifest["shards"] if s["split"] == split]
         print(f"{split}: {sum(s['conversations'] for s in shards)} conversations, "

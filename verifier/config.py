@@ -48,7 +48,10 @@ class VllmConfig:
     ngram_min: int = 2                      # vLLM's ngram method: prompt-lookup n-gram sizes
     ngram_max: int = 3
     sidecars: list[str] = field(default_factory=lambda: ["configs/sidecar.yaml"])  # serve-drafter configs
-    dtype: typing.Literal["float32", "bfloat16"] = "bfloat16"
+    # float32: on CPUs without bf16 matrix units (this project's) a bf16 step over more than one token takes a
+    # slow path, so verifying a chain costs ~3x a float32 one (README, "vLLM as the verifier")
+    dtype: typing.Literal["float32", "bfloat16"] = "float32"
+    plain_dtypes: list[typing.Literal["float32", "bfloat16"]] = field(default_factory=list)  # extra vLLM plain rows in these dtypes, for reference
     enforce_eager: bool = False             # True skips torch.compile: minutes less start-up, slower steps
     memory_fraction: float = 0.2            # of CPU memory vLLM reserves for its KV cache (when kv_cache_mib is 0)
     # an explicit KV cache size; 0 = by memory_fraction, which vLLM's CPU worker takes as that fraction of
@@ -180,7 +183,8 @@ def validate(cfg: Config) -> Config:
         if v < 0:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
     for key, v in (("data.max_tokens", cfg.data.max_tokens), ("data.topk", cfg.data.topk),
-                   ("data.shard_tokens", cfg.data.shard_tokens)):
+                   ("data.shard_tokens", cfg.data.shard_tokens), ("data.reply_tokens", cfg.data.reply_tokens),
+                   ("data.reply_batch", cfg.data.reply_batch)):
         if v <= 0:
             raise ConfigError(f"{key}: must be > 0, got {v}")
     tr = cfg.train
@@ -209,6 +213,11 @@ def validate(cfg: Config) -> Config:
     if d.mode == "inprocess" and d.kind == "specblock" and not (Path(d.specblock.checkpoint) / "drafter.safetensors").is_file():
         raise ConfigError(f"drafter.specblock.checkpoint: {d.specblock.checkpoint}: no drafter.safetensors "
                           "(train one with `specdraft train`)")
+    if tr.init and not (Path(tr.init) / "drafter.safetensors").is_file():
+        raise ConfigError(f"train.init: {tr.init}: no drafter.safetensors")
+    if d.lookup and (d.kind != "specblock" or d.specblock.tree == "sampled"):
+        raise ConfigError("drafter.lookup: only in front of a specblock drafter with a deterministic tree "
+                          f"(kind {d.kind!r}, specblock.tree {d.specblock.tree!r})")
     if d.specblock.delay < 0:
         raise ConfigError(f"drafter.specblock.delay: must be >= 0, got {d.specblock.delay}")
     if not d.specblock.delays or any(v < 0 for v in d.specblock.delays):

@@ -145,17 +145,42 @@ class SpecdraftProposer:
         return req.proposal
 
 
+# ---- the target's own replies, for `specdraft prepare-data` with data.replies: target ----
+
+def reply_generator(cfg, stops: set[int]):
+    """A function from prompts' token ids to the target's greedy replies (at most data.reply_tokens each),
+    on one vLLM engine in the target's dtype, all prompts of a call batched."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from verifier.assets import model_dir
+
+    v = cfg.verifier.vllm
+    llm = LLM(model=str(model_dir(cfg.target.model)), dtype=cfg.target.dtype, max_model_len=cfg.data.max_tokens,
+              seed=cfg.sampling.seed, gpu_memory_utilization=v.memory_fraction,
+              kv_cache_memory_bytes=v.kv_cache_mib * 2**20 or None, enforce_eager=v.enforce_eager)
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.data.reply_tokens, stop_token_ids=sorted(stops))
+
+    def replies(prompts: list[list[int]]) -> list[list[int]]:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    return replies
+
+
 # ---- `specdraft eval` with verifier.backend: vllm ----
 
-def vllm_variants(cfg) -> list[tuple[str, dict | None, str | None]]:
-    """(name, speculative_config, sidecar config) per row, in the order they run."""
+def vllm_variants(cfg) -> list[tuple[str, dict | None, str | None, str]]:
+    """(name, speculative_config, sidecar config, dtype) per row, in the order they run."""
     v = cfg.verifier.vllm
-    rows = [("vLLM plain", None, None),
+    rows = [("vLLM plain", None, None, v.dtype),
             ("vLLM ngram", {"method": "ngram", "num_speculative_tokens": v.spec_tokens,
-                            "prompt_lookup_min": v.ngram_min, "prompt_lookup_max": v.ngram_max}, None)]
+                            "prompt_lookup_min": v.ngram_min, "prompt_lookup_max": v.ngram_max}, None, v.dtype)]
     for path in v.sidecars:
         rows.append((f"vLLM + sidecar ({os.path.basename(path)})",
-                     {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": v.spec_tokens}, path))
+                     {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": v.spec_tokens}, path,
+                     v.dtype))
+    rows += [(f"vLLM plain {dtype}", None, None, dtype) for dtype in v.plain_dtypes]
     return rows
 
 
@@ -165,15 +190,15 @@ def _spec_counters(llm) -> tuple[float, float]:
     return got.get("vllm:spec_decode_num_drafts", 0.0), got.get("vllm:spec_decode_num_accepted_tokens", 0.0)
 
 
-def run_vllm_variant(cfg, model_path: str, spec: dict | None, prompts: dict[str, list[tuple[str, list[int]]]],
-                     stops: set[int], progress=None) -> dict:
+def run_vllm_variant(cfg, model_path: str, spec: dict | None, dtype: str,
+                     prompts: dict[str, list[tuple[str, list[int]]]], stops: set[int], progress=None) -> dict:
     """One vLLM engine over every prompt, one request at a time (single-stream latency, as the torch
     rows measure it). Returns per dataset: tokens, wall time, mean accepted length, outputs."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     v = cfg.verifier.vllm
-    llm = LLM(model=model_path, dtype=v.dtype, max_model_len=cfg.target.max_seq_len, seed=cfg.sampling.seed,
+    llm = LLM(model=model_path, dtype=dtype, max_model_len=cfg.target.max_seq_len, seed=cfg.sampling.seed,
               gpu_memory_utilization=v.memory_fraction, kv_cache_memory_bytes=v.kv_cache_mib * 2**20 or None,
               enforce_eager=v.enforce_eager, speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
@@ -220,14 +245,15 @@ def run_vllm_eval(cfg, jobs: list[tuple[str, str, list[int]]], stops: set[int], 
     bar = tqdm(total=len(variants) * len(jobs), desc="eval vLLM", unit="prompt")
     runs = {}
     saved = {key: os.environ.get(key) for key in (CONFIG_ENV, ADDRESS_ENV)}
-    for name, spec, sidecar in variants:
+    for name, spec, sidecar, dtype in variants:
         bar.set_postfix_str(name)
         proc = None
         if sidecar is not None:
             proc, address = spawn(sidecar)
             os.environ[CONFIG_ENV], os.environ[ADDRESS_ENV] = sidecar, address  # read by vLLM's engine process
         try:
-            runs[name] = run_vllm_variant(cfg, str(model_dir(cfg.target.model)), spec, prompts, stops, bar.update)
+            runs[name] = run_vllm_variant(cfg, str(model_dir(cfg.target.model)), spec, dtype, prompts, stops,
+                                          bar.update)
         finally:
             if proc is not None:
                 proc.terminate()

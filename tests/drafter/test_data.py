@@ -124,3 +124,35 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(t
     m = build_cache(iter(records), Tok(), features, cfg, "m")
     assert [s["split"] for s in m["shards"]] == ["heldout"] and m["shards"][0]["conversations"] == 5
     assert m["done"]["heldout"] == 35
+
+
+def test_target_replies_replace_the_records_replies_and_only_they_are_scored(tmp_path):
+    """replies: target: each record's first user turn plus the reply a (fake) generator returns, batched;
+    the loss mask marks exactly the positions that predict a reply token."""
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt=False, return_dict=True):
+            return {"input_ids": [len(messages[0]["content"])] * 3 + [7] * add_generation_prompt}
+
+    def features(ids):
+        return torch.zeros(len(ids), 8), lambda h: torch.zeros(h.shape[0], 60)
+
+    batches = []
+
+    def replies(prompts):  # fake: a reply of 2 + (prompt's first id) tokens, 90, 91, ...
+        batches.append(len(prompts))
+        return [list(range(90, 92 + p[0])) for p in prompts]
+
+    records = [conv(f"id{i}", ("human", "q" * i), ("gpt", "ignored"), ("human", "later turn"), ("gpt", "b"))
+               for i in range(1, 6)]
+    cfg = DataConfig(out_dir=str(tmp_path / "d"), topk=2, heldout_fraction=0.0, replies="target", reply_batch=2,
+                     max_tokens=16)
+    m = build_cache(iter(records), Tok(), features, cfg, "m", replies=replies)
+    assert batches == [2, 2, 1] and m["config"]["replies"] == "target"
+    sh = load_file(tmp_path / "d" / m["shards"][0]["file"])
+    off = sh["offsets"].tolist()
+    for i, (a, b) in enumerate(zip(off, off[1:]), start=1):
+        reply = list(range(90, 92 + i))
+        assert sh["tokens"][a:b].tolist() == [i, i, i, 7] + reply
+        assert sh["loss_mask"][a:b].tolist() == [0, 0, 0] + [1] * len(reply) + [0]
+    with pytest.raises(ValueError, match="replies dataset"):  # the folder holds another kind of data
+        build_cache(iter(records), Tok(), features, DataConfig(out_dir=str(tmp_path / "d"), topk=2), "m")

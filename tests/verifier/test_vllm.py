@@ -199,9 +199,9 @@ def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
     monkeypatch.setattr(verifier.assets, "model_dir", lambda name: "/model")
     seen = []
 
-    def fake_variant(cfg, model_path, spec, prompts, stops, progress):
-        seen.append((spec and spec["method"], os.environ.get(CONFIG_ENV), os.environ.get(ADDRESS_ENV)))
-        speed = {None: 10.0, "ngram": 12.0, "custom_class": 15.0}[spec and spec["method"]]
+    def fake_variant(cfg, model_path, spec, dtype, prompts, stops, progress):
+        seen.append((spec and spec["method"], dtype, os.environ.get(CONFIG_ENV), os.environ.get(ADDRESS_ENV)))
+        speed = {None: 10.0 if dtype == "float32" else 12.5, "ngram": 12.0, "custom_class": 15.0}[spec and spec["method"]]
         tokens = [1, 2, 3] if spec is None or spec["method"] == "custom_class" else [1, 2, 4]
         return {ds: {"tokens": 3, "wall_s": 3 / speed, "tokens_per_s": speed, "mean_accepted_length": 2.0 if spec else None,
                      "outputs": [{"tokens": tokens}]} for ds in prompts}
@@ -209,16 +209,19 @@ def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
     monkeypatch.setattr(vb, "run_vllm_variant", fake_variant)
     cfg = Config()
     cfg.verifier.vllm.sidecars = ["configs/sidecar.yaml"]
+    cfg.verifier.vllm.plain_dtypes = ["bfloat16"]
     report = vb.run_vllm_eval(cfg, [("mt_bench", "q1", [5, 6])], set(),
                               {"datasets": {"mt_bench": {"tau": 1.5, "tokens": 3, "spec_tokens_per_s": 5.0}}})
-    assert seen == [(None, "callers.yaml", None), ("ngram", "callers.yaml", None),
-                    ("custom_class", "configs/sidecar.yaml", "127.0.0.1:1")]
+    assert seen == [(None, "float32", "callers.yaml", None), ("ngram", "float32", "callers.yaml", None),
+                    ("custom_class", "float32", "configs/sidecar.yaml", "127.0.0.1:1"),
+                    (None, "bfloat16", "callers.yaml", None)]
     assert os.environ[CONFIG_ENV] == "callers.yaml" and ADDRESS_ENV not in os.environ and stopped == [1]
     rows = report["datasets"]["mt_bench"]
     assert rows["vLLM ngram"]["speedup"] == pytest.approx(1.2) and rows["vLLM ngram"]["equal_to_plain"] is False
     assert rows["vLLM + sidecar (sidecar.yaml)"]["speedup"] == pytest.approx(1.5)
     assert rows["vLLM + sidecar (sidecar.yaml)"]["equal_to_plain"] is True
     assert rows["specdraft tree verifier (float32)"]["speedup"] == pytest.approx(0.5)
+    assert rows["vLLM plain bfloat16"]["speedup"] == pytest.approx(1.25)  # the reference row, over plain float32
 
 
 @pytest.mark.model
