@@ -220,6 +220,10 @@ class SpecBlockDraftConfig:
     # traversal): one sampled path of `delay` tokens, then `branches` i.i.d. continuations of `rollout`
     # sampled tokens each (cut to fit the node budget)
     tree: typing.Literal["best_first", "frontier", "sampled"] = "best_first"
+    # best_first: leave out nodes whose path probability (the product of draft probabilities from the root)
+    # is below this: a chain verifier (vLLM) then verifies only the tokens the drafter is confident of, and a
+    # step where even the best first token is below it proposes nothing. 0 = fill the budget
+    min_prob: float = 0.0
     delay: int = 0               # d: depth of the single path before branching (0 = branch at the root)
     branches: int = 2            # k: i.i.d. continuations drawn at depth d
     rollout: int = 4             # tokens per continuation
@@ -334,7 +338,8 @@ class SpecBlockDrafter:
         st, own = m.draft_blocks(self.cache, u[None], torch.tensor([pos]), n_f, inherited=True, pool=pool)
         return st[:, 0], grow_pool(pool, own)
 
-    def _best_first_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
+    def _best_first_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int,
+                         vocab_size: int) -> DraftTree | None:
         m = self.model
         blocks = 1
         # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
@@ -345,7 +350,7 @@ class SpecBlockDrafter:
         order = len(heap)
         heapq.heapify(heap)
         tokens, parents = [], []
-        while heap and len(tokens) < max_nodes:
+        while heap and len(tokens) < max_nodes and -heap[0][0] >= self.cfg.min_prob:
             negp, _, parent, tok, st, j, pos, is_top1 = heapq.heappop(heap)
             node = len(tokens)
             tokens.append(tok)
@@ -363,7 +368,7 @@ class SpecBlockDrafter:
             for rank, (ktok, kp) in enumerate(kids):
                 heapq.heappush(heap, (negp * kp, order, node, ktok, nst, nj, npos, rank == 0))
                 order += 1
-        return DraftTree(tokens, parents, vocab_size, max_nodes)
+        return DraftTree(tokens, parents, vocab_size, max_nodes) if tokens else None
 
     def _frontier_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
         """EAGLE-2's dynamic tree. Expansion, depth by depth: the max_branch drafted nodes of the newest

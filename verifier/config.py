@@ -218,6 +218,8 @@ def validate(cfg: Config) -> Config:
     if d.lookup and (d.kind != "specblock" or d.specblock.tree == "sampled"):
         raise ConfigError("drafter.lookup: only in front of a specblock drafter with a deterministic tree "
                           f"(kind {d.kind!r}, specblock.tree {d.specblock.tree!r})")
+    if not 0 <= d.specblock.min_prob < 1:
+        raise ConfigError(f"drafter.specblock.min_prob: must be in [0, 1), got {d.specblock.min_prob}")
     if d.specblock.delay < 0:
         raise ConfigError(f"drafter.specblock.delay: must be >= 0, got {d.specblock.delay}")
     if not d.specblock.delays or any(v < 0 for v in d.specblock.delays):

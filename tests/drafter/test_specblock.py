@@ -3,6 +3,7 @@ layer-wise shift), incremental inference reproduces the training forward, the va
 at the first miss, trees respect the budget, sampled trees have the delayed-expansion shape and draw
 each sibling group from the q they carry, and a short training run lowers the loss."""
 import json
+import heapq
 import random
 from dataclasses import replace
 
@@ -113,6 +114,25 @@ def test_trees_respect_budget_and_block_limit(budget, max_blocks, tree):
     calls.clear()
     tree2 = d.draft(VerifierUpdate([5, 6], None, budget, 200, torch.randn(2, 64)))  # the next round
     assert tree2 is not None and len(tree2) <= budget and d.cache.length == 10
+
+
+def test_min_prob_keeps_exactly_the_nodes_above_it(monkeypatch):
+    m = model()
+    prompt = [random.Random(i).randrange(200) for i in range(9)]
+    hidden = torch.randn(8, 64)
+    probs = []  # path probability of each node, in the order the best-first builder takes them
+    pop = heapq.heappop
+    monkeypatch.setattr(heapq, "heappop", lambda h: probs.append(-h[0][0]) or pop(h))
+    full = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3)).draft(VerifierUpdate(prompt, None, 16, 200, hidden))
+    monkeypatch.setattr(heapq, "heappop", pop)
+    assert len(probs) == len(full) == 16
+    cut = sorted(probs)[len(probs) // 2]
+    part = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3, min_prob=cut)).draft(
+        VerifierUpdate(prompt, None, 16, 200, hidden))
+    keep = [i for i, p in enumerate(probs) if p >= cut]  # best-first order: the kept nodes are the first ones
+    assert keep == list(range(len(keep))) and part.tokens == full.tokens[:len(keep)]
+    nothing = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3, min_prob=max(probs) + 1e-6))
+    assert nothing.draft(VerifierUpdate(prompt, None, 16, 200, hidden)) is None
 
 
 def test_frontier_tree_expands_one_depth_per_batched_forward():
