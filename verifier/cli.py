@@ -96,6 +96,8 @@ def cmd_bench(args) -> None:
 def cmd_serve_drafter(args) -> None:
     import asyncio
 
+    import torch
+
     from drafter.build import load_drafter_model
     from drafter.server import serve
     from verifier.assets import model_dir, target_embedding
@@ -105,6 +107,8 @@ def cmd_serve_drafter(args) -> None:
     if args.address:
         cfg.server.address = args.address
     validate(cfg)
+    if cfg.target.threads:
+        torch.set_num_threads(cfg.target.threads)
     targs, embedding = target_embedding(model_dir(cfg.target.model))
     drafter_model = load_drafter_model(cfg.drafter, targs, embedding)
     # model-free drafters and token-conditioned SpecBlocks take no hidden states

@@ -2,8 +2,8 @@
 layer-wise shift), incremental inference reproduces the training forward, the valid-prefix mask stops
 at the first miss, trees respect the budget, sampled trees have the delayed-expansion shape and draw
 each sibling group from the q they carry, and a short training run lowers the loss."""
-import json
 import heapq
+import json
 import random
 from dataclasses import replace
 
@@ -133,6 +133,20 @@ def test_min_prob_keeps_exactly_the_nodes_above_it(monkeypatch):
     assert keep == list(range(len(keep))) and part.tokens == full.tokens[:len(keep)]
     nothing = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3, min_prob=max(probs) + 1e-6))
     assert nothing.draft(VerifierUpdate(prompt, None, 16, 200, hidden)) is None
+
+
+def test_drafter_lookup_puts_the_prompt_lookup_chain_before_the_specblock_tree():
+    from drafter.build import DrafterConfig, make_drafter
+    from drafter.ngram import NgramConfig
+
+    cfg = DrafterConfig(kind="specblock", lookup=True, ngram=NgramConfig(max_depth=3, max_matches=1),
+                        specblock=SpecBlockDraftConfig(max_blocks=1, max_branch=1))
+    m = model(conditioning="tokens")
+    prompt = [50, 51, 52, 53, 54, 50, 51]  # (50, 51) occurred before, followed by 52 53 54
+    tree = make_drafter(cfg, m).draft(VerifierUpdate(prompt, None, 8, 200))
+    alone = SpecBlockDrafter(m, cfg.specblock).draft(VerifierUpdate(prompt, None, 8, 200))
+    assert tree.tokens == (52, 53, 54) + alone.tokens and tree.parents[:3] == (-1, 0, 1)
+    assert make_drafter(replace(cfg, lookup=False), m).draft(VerifierUpdate(prompt, None, 8, 200)) == alone
 
 
 def test_frontier_tree_expands_one_depth_per_batched_forward():
