@@ -49,9 +49,10 @@ class VllmConfig:
     ngram_max: int = 3
     sidecars: list[str] = field(default_factory=lambda: ["configs/sidecar.yaml"])  # serve-drafter configs
     # float32: on CPUs without bf16 matrix units (this project's) a bf16 step over more than one token takes a
-    # slow path, so verifying a chain costs ~3x a float32 one (README, "vLLM as the verifier")
+    # slow path, so verifying a chain costs 2-5x a float32 one (README, "vLLM as the verifier")
     dtype: typing.Literal["float32", "bfloat16"] = "float32"
-    plain_dtypes: list[typing.Literal["float32", "bfloat16"]] = field(default_factory=list)  # extra vLLM plain rows in these dtypes, for reference
+    # extra vLLM plain rows in these dtypes, for reference (speedups stay over plain decoding in `dtype`)
+    plain_dtypes: list[typing.Literal["float32", "bfloat16"]] = field(default_factory=list)
     enforce_eager: bool = False             # True skips torch.compile: minutes less start-up, slower steps
     memory_fraction: float = 0.2            # of CPU memory vLLM reserves for its KV cache (when kv_cache_mib is 0)
     # an explicit KV cache size; 0 = by memory_fraction, which vLLM's CPU worker takes as that fraction of
