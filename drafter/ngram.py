@@ -96,7 +96,7 @@ class LookupFirst:
             fb = Feedback([n - off for n in fb.accepted] if ours else [],
                           {n - off: p for n, p in fb.target_probs.items() if n >= off},
                           {n if n < 0 else n - off: v for n, v in fb.target_topk.items() if n < 0 or n >= off})
-        found = self.lookup.draft(replace(update, feedback=None))
+        found = self.lookup.draft(update)  # the n-gram drafter takes no feedback
         tree, self.offset = merge(found, self.drafter.draft(replace(update, feedback=fb)), update.max_nodes)
         return tree
 

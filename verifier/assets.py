@@ -113,10 +113,15 @@ def stop_ids(path: Path, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def load_target(cfg: TargetConfig) -> tuple[TorchTarget, object, set[int]]:
-    """The configured target, its tokenizer and its stop token ids."""
+def use_threads(cfg: TargetConfig) -> None:
+    """torch's CPU threads as target.threads says (0: torch's default)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+
+
+def load_target(cfg: TargetConfig) -> tuple[TorchTarget, object, set[int]]:
+    """The configured target, its tokenizer and its stop token ids."""
+    use_threads(cfg)
     path = model_dir(cfg.model)
     tokenizer = load_tokenizer(path)
     return TorchTarget(load_transformer(path, cfg.dtype, cfg.max_seq_len)), tokenizer, stop_ids(path, tokenizer)

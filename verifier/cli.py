@@ -80,15 +80,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import torch
-
-    from verifier.assets import model_dir
+    from verifier.assets import model_dir, use_threads
     from verifier.bench import print_bench, run_bench
     from verifier.config import load_config
 
     cfg = load_config(args.config)
-    if cfg.target.threads:
-        torch.set_num_threads(cfg.target.threads)
+    use_threads(cfg.target)
     results = run_bench(model_dir(cfg.target.model), args.prefix_len, args.tree_sizes, args.reps, args.gen_tokens)
     print_bench(results, args.tree_sizes, args.prefix_len)
 
@@ -96,19 +93,16 @@ def cmd_bench(args) -> None:
 def cmd_serve_drafter(args) -> None:
     import asyncio
 
-    import torch
-
     from drafter.build import load_drafter_model
     from drafter.server import serve
-    from verifier.assets import model_dir, target_embedding
+    from verifier.assets import model_dir, target_embedding, use_threads
     from verifier.config import load_config, validate
 
     cfg = load_config(args.config)
     if args.address:
         cfg.server.address = args.address
     validate(cfg)
-    if cfg.target.threads:
-        torch.set_num_threads(cfg.target.threads)
+    use_threads(cfg.target)
     targs, embedding = target_embedding(model_dir(cfg.target.model))
     drafter_model = load_drafter_model(cfg.drafter, targs, embedding)
     # model-free drafters and token-conditioned SpecBlocks take no hidden states
@@ -141,10 +135,11 @@ def cmd_prepare_data(args) -> None:
     replies = None
     if cfg.data.replies == "target":
         try:
-            from verifier.vllm_backend import reply_generator
-            replies = reply_generator(cfg, stops)
+            import vllm  # noqa: F401
         except ImportError as e:
             raise ConfigError(f"data.replies: target needs vLLM to generate the replies (make setup-vllm): {e}")
+        from verifier.vllm_backend import reply_generator
+        replies = reply_generator(cfg, stops)
 
     def features(ids):
         return target.prefill(ids), target.logits

@@ -145,20 +145,27 @@ class SpecdraftProposer:
         return req.proposal
 
 
+def engine(cfg, model_path: str, dtype: str, max_model_len: int, **kwargs):
+    """A vllm.LLM sized and compiled as verifier.vllm says; kwargs go to vllm.LLM (speculative_config, ...)."""
+    from vllm import LLM
+
+    v = cfg.verifier.vllm
+    return LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=cfg.sampling.seed,
+               gpu_memory_utilization=v.memory_fraction, kv_cache_memory_bytes=v.kv_cache_mib * 2**20 or None,
+               enforce_eager=v.enforce_eager, **kwargs)
+
+
 # ---- the target's own replies, for `specdraft prepare-data` with data.replies: target ----
 
 def reply_generator(cfg, stops: set[int]):
     """A function from prompts' token ids to the target's greedy replies (at most data.reply_tokens each),
     on one vLLM engine in the target's dtype, all prompts of a call batched."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from verifier.assets import model_dir
 
-    v = cfg.verifier.vllm
-    llm = LLM(model=str(model_dir(cfg.target.model)), dtype=cfg.target.dtype, max_model_len=cfg.data.max_tokens,
-              seed=cfg.sampling.seed, gpu_memory_utilization=v.memory_fraction,
-              kv_cache_memory_bytes=v.kv_cache_mib * 2**20 or None, enforce_eager=v.enforce_eager)
+    llm = engine(cfg, str(model_dir(cfg.target.model)), cfg.target.dtype, cfg.data.max_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=cfg.data.reply_tokens, stop_token_ids=sorted(stops))
 
     def replies(prompts: list[list[int]]) -> list[list[int]]:
@@ -194,13 +201,10 @@ def run_vllm_variant(cfg, model_path: str, spec: dict | None, dtype: str,
                      prompts: dict[str, list[tuple[str, list[int]]]], stops: set[int], progress=None) -> dict:
     """One vLLM engine over every prompt, one request at a time (single-stream latency, as the torch
     rows measure it). Returns per dataset: tokens, wall time, mean accepted length, outputs."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    v = cfg.verifier.vllm
-    llm = LLM(model=model_path, dtype=dtype, max_model_len=cfg.target.max_seq_len, seed=cfg.sampling.seed,
-              gpu_memory_utilization=v.memory_fraction, kv_cache_memory_bytes=v.kv_cache_mib * 2**20 or None,
-              enforce_eager=v.enforce_eager, speculative_config=spec, disable_log_stats=False)
+    llm = engine(cfg, model_path, dtype, cfg.target.max_seq_len, speculative_config=spec, disable_log_stats=False)
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             top_k=cfg.sampling.top_k or -1, max_tokens=cfg.eval.max_new_tokens, seed=cfg.sampling.seed,
                             stop_token_ids=sorted(stops))
