@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 
 VLLM    := $(VENV)/.vllm-installed
 
-.PHONY: setup setup-vllm eval test bench proto serve-drafter train
+.PHONY: setup setup-vllm eval test lint bench proto serve-drafter train
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -35,8 +35,14 @@ eval: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/specdraft bench --config configs/default.yaml
 
-test: $(STAMP) $(VLLM)
+test: $(STAMP) $(VLLM) lint
 	$(BIN)/python -m pytest -q
+
+# One-way imports (import-linter contracts in pyproject.toml), then ruff's lint and format check.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 serve-drafter: $(STAMP)
 	$(BIN)/specdraft serve-drafter --config configs/sidecar.yaml

@@ -20,6 +20,7 @@ window whatever arm is pulled there, so a one-window reward cannot tell the arms
 
 Losslessness is untouched: only the drafter changes. Sessions see a changed drafter at their next round
 (the model's `version`): they recompute their context keys/values with the new weights."""
+
 import copy
 import logging
 import math
@@ -31,30 +32,40 @@ from dataclasses import dataclass, field
 
 import torch
 
-from drafter.interface import VerifierUpdate
-from drafter.tree import DraftTree
+from proto import checks
+from proto.interface import VerifierUpdate
+from proto.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BanditConfig:
-    enabled: bool = False                   # only learned drafters can use it (refused for ngram / random)
-    buffer_positions: int = 8192            # committed positions kept (token, feature, target's choice)
-    shared: bool = True                     # one buffer across sessions (outlives them); False: a cap per session,
-                                            # dropped when the session ends
+    enabled: bool = False  # only learned drafters can use it (refused for ngram / random)
+    buffer_positions: int = 8192  # committed positions kept (token, feature, target's choice)
+    shared: bool = True  # one buffer across sessions (outlives them); False: a cap per session,
+    # dropped when the session ends
     arms: list[int] = field(default_factory=lambda: [0, 4, 16])  # optimizer steps per decision; 0 = skip
-    decide_every: int = 64                  # drafting rounds per decision (the reward window)
+    decide_every: int = 64  # drafting rounds per decision (the reward window)
     algorithm: typing.Literal["ucb", "thompson"] = "ucb"
-    exploration: float = 0.25               # UCB bonus scale / Thompson posterior width, in units of mean reward
-    discount: float = 0.98                  # per decision: old rewards fade, since the drafter keeps changing
-    window_positions: int = 256             # positions per training window
-    guard_positions: int = 256              # newest generated positions held out of an update to check it
-    guard_z: float = 1.64                   # credit the guard's agreement gain at its lower confidence bound
+    exploration: float = 0.25  # UCB bonus scale / Thompson posterior width, in units of mean reward
+    discount: float = 0.98  # per decision: old rewards fade, since the drafter keeps changing
+    window_positions: int = 256  # positions per training window
+    guard_positions: int = 256  # newest generated positions held out of an update to check it
+    guard_z: float = 1.64  # credit the guard's agreement gain at its lower confidence bound
     lr: float = 3e-4
-    horizon: float = 8.0                    # windows an update's guard-measured gain is credited for (it persists
-                                            # until the traffic moves on); 0 = the window's tokens/s only
+    horizon: float = 8.0  # windows an update's guard-measured gain is credited for (it persists
+    # until the traffic moves on); 0 = the window's tokens/s only
     seed: int = 0
+
+    def validate(self) -> None:
+        if not self.arms or any(a < 0 for a in self.arms):
+            raise ValueError(f"arms: a non-empty list of optimizer steps >= 0 (0 = skip), got {self.arms}")
+        checks.positive(
+            self, "buffer_positions", "decide_every", "window_positions", "guard_positions", "lr", "exploration"
+        )
+        checks.nonneg(self, "guard_z", "horizon")
+        checks.fraction(self, "discount", low_open=True)
 
 
 class FeedbackBuffer:
@@ -66,12 +77,13 @@ class FeedbackBuffer:
 
     def __init__(self, cap: int, shared: bool):
         self.cap, self.shared = cap, shared
-        self.sessions: OrderedDict[str, dict] = OrderedDict()   # oldest activity first
+        self.sessions: OrderedDict[str, dict] = OrderedDict()  # oldest activity first
 
     def add(self, session: str, update: VerifierUpdate, tree: DraftTree | None = None) -> None:
         """tree: the session's previous tree, the one update.feedback judges (None if there was none)."""
-        s = self.sessions.setdefault(session, {"tokens": [], "hidden": None, "topk": [], "drafted": [],
-                                               "prompt": len(update.new_tokens)})
+        s = self.sessions.setdefault(
+            session, {"tokens": [], "hidden": None, "topk": [], "drafted": [], "prompt": len(update.new_tokens)}
+        )
         self.sessions.move_to_end(session)
         s["tokens"] += update.new_tokens
         if update.hidden is not None and len(update.hidden):
@@ -84,8 +96,12 @@ class FeedbackBuffer:
             s["topk"] += [fb.target_topk.get(path[r]) if r < len(path) else None for r in range(len(h))]
             # row r's next token is the accepted child of path[r] while r < len(accepted), else the bonus
             # token, which none of the drafted children carried
-            s["drafted"] += [(tuple(t for t, p in zip(tree.tokens, tree.parents) if p == path[r]), r < len(fb.accepted))
-                             if tree is not None and r < len(path) else None for r in range(len(h))]
+            s["drafted"] += [
+                (tuple(t for t, p in zip(tree.tokens, tree.parents) if p == path[r]), r < len(fb.accepted))
+                if tree is not None and r < len(path)
+                else None
+                for r in range(len(h))
+            ]
         self._evict(session)
 
     def end(self, session: str) -> None:
@@ -120,18 +136,19 @@ class FeedbackBuffer:
             n = 0 if s["hidden"] is None else len(s["hidden"])
             if n < 3:
                 continue
-            tokens = torch.tensor(s["tokens"][:n + 1])
+            tokens = torch.tensor(s["tokens"][: n + 1])
             mask = torch.zeros(n, dtype=torch.uint8)
-            mask[max(s["prompt"] - 1, 0):] = 1   # rows whose next token was generated (data.py's convention)
+            mask[max(s["prompt"] - 1, 0) :] = 1  # rows whose next token was generated (data.py's convention)
             k = max((len(t[0]) for t in s["topk"] if t), default=1)
             ids, probs = torch.zeros(n, k, dtype=torch.int32), torch.zeros(n, k, dtype=torch.float16)  # [n, k]
             ids[:, 0], probs[:, 0] = tokens[1:], 1.0
             for r, t in enumerate(s["topk"]):
                 if t:
                     ids[r], probs[r] = 0, 0.0
-                    ids[r, :len(t[0])], probs[r, :len(t[1])] = torch.tensor(t[0]), torch.tensor(t[1])
-            out.append({"tokens": tokens[:n], "loss_mask": mask, "hidden": s["hidden"], "topk_ids": ids,
-                        "topk_probs": probs})
+                    ids[r, : len(t[0])], probs[r, : len(t[1])] = torch.tensor(t[0]), torch.tensor(t[1])
+            out.append(
+                {"tokens": tokens[:n], "loss_mask": mask, "hidden": s["hidden"], "topk_ids": ids, "topk_probs": probs}
+            )
         return out
 
 
@@ -140,12 +157,13 @@ class CostAwareBandit:
     `discount` at every record, so an arm whose value changed (the drafter improved, the traffic moved)
     is found out again. Deterministic for a seed."""
 
-    def __init__(self, arms: list[int], algorithm: str = "ucb", exploration: float = 0.25, discount: float = 0.98,
-                 seed: int = 0):
+    def __init__(
+        self, arms: list[int], algorithm: str = "ucb", exploration: float = 0.25, discount: float = 0.98, seed: int = 0
+    ):
         self.arms, self.algorithm, self.exploration, self.discount = list(arms), algorithm, exploration, discount
-        self.n = [0.0] * len(arms)      # discounted pull counts
-        self.sum = [0.0] * len(arms)    # discounted reward sums
-        self.sq = [0.0] * len(arms)     # discounted squared rewards (Thompson's spread)
+        self.n = [0.0] * len(arms)  # discounted pull counts
+        self.sum = [0.0] * len(arms)  # discounted reward sums
+        self.sq = [0.0] * len(arms)  # discounted squared rewards (Thompson's spread)
         self.rng = random.Random(seed)
 
     def mean(self, i: int) -> float:
@@ -158,8 +176,10 @@ class CostAwareBandit:
         scale = max(abs(self.mean(i)) for i in range(len(self.arms))) or 1.0
         if self.algorithm == "ucb":
             total = sum(self.n)
-            score = [self.mean(i) + self.exploration * scale * math.sqrt(2 * math.log(max(total, 1.0)) / self.n[i])
-                     for i in range(len(self.arms))]
+            score = [
+                self.mean(i) + self.exploration * scale * math.sqrt(2 * math.log(max(total, 1.0)) / self.n[i])
+                for i in range(len(self.arms))
+            ]
         else:
             score = []
             for i in range(len(self.arms)):
@@ -177,8 +197,10 @@ class CostAwareBandit:
         self.sq[arm] += reward * reward
 
     def stats(self) -> dict:
-        return {f"arm{steps}": {"pulls": round(self.n[i], 3), "mean_tok_s": round(self.mean(i), 3)}
-                for i, steps in enumerate(self.arms)}
+        return {
+            f"arm{steps}": {"pulls": round(self.n[i], 3), "mean_tok_s": round(self.mean(i), 3)}
+            for i, steps in enumerate(self.arms)
+        }
 
 
 def paired_gain(before: torch.Tensor, after: torch.Tensor, z: float) -> float:
@@ -190,8 +212,10 @@ def paired_gain(before: torch.Tensor, after: torch.Tensor, z: float) -> float:
 
 
 def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    return ({k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad},
-            copy.deepcopy(opt.state_dict()))
+    return (
+        {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad},
+        copy.deepcopy(opt.state_dict()),
+    )
 
 
 def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, snap: tuple[dict, dict]) -> None:
@@ -212,16 +236,16 @@ class OnlineAdapter:
         from drafter.train import TrainConfig, draft_index
 
         self.model, self.cfg, self.clock = model, cfg, clock
-        model.version = 0                       # its weights now change: sessions keep what they need to recompute
+        model.version = 0  # its weights now change: sessions keep what they need to recompute
         self.buffer = FeedbackBuffer(cfg.buffer_positions, cfg.shared)
         self.bandit = CostAwareBandit(cfg.arms, cfg.algorithm, cfg.exploration, cfg.discount, cfg.seed)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-        self.train_cfg = TrainConfig()          # the offline loss weights
+        self.train_cfg = TrainConfig()  # the offline loss weights
         self.to_draft = draft_index(model.draft_ids, model.embedding.shape[0])
         self.rng = random.Random(cfg.seed)
         self.rounds = self.window_tokens = self.window_rounds = self.decisions = self.updates = self.rollbacks = 0
         self.update_s = 0.0
-        self.gain = 0.0                         # the pulled arm's estimated relative throughput gain (0: skip)
+        self.gain = 0.0  # the pulled arm's estimated relative throughput gain (0: skip)
         self.arm: int | None = None
         self.window_start = clock()
         self.last: dict = {}
@@ -298,9 +322,13 @@ class OnlineAdapter:
         self.updates += 1
         dt = self.clock() - t0
         self.update_s += dt
-        return {"guard_top1": [round(float(before.float().mean()), 4), round(float(after.float().mean()), 4)],
-                "guard_rows": len(before), "gain_lcb": round(paired_gain(before, after, self.cfg.guard_z), 4),
-                "rolled_back": rolled_back, "seconds": round(dt, 3)}
+        return {
+            "guard_top1": [round(float(before.float().mean()), 4), round(float(after.float().mean()), 4)],
+            "guard_rows": len(before),
+            "gain_lcb": round(paired_gain(before, after, self.cfg.guard_z), 4),
+            "rolled_back": rolled_back,
+            "seconds": round(dt, 3),
+        }
 
     def guard_hits(self, guard: list[dict]) -> torch.Tensor:
         """Per scored guard row: does the drafter's first block position agree with the target's top-1."""
@@ -310,7 +338,13 @@ class OnlineAdapter:
             return torch.cat([block_loss(self.model, g, self.to_draft, self.train_cfg)[1]["hits"] for g in guard])
 
     def stats(self) -> dict:
-        return {"decisions": self.decisions, "updates": self.updates, "rollbacks": self.rollbacks,
-                "update_s": self.update_s, "buffer_positions": self.buffer.positions(),
-                "buffer_acceptance": self.buffer.acceptance(), "last": self.last,
-                "arms": self.bandit.stats()}
+        return {
+            "decisions": self.decisions,
+            "updates": self.updates,
+            "rollbacks": self.rollbacks,
+            "update_s": self.update_s,
+            "buffer_positions": self.buffer.positions(),
+            "buffer_acceptance": self.buffer.acceptance(),
+            "last": self.last,
+            "arms": self.bandit.stats(),
+        }

@@ -1,4 +1,2 @@
-from drafter.interface import Drafter, Feedback, VerifierUpdate
-from drafter.tree import DraftTree, TreeError
-
-__all__ = ["DraftTree", "Drafter", "Feedback", "TreeError", "VerifierUpdate"]
+"""Drafters (n-gram lookup, SpecBlock, the EAGLE-style and parallel-heads baselines via SpecBlock's
+config), their trees, the gRPC sidecar server and offline training."""

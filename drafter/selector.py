@@ -9,6 +9,7 @@ drafted with a uniformly random d (`drafter.specblock.select: random` plus `eval
 loss on the output of the d it used (squared error against the accepted count): with d random, every
 output learns E[accepted | features, d]. The traced steps are split (seeded) into train, validation
 (early stopping: the weights with the best validation error are kept) and held-out (reported only)."""
+
 import functools
 import json
 import math
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from proto import checks
 
 RECENT = 4  # steps of acceptance history in the features
 
@@ -51,8 +54,11 @@ class Selector(nn.Module):
 def save_selector(sel: Selector, folder: Path, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sel.state_dict().items()}, folder / "selector.safetensors")
-    (folder / "config.json").write_text(json.dumps({"delays": sel.delays, "n_features": sel.mean.shape[0],
-                                                    "hidden": sel.net[0].out_features, **meta}, indent=2))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"delays": sel.delays, "n_features": sel.mean.shape[0], "hidden": sel.net[0].out_features, **meta}, indent=2
+        )
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,8 +66,10 @@ def cached_selector(folder: str) -> Selector:
     """One loaded selector per folder for the process (sessions share it; it is never trained online)."""
     path = Path(folder)
     if not (path / "selector.safetensors").is_file():
-        raise FileNotFoundError(f"drafter.specblock.selector: {path}: no selector.safetensors (train one: "
-                                "specdraft train --config configs/train-selector.yaml)")
+        raise FileNotFoundError(
+            f"drafter.specblock.selector: {path}: no selector.safetensors (train one: "
+            "specdraft train --config configs/train-selector.yaml)"
+        )
     return load_selector(path)
 
 
@@ -77,10 +85,13 @@ class SelectorTrainConfig:
     traces: list[str] = field(default_factory=lambda: ["reports/selector-trace.jsonl"])  # `eval.trace` outputs
     out: str = "models/selector-smollm2"
     hidden: int = 32
-    steps: int = 2000               # full-batch optimizer steps at most (early stopping keeps the best)
+    steps: int = 2000  # full-batch optimizer steps at most (early stopping keeps the best)
     lr: float = 3e-3
-    heldout_fraction: float = 0.2   # of the traced steps, by a seeded shuffle; as much again for validation
+    heldout_fraction: float = 0.2  # of the traced steps, by a seeded shuffle; as much again for validation
     seed: int = 0
+
+    def validate(self) -> None:
+        checks.positive(self, "hidden", "steps", "lr")
 
 
 def load_traces(paths: list[str]) -> list[dict]:
@@ -89,8 +100,10 @@ def load_traces(paths: list[str]) -> list[dict]:
     for p in paths:
         path = Path(p)
         if not path.is_file():
-            raise FileNotFoundError(f"train.selector.traces: {path}: file not found (run `specdraft eval` with "
-                                    "eval.trace and drafter.specblock.select: random first)")
+            raise FileNotFoundError(
+                f"train.selector.traces: {path}: file not found (run `specdraft eval` with "
+                "eval.trace and drafter.specblock.select: random first)"
+            )
         out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return out
 
@@ -100,17 +113,22 @@ def train_selector(cfg: SelectorTrainConfig, records: list[dict]) -> dict:
     knows), save; returns the metrics."""
     delays = sorted({r["delay"] for r in records})
     if len(delays) < 2 or len(records) < 20:
-        raise ValueError(f"train.selector.traces: {len(records)} steps over delays {delays}: need >= 20 steps "
-                         "and >= 2 delays (trace with drafter.specblock.select: random)")
+        raise ValueError(
+            f"train.selector.traces: {len(records)} steps over delays {delays}: need >= 20 steps "
+            "and >= 2 delays (trace with drafter.specblock.select: random)"
+        )
     rng = random.Random(cfg.seed)
     records = records[:]
     rng.shuffle(records)
     n_held = max(1, int(len(records) * cfg.heldout_fraction))
-    held, val, train = records[:n_held], records[n_held:2 * n_held], records[2 * n_held:]
+    held, val, train = records[:n_held], records[n_held : 2 * n_held], records[2 * n_held :]
 
     def tensors(rs):
-        return (torch.tensor([r["features"] for r in rs]), torch.tensor([delays.index(r["delay"]) for r in rs]),
-                torch.tensor([float(r["accepted"]) for r in rs]))
+        return (
+            torch.tensor([r["features"] for r in rs]),
+            torch.tensor([delays.index(r["delay"]) for r in rs]),
+            torch.tensor([float(r["accepted"]) for r in rs]),
+        )
 
     def mse(sel, x, d, y):
         return (sel(x).gather(1, d[:, None])[:, 0] - y).square().mean()
@@ -138,11 +156,17 @@ def train_selector(cfg: SelectorTrainConfig, records: list[dict]) -> dict:
     per_delay = torch.tensor([y[d == i].mean().item() if (d == i).any() else 0.0 for i in range(len(delays))])
     with torch.no_grad():
         pred = sel(hx).gather(1, hd[:, None])[:, 0]
-    metrics = {"steps_traced": len(records), "train_steps": len(train), "validation_steps": len(val),
-               "heldout_steps": len(held), "best_optimizer_step": best_step,
-               "delays": delays, "per_delay_mean_accepted": per_delay.tolist(),
-               "heldout_mse": float((pred - hy).square().mean()),
-               "heldout_mse_per_delay_mean": float((per_delay[hd] - hy).square().mean()),
-               "train_config": asdict(cfg)}
+    metrics = {
+        "steps_traced": len(records),
+        "train_steps": len(train),
+        "validation_steps": len(val),
+        "heldout_steps": len(held),
+        "best_optimizer_step": best_step,
+        "delays": delays,
+        "per_delay_mean_accepted": per_delay.tolist(),
+        "heldout_mse": float((pred - hy).square().mean()),
+        "heldout_mse_per_delay_mean": float((per_delay[hd] - hy).square().mean()),
+        "train_config": asdict(cfg),
+    }
     save_selector(sel.eval(), Path(cfg.out), {"metrics": metrics})
     return metrics

@@ -4,30 +4,30 @@ slow drafter never blocks the other streams, or inline on the event loop for che
 (workers: 0). The standard health and reflection services ride along.
 
 A bad update ends its own stream with a precise status; every other session goes on."""
+
 import asyncio
 import bisect
 import collections
 import hmac
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from importlib.metadata import version
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from drafter.build import DrafterConfig, make_drafter
-from drafter.tree import DraftTree
+from proto import checks
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
+from proto.interface import Drafter
+from proto.tree import DraftTree
 from proto.wire import API_VERSION, WireError, msg_to_update
 
 log = logging.getLogger(__name__)
@@ -36,17 +36,46 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "specdraft.v1.D
 
 @dataclass
 class ServerConfig:
-    address: str = "127.0.0.1:50051"   # host:port; loopback by default, port 0 = any free port
-    max_sessions: int = 64             # open streams at once; more get RESOURCE_EXHAUSTED
-    max_nodes: int = 256               # cap on the node budget of any tree
-    max_message_mb: float = 16.0       # larger messages get RESOURCE_EXHAUSTED
-    session_ttl_s: float = 300.0       # a session idle this long is evicted
-    drain_s: float = 5.0               # on SIGTERM/SIGINT, open streams get this long to finish
-    workers: int = 0                   # drafting threads; 0 = draft on the event loop itself, the
-                                       # fastest for cheap drafters (ngram); a neural drafter wants >= 1
-    tls_cert: str = ""                 # PEM certificate chain; with tls_key turns TLS on
+    address: str = "127.0.0.1:50051"  # host:port; loopback by default, port 0 = any free port
+    max_sessions: int = 64  # open streams at once; more get RESOURCE_EXHAUSTED
+    max_nodes: int = 256  # cap on the node budget of any tree
+    max_message_mb: float = 16.0  # larger messages get RESOURCE_EXHAUSTED
+    session_ttl_s: float = 300.0  # a session idle this long is evicted
+    drain_s: float = 5.0  # on SIGTERM/SIGINT, open streams get this long to finish
+    workers: int = 0  # drafting threads; 0 = draft on the event loop itself, the
+    # fastest for cheap drafters (ngram); a neural drafter wants >= 1
+    tls_cert: str = ""  # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""
-    token_env: str = ""                # environment variable holding the shared-secret token; "" = none
+    token_env: str = ""  # environment variable holding the shared-secret token; "" = none
+
+    def validate(self) -> None:
+        checks.host_port(self, "address")
+        checks.positive(self, "max_sessions", "max_nodes", "max_message_mb", "session_ttl_s")
+        checks.nonneg(self, "drain_s", "workers")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            key, other = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{key}: give server.{other} too (TLS needs both) or neither")
+        checks.existing_file(self, "tls_cert")
+        checks.existing_file(self, "tls_key")
+        checks.token_set(self, "token_env")
+
+
+def percentile(values, q: float) -> float:
+    """The q-quantile (0..1) of values by rank, 0.0 for none."""
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
+
+
+@dataclass
+class DrafterInfo:
+    """What GetInfo tells a client about the drafter behind the server."""
+
+    kind: str  # ngram, specblock, random
+    model: str  # the target model the drafter serves
+    vocab_size: int  # the target's vocabulary: every update's tokens lie in it
+    draft_vocab_size: int  # tokens the drafter can propose (a learned drafter's draft vocabulary)
+    hidden_dim: int  # width of the hidden states an update must carry; 0 = none taken
+    tree_builder: str  # how it builds trees, in words
 
 
 class Session:
@@ -75,8 +104,7 @@ class Stats:
         self.round_times.append(time.monotonic())
 
     def percentile(self, q: float) -> float:
-        lat = sorted(self.latency_ms)
-        return lat[min(int(q * len(lat)), len(lat) - 1)] if lat else 0.0
+        return percentile(self.latency_ms, q)
 
     def rounds_per_s(self, window: float = 60.0) -> float:
         now = time.monotonic()
@@ -86,20 +114,16 @@ class Stats:
 
 
 class DrafterService(pb_grpc.DrafterServicer):
-    def __init__(self, cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int,
-                 model: str, drafter_model=None):
-        self.cfg, self.drafter_cfg, self.drafter_model = cfg, drafter_cfg, drafter_model
-        self.vocab_size, self.hidden_dim, self.model = vocab_size, hidden_dim, model
-        self.token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
+    def __init__(self, cfg: ServerConfig, new_drafter: Callable[[], Drafter], info: DrafterInfo, adapter=None):
+        self.cfg, self.new_drafter, self.info = cfg, new_drafter, info
+        self.token = checks.env_token(cfg.token_env)
         self.sessions: dict[str, Session] = {}
         self.stats = Stats()
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft") if cfg.workers else None
         self.closing = False
-        self.adapter = None  # online learning: updates the shared drafter model between drafting rounds
-        if drafter_cfg.bandit.enabled and drafter_model is not None:
-            from bandit.online import OnlineAdapter
-
-            self.adapter = OnlineAdapter(drafter_model, drafter_cfg.bandit)
+        # online learning (bandit.online.OnlineAdapter): observes every round and may update the shared
+        # drafter model between rounds
+        self.adapter = adapter
         self.model_lock = threading.Lock()  # an update never overlaps a draft running on a worker thread
 
     def _draft(self, drafter, update):
@@ -116,17 +140,23 @@ class DrafterService(pb_grpc.DrafterServicer):
             return
         got = dict(context.invocation_metadata()).get("authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-            await self._fail(context, grpc.StatusCode.UNAUTHENTICATED,
-                             "missing or wrong shared-secret token (metadata 'authorization: Bearer <token>')")
+            await self._fail(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong shared-secret token (metadata 'authorization: Bearer <token>')",
+            )
 
     async def Session(self, request_iterator, context):
         await self._authorize(context)
         if self.closing:
             await self._fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         if len(self.sessions) >= self.cfg.max_sessions:
-            await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"{len(self.sessions)} sessions open, the server's limit is {self.cfg.max_sessions}")
-        sess = Session(uuid.uuid4().hex[:16], make_drafter(self.drafter_cfg, self.drafter_model))
+            await self._fail(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self.sessions)} sessions open, the server's limit is {self.cfg.max_sessions}",
+            )
+        sess = Session(uuid.uuid4().hex[:16], self.new_drafter())
         self.sessions[sess.id] = sess
         self.stats.sessions_total += 1
         loop = asyncio.get_running_loop()
@@ -142,20 +172,29 @@ class DrafterService(pb_grpc.DrafterServicer):
                 except TimeoutError:
                     self.stats.sessions_evicted += 1
                     ended = "evicted"
-                    await self._fail(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                     f"session {sess.id} idle for more than {self.cfg.session_ttl_s} s; evicted")
+                    await self._fail(
+                        context,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"session {sess.id} idle for more than {self.cfg.session_ttl_s} s; evicted",
+                    )
                 t0 = time.perf_counter()
                 first = sess.rounds == 0
                 try:
                     prev_parents = sess.prev_tree.parents if sess.prev_tree else None
-                    update = msg_to_update(msg, self.vocab_size, self.hidden_dim, prev_parents, self.cfg.max_nodes, first)
+                    update = msg_to_update(
+                        msg, self.info.vocab_size, self.info.hidden_dim, prev_parents, self.cfg.max_nodes, first
+                    )
                 except WireError as e:
                     ended = "bad update"
                     await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
                 if first:
                     sess.label = msg.client_label
-                    log.info("session %s opened (%s, %d prompt tokens)", sess.id, sess.label or "no label",
-                             len(update.new_tokens))
+                    log.info(
+                        "session %s opened (%s, %d prompt tokens)",
+                        sess.id,
+                        sess.label or "no label",
+                        len(update.new_tokens),
+                    )
                 tree: DraftTree | None = None
                 try:
                     if update.max_nodes > 0 and self.pool is None:
@@ -182,8 +221,13 @@ class DrafterService(pb_grpc.DrafterServicer):
                 sess.prev_tree = tree
                 ms = 1000 * (time.perf_counter() - t0)
                 self.stats.add_round(n, ms)
-                yield pb.DraftTree(session_id=sess.id, round=msg.round, tokens=tree.tokens if tree else (),
-                                   parents=tree.parents if tree else (), draft_ms=ms)
+                yield pb.DraftTree(
+                    session_id=sess.id,
+                    round=msg.round,
+                    tokens=tree.tokens if tree else (),
+                    parents=tree.parents if tree else (),
+                    draft_ms=ms,
+                )
         except asyncio.CancelledError:
             ended = "client cancelled"
             raise
@@ -192,27 +236,51 @@ class DrafterService(pb_grpc.DrafterServicer):
             if self.adapter is not None:
                 self.adapter.buffer.end(sess.id)
             sess.drafter.close()
-            log.info("session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree", sess.id, ended,
-                     sess.rounds, sess.tokens, sess.nodes / max(sess.rounds, 1))
+            log.info(
+                "session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree",
+                sess.id,
+                ended,
+                sess.rounds,
+                sess.tokens,
+                sess.nodes / max(sess.rounds, 1),
+            )
 
     async def GetInfo(self, request, context):
         await self._authorize(context)
-        return pb.ServerInfo(api_version=API_VERSION, server_version=version("specdraft"), drafter=self.drafter_cfg.kind,
-                             model=self.model, vocab_size=self.vocab_size, draft_vocab_size=self.vocab_size,
-                             hidden_dim=self.hidden_dim, tree_builders=[tree_builder(self.drafter_cfg)],
-                             max_nodes=self.cfg.max_nodes, max_sessions=self.cfg.max_sessions,
-                             auth_required=bool(self.token))
+        i = self.info
+        return pb.ServerInfo(
+            api_version=API_VERSION,
+            server_version=version("specdraft"),
+            drafter=i.kind,
+            model=i.model,
+            vocab_size=i.vocab_size,
+            draft_vocab_size=i.draft_vocab_size,
+            hidden_dim=i.hidden_dim,
+            tree_builders=[i.tree_builder],
+            max_nodes=self.cfg.max_nodes,
+            max_sessions=self.cfg.max_sessions,
+            auth_required=bool(self.token),
+        )
 
     async def GetStats(self, request, context):
         await self._authorize(context)
         s = self.stats
-        return pb.ServerStats(sessions_open=len(self.sessions), sessions_total=s.sessions_total,
-                              sessions_evicted=s.sessions_evicted, rounds_total=s.rounds,
-                              rounds_per_s=s.rounds_per_s(), mean_nodes=s.nodes / max(s.rounds, 1),
-                              latency_p50_ms=s.percentile(0.5), latency_p90_ms=s.percentile(0.9),
-                              latency_p99_ms=s.percentile(0.99), errors=dict(s.errors),
-                              uptime_s=time.monotonic() - s.start, feedback_rounds=s.feedback_rounds,
-                              accepted_tokens=s.accepted, bandit=self._bandit_stats())
+        return pb.ServerStats(
+            sessions_open=len(self.sessions),
+            sessions_total=s.sessions_total,
+            sessions_evicted=s.sessions_evicted,
+            rounds_total=s.rounds,
+            rounds_per_s=s.rounds_per_s(),
+            mean_nodes=s.nodes / max(s.rounds, 1),
+            latency_p50_ms=s.percentile(0.5),
+            latency_p90_ms=s.percentile(0.9),
+            latency_p99_ms=s.percentile(0.99),
+            errors=dict(s.errors),
+            uptime_s=time.monotonic() - s.start,
+            feedback_rounds=s.feedback_rounds,
+            accepted_tokens=s.accepted,
+            bandit=self._bandit_stats(),
+        )
 
     def _bandit_stats(self) -> dict[str, float]:
         if self.adapter is None:
@@ -230,22 +298,18 @@ class DrafterService(pb_grpc.DrafterServicer):
         await self._authorize(context)
         sess = self.sessions.get(request.session_id)
         if sess is None:
-            await self._fail(context, grpc.StatusCode.NOT_FOUND, f"session {request.session_id!r}: no such open session")
-        return pb.SessionStats(session_id=sess.id, client_label=sess.label, rounds=sess.rounds, tokens=sess.tokens,
-                               mean_nodes=sess.nodes / max(sess.rounds, 1),
-                               mean_accepted=sess.accepted / max(sess.feedback_rounds, 1),
-                               idle_s=time.monotonic() - sess.last_seen)
-
-
-TREE_BUILDERS = {"ngram": "prompt-lookup trie (deterministic)", "random": "random trees of the full budget (benchmark)",
-                 "specblock": "block-iterative expansion, rank-head branching (deterministic)"}
-
-
-def tree_builder(cfg) -> str:
-    """ServerInfo.tree_builders' entry for a DrafterConfig."""
-    if cfg.kind == "specblock" and cfg.specblock.tree == "sampled":  # the wire carries no draft distributions
-        return "block-iterative delayed expansion, i.i.d. sampled groups (q not sent: verify with rule walk)"
-    return TREE_BUILDERS[cfg.kind]
+            await self._fail(
+                context, grpc.StatusCode.NOT_FOUND, f"session {request.session_id!r}: no such open session"
+            )
+        return pb.SessionStats(
+            session_id=sess.id,
+            client_label=sess.label,
+            rounds=sess.rounds,
+            tokens=sess.tokens,
+            mean_nodes=sess.nodes / max(sess.rounds, 1),
+            mean_accepted=sess.accepted / max(sess.feedback_rounds, 1),
+            idle_s=time.monotonic() - sess.last_seen,
+        )
 
 
 STATS_LOG_S = 60.0
@@ -258,22 +322,34 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
         await asyncio.sleep(every_s)
         s = service.stats
         if s.rounds > last:
-            log.info("stats: %d sessions open, %d rounds (%.1f/s over the last minute), %.1f nodes/tree, "
-                     "latency p50 %.2f ms p99 %.2f ms, errors %s", len(service.sessions), s.rounds - last,
-                     s.rounds_per_s(), s.nodes / max(s.rounds, 1), s.percentile(0.5), s.percentile(0.99),
-                     dict(s.errors) or "none")
+            log.info(
+                "stats: %d sessions open, %d rounds (%.1f/s over the last minute), %.1f nodes/tree, "
+                "latency p50 %.2f ms p99 %.2f ms, errors %s",
+                len(service.sessions),
+                s.rounds - last,
+                s.rounds_per_s(),
+                s.nodes / max(s.rounds, 1),
+                s.percentile(0.5),
+                s.percentile(0.99),
+                dict(s.errors) or "none",
+            )
             last = s.rounds
 
 
-async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, hidden_dim: int, model: str,
-                ready=None, drafter_model=None) -> None:
+async def serve(
+    cfg: ServerConfig, new_drafter: Callable[[], Drafter], info: DrafterInfo, adapter=None, ready=None
+) -> None:
     """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions are refused and
     open streams get cfg.drain_s to finish. ready("host:port") is called once the port is bound."""
     limit = int(cfg.max_message_mb * 2**20)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit),
-                                      ("grpc.so_reuseport", 0)])
-    service = DrafterService(cfg, drafter_cfg, vocab_size, hidden_dim, model, drafter_model)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    service = DrafterService(cfg, new_drafter, info, adapter)
     pb_grpc.add_DrafterServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -290,8 +366,16 @@ async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, 
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.address.rsplit(":", 1)[0]
-    log.info("specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s", drafter_cfg.kind, vocab_size, API_VERSION,
-             host, port, " with TLS" if cfg.tls_cert else "", " with token auth" if service.token else "")
+    log.info(
+        "specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s",
+        info.kind,
+        info.vocab_size,
+        API_VERSION,
+        host,
+        port,
+        " with TLS" if cfg.tls_cert else "",
+        " with token auth" if service.token else "",
+    )
     if ready is not None:
         ready(f"{host}:{port}")
 
@@ -309,16 +393,3 @@ async def serve(cfg: ServerConfig, drafter_cfg: DrafterConfig, vocab_size: int, 
     if service.pool is not None:
         service.pool.shutdown(wait=False, cancel_futures=True)
     log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)
-
-
-def spawn(config: str, address: str = "127.0.0.1:0", env: dict | None = None, stderr=None) -> tuple[subprocess.Popen, str]:
-    """Start `specdraft serve-drafter` as a child process; returns it and its bound host:port once it
-    listens (for benchmarks and tests)."""
-    proc = subprocess.Popen([sys.executable, "-m", "verifier.cli", "serve-drafter", "--config", config,
-                             "--address", address], stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            env={**os.environ, **(env or {})})
-    line = proc.stdout.readline()  # "listening on HOST:PORT", or EOF if it died
-    if not line.startswith("listening on"):
-        proc.kill()
-        raise RuntimeError(f"serve-drafter --config {config} did not start (exit {proc.wait()})")
-    return proc, line.split()[-1]

@@ -17,6 +17,7 @@ and the state itself regresses the target's feature at that position, so a new b
 a block may start from any drafted node, with that node's state standing in for f and its token as x.
 
 Shapes: K = block_size, T = positions, D = dim, Vd = draft vocabulary size."""
+
 import heapq
 import json
 import typing
@@ -28,21 +29,22 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from drafter.interface import VerifierUpdate
 from drafter.selector import cached_selector, step_features
-from drafter.tree import DraftTree
-from verifier.model import ModelArgs, RMSNorm, apply_rope, rope_tables
+from kernels.layers import ModelArgs, RMSNorm, apply_rope, rope_tables
+from proto import checks
+from proto.interface import VerifierUpdate
+from proto.tree import DraftTree
 
 
 @dataclass
 class SpecBlockConfig:
-    block_size: int = 4          # K dependent positions per forward
+    block_size: int = 4  # K dependent positions per forward
     n_layers: int = 1
     n_heads: int = 9
     head_dim: int = 64
     intermediate_size: int = 1536
-    draft_vocab: int = 4096      # most frequent target tokens in the training data
-    max_rank: int = 8            # rank head classes 0..max_rank-1 (the last means "that deep or absent")
+    draft_vocab: int = 4096  # most frequent target tokens in the training data
+    max_rank: int = 8  # rank head classes 0..max_rank-1 (the last means "that deep or absent")
     max_seq_len: int = 4096
     # What a context position is conditioned on besides its next token: the target's hidden state there
     # ("features", EAGLE-like), or that position's own token embedding ("tokens": the context stream's
@@ -51,6 +53,9 @@ class SpecBlockConfig:
     # False: no layer-wise shift, so positions 2..K are independent given the context (the parallel-heads
     # baseline, Medusa / blockwise-parallel style: the ablation of what the shift gives)
     shift: bool = True
+
+    def validate(self) -> None:
+        checks.positive(self, "block_size", "n_layers", "draft_vocab", "max_rank")
 
 
 class Layer(nn.Module):
@@ -83,10 +88,11 @@ class Layer(nn.Module):
             x = torch.cat([x[:1], x[1:] + self.shift(x[:-1])])  # layer-wise shift, from the layer's input
         kq, t, d = x.shape
         h, hd = self.cfg.n_heads, self.cfg.head_dim
-        q = self.wq(self.attn_norm(x)).view(kq, t, h, hd).transpose(1, 2)           # [K, H, T, hd]
+        q = self.wq(self.attn_norm(x)).view(kq, t, h, hd).transpose(1, 2)  # [K, H, T, hd]
         q = apply_rope(q, cos[:, None], sin[:, None])
-        y = F.scaled_dot_product_attention(q, keys[None], values[None],
-                                           attn_mask=None if mask is None else mask[:, None])
+        y = F.scaled_dot_product_attention(
+            q, keys[None], values[None], attn_mask=None if mask is None else mask[:, None]
+        )
         x = x + self.wo(y.transpose(1, 2).reshape(kq, t, h * hd))
         gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
@@ -130,10 +136,10 @@ class SpecBlock(nn.Module):
         [K, T-1, D]: entry (j, s) is block position j+1 of the block started at s (it predicts
         tokens[s + j + 2]); every start s runs in parallel."""
         k = self.cfg.block_size
-        u = self.inputs(feats[:-1], tokens[:-1], tokens[1:])                     # [T', D]
+        u = self.inputs(feats[:-1], tokens[:-1], tokens[1:])  # [T', D]
         t = u.shape[0]
-        x = torch.cat([u[None], self.block_emb[:, None].expand(k - 1, t, -1)])   # [K, T', D]
-        pos = torch.arange(t)[None] + torch.arange(k)[:, None]                   # [K, T'] query positions
+        x = torch.cat([u[None], self.block_emb[:, None].expand(k - 1, t, -1)])  # [K, T', D]
+        pos = torch.arange(t)[None] + torch.arange(k)[:, None]  # [K, T'] query positions
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         ctx_cos, ctx_sin = self.rope_cos[:t], self.rope_sin[:t]
         mask = torch.ones(t, t, dtype=torch.bool).tril()[None].expand(k, t, t)  # query at start s sees keys <= s
@@ -159,8 +165,16 @@ class SpecBlock(nn.Module):
         cache.length += n
 
     @torch.no_grad()
-    def draft_blocks(self, cache: "ContextCache", start_u: torch.Tensor, pos: torch.Tensor, n_ctx: int,
-                     inherited: bool, pool: list | None = None, seen: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+    def draft_blocks(
+        self,
+        cache: "ContextCache",
+        start_u: torch.Tensor,
+        pos: torch.Tensor,
+        n_ctx: int,
+        inherited: bool,
+        pool: list | None = None,
+        seen: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list]:
         """Blocks at inference from B starts at once: inputs start_u [B, D] at positions pos [B]. Every
         block attends to the first n_ctx cached context positions; a committed start is the last of them
         (then B = 1). Inherited starts (drafted nodes, their states standing in for f) are not cached:
@@ -170,14 +184,14 @@ class SpecBlock(nn.Module):
         starts' own per-layer (keys, values) [H, B, hd] (empty for a committed start) for descendants' pools."""
         k, b = self.cfg.block_size, start_u.shape[0]
         x = torch.cat([start_u[None].float(), self.block_emb[:, None].expand(-1, b, -1)])  # [K, B, D]
-        qpos = pos[None] + torch.arange(k)[:, None]                                          # [K, B]
+        qpos = pos[None] + torch.arange(k)[:, None]  # [K, B]
         cos, sin = self.rope_cos[qpos], self.rope_sin[qpos]
         mask = None
         if inherited:
             m = pool[0][0].shape[1] if pool else 0
             seen = torch.ones(b, m, dtype=torch.bool) if seen is None else seen
             mask = torch.cat([torch.ones(b, n_ctx, dtype=torch.bool), seen, torch.eye(b, dtype=torch.bool)], 1)
-            mask = mask[None].expand(k, -1, -1)                                              # [K, B, S]
+            mask = mask[None].expand(k, -1, -1)  # [K, B, S]
         own = []
         for i, layer in enumerate(self.layers):
             keys, values = cache.keys[i][:, :n_ctx], cache.values[i][:, :n_ctx]
@@ -210,8 +224,8 @@ class ContextCache:
 @dataclass
 class SpecBlockDraftConfig:
     checkpoint: str = "models/specblock-smollm2"  # folder with drafter.safetensors + config.json (committed)
-    max_blocks: int = 4          # drafter forwards per tree (the first from the context, then inheritances)
-    max_branch: int = 4          # best_first: candidates per position at most, whatever the rank head says
+    max_blocks: int = 4  # drafter forwards per tree (the first from the context, then inheritances)
+    max_branch: int = 4  # best_first: candidates per position at most, whatever the rank head says
     # best_first: deterministic tree, candidates chosen by path probability and the rank head, one
     # forward per node expanded by a new block. frontier: EAGLE-2's dynamic tree: depth by depth, the
     # max_branch most probable nodes of the newest depth get max_branch children each, their new blocks
@@ -224,14 +238,22 @@ class SpecBlockDraftConfig:
     # is below this: a chain verifier (vLLM) then verifies only the tokens the drafter is confident of, and a
     # step where even the best first token is below it proposes nothing. 0 = fill the budget
     min_prob: float = 0.0
-    delay: int = 0               # d: depth of the single path before branching (0 = branch at the root)
-    branches: int = 2            # k: i.i.d. continuations drawn at depth d
-    rollout: int = 4             # tokens per continuation
+    delay: int = 0  # d: depth of the single path before branching (0 = branch at the root)
+    branches: int = 2  # k: i.i.d. continuations drawn at depth d
+    rollout: int = 4  # tokens per continuation
     # how d is chosen per step: the fixed `delay`; uniformly among `delays` (to trace training data for
     # the selector, see eval.trace); or by the neural selector in folder `selector` (drafter/selector.py)
     select: typing.Literal["fixed", "random", "neural"] = "fixed"
     delays: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # select: random's choices (neural: its traces')
     selector: str = "models/selector-smollm2"
+
+    def validate(self) -> None:
+        checks.positive(self, "max_blocks", "max_branch", "branches", "rollout")
+        checks.nonneg(self, "delay")
+        if not 0 <= self.min_prob < 1:
+            raise ValueError(f"min_prob: must be in [0, 1), got {self.min_prob}")
+        if not self.delays or any(v < 0 for v in self.delays):
+            raise ValueError(f"delays: a non-empty list of delays >= 0, got {self.delays}")
 
 
 def load_specblock(folder: Path, target_args: ModelArgs, embedding: torch.Tensor) -> SpecBlock:
@@ -255,26 +277,31 @@ class SpecBlockDrafter:
     def __init__(self, model: SpecBlock, cfg: SpecBlockDraftConfig):
         self.model, self.cfg = model, cfg
         self.cache = ContextCache(model)
-        self.version = model.version      # the weights the cache was computed with
+        self.version = model.version  # the weights the cache was computed with
         self.tokens: list[int] = []
         self.feats: list[torch.Tensor] = []  # the target's features so far [n, D] chunks, kept while weights may change
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
         self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
         self.selector = cached_selector(cfg.selector) if cfg.tree == "sampled" and cfg.select == "neural" else None
         if self.selector is not None and self.selector.mean.shape[0] != 2 * model.cfg.block_size + 2:
-            raise ValueError(f"drafter.specblock.selector: {cfg.selector} was trained on a drafter with blocks of "
-                             f"{(self.selector.mean.shape[0] - 2) // 2}, this one has {model.cfg.block_size}")
+            raise ValueError(
+                f"drafter.specblock.selector: {cfg.selector} was trained on a drafter with blocks of "
+                f"{(self.selector.mean.shape[0] - 2) // 2}, this one has {model.cfg.block_size}"
+            )
         self.recent: list[int] = []  # accepted draft tokens of the session's steps so far
         self.trace: list[dict] = []  # sampled trees: per step {"features", "delay", "accepted"} (selector data)
-        self.forwards = 0            # drafter forwards (blocks) over the session
+        self.forwards = 0  # drafter forwards (blocks) over the session
 
     def _candidates(self, states: torch.Tensor, ranked: bool = True) -> list[list[tuple[int, float]]]:
         """Per block position: [(target token id, draft probability)], best first: as many as the rank
         head says (at most max_branch), or max_branch each when not ranked."""
         m = self.model
-        probs = m.draft_logits(states).softmax(-1)                                  # [K, Vd]
-        counts = (m.rank_head(states).argmax(-1) + 1).clamp(max=self.cfg.max_branch) if ranked else \
-            torch.full((states.shape[0],), self.cfg.max_branch)
+        probs = m.draft_logits(states).softmax(-1)  # [K, Vd]
+        counts = (
+            (m.rank_head(states).argmax(-1) + 1).clamp(max=self.cfg.max_branch)
+            if ranked
+            else torch.full((states.shape[0],), self.cfg.max_branch)
+        )
         out = []
         for j in range(states.shape[0]):
             top = probs[j].topk(int(counts[j]))
@@ -289,20 +316,22 @@ class SpecBlockDrafter:
             self.recent.append(len(update.feedback.accepted))
             if self.trace and "accepted" not in self.trace[-1]:
                 self.trace[-1]["accepted"] = self.recent[-1]
-        if self.version != m.version:     # the weights changed under this session: recompute its context
+        if self.version != m.version:  # the weights changed under this session: recompute its context
             self._recompute()
-        start = self.cache.length         # context positions so far; the update brings the next ones
+        start = self.cache.length  # context positions so far; the update brings the next ones
         if m.cfg.conditioning == "tokens":
-            n_f = len(self.tokens) - 1    # every committed token but the newest (its next token is pending)
+            n_f = len(self.tokens) - 1  # every committed token but the newest (its next token is pending)
         elif update.hidden is None:
-            raise ValueError("this SpecBlock drafter conditions on the target's hidden states: send them in every "
-                             "update, or serve a drafter trained with conditioning: tokens")
+            raise ValueError(
+                "this SpecBlock drafter conditions on the target's hidden states: send them in every "
+                "update, or serve a drafter trained with conditioning: tokens"
+            )
         else:
             n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
         if update.hidden is not None and m.cfg.conditioning != "tokens" and m.version is not None:
             self.feats.append(update.hidden)
         if n_f > start:
-            toks = torch.tensor(self.tokens[start:n_f + 1])
+            toks = torch.tensor(self.tokens[start : n_f + 1])
             u = m.inputs(update.hidden, toks[:-1], toks[1:])
             m.extend(self.cache, u)
             self.last_u = u[-1]
@@ -314,8 +343,9 @@ class SpecBlockDrafter:
         if self.cfg.tree == "sampled":
             temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
             q = (m.draft_logits(states) / temperature).softmax(-1)  # [K, Vd]: the selector's features and the roots' q
-            return self._sampled_tree(states, q, t, n_f, update.max_nodes, update.vocab_size, temperature,
-                                      self._delay(q))
+            return self._sampled_tree(
+                states, q, t, n_f, update.max_nodes, update.vocab_size, temperature, self._delay(q)
+            )
         if self.cfg.tree == "frontier":
             return self._frontier_tree(states, t, n_f, update.max_nodes, update.vocab_size)
         return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
@@ -325,7 +355,7 @@ class SpecBlockDrafter:
         m, n = self.model, self.cache.length
         self.cache, self.version = ContextCache(m), m.version
         if n:
-            toks = torch.tensor(self.tokens[:n + 1])
+            toks = torch.tensor(self.tokens[: n + 1])
             u = m.inputs(torch.cat(self.feats)[:n] if self.feats else None, toks[:-1], toks[1:])
             m.extend(self.cache, u)
             self.last_u = u[-1]
@@ -338,15 +368,18 @@ class SpecBlockDrafter:
         st, own = m.draft_blocks(self.cache, u[None], torch.tensor([pos]), n_f, inherited=True, pool=pool)
         return st[:, 0], grow_pool(pool, own)
 
-    def _best_first_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int,
-                         vocab_size: int) -> DraftTree | None:
+    def _best_first_tree(
+        self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int
+    ) -> DraftTree | None:
         m = self.model
         blocks = 1
         # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
         # P + j for a block started at position P, whether it is its position's top-1)
         # block -> (candidates per position, the keys and values its inheriting blocks attend to)
         block_of = {id(states): (self._candidates(states), [])}
-        heap = [(-p, order, -1, tok, states, 0, t, order == 0) for order, (tok, p) in enumerate(block_of[id(states)][0][0])]
+        heap = [
+            (-p, order, -1, tok, states, 0, t, order == 0) for order, (tok, p) in enumerate(block_of[id(states)][0][0])
+        ]
         order = len(heap)
         heapq.heapify(heap)
         tokens, parents = [], []
@@ -357,7 +390,7 @@ class SpecBlockDrafter:
             parents.append(parent)
             if is_top1 and j + 1 < m.cfg.block_size:  # the block already drafted the next position
                 kids, nst, nj, npos = block_of[id(st)][0][j + 1], st, j + 1, pos + 1
-            elif blocks < self.cfg.max_blocks:         # inherit: a new block from this node
+            elif blocks < self.cfg.max_blocks:  # inherit: a new block from this node
                 blocks += 1
                 self.forwards += 1
                 nst, carried = self._inherit(st[j], tok, pos + 1, n_f, block_of[id(st)][1])
@@ -382,7 +415,9 @@ class SpecBlockDrafter:
         # per drafted node: path prob, parent, token, depth, its block's states and candidates, block
         # position j, query position, its block's inherited start (pool index, -1 = the context block)
         nodes: list[tuple] = []
-        ancestors: list[list[int]] = []  # per pool entry (an inherited start): pool indices of its path, itself included
+        ancestors: list[
+            list[int]
+        ] = []  # per pool entry (an inherited start): pool indices of its path, itself included
         pool: list = []
 
         def add_children(parent: int, cands: list, st, cand_rows, j: int, pos: int, start: int) -> list[int]:
@@ -397,7 +432,7 @@ class SpecBlockDrafter:
         newest = add_children(-1, root_rows[0], states, root_rows, 0, t, -1)
         blocks = 1
         while newest:
-            chosen = sorted(newest, key=lambda i: -nodes[i][0])[:cfg.max_branch]
+            chosen = sorted(newest, key=lambda i: -nodes[i][0])[: cfg.max_branch]
             newest = []
             inherit = []
             for i in chosen:
@@ -410,14 +445,28 @@ class SpecBlockDrafter:
                 continue
             blocks += 1
             self.forwards += 1
-            u = m.fc(torch.cat([torch.stack([nodes[i][4][nodes[i][6]] for i in inherit]),
-                                m.embedding[torch.tensor([nodes[i][2] for i in inherit])]], -1))     # [B, D]
+            u = m.fc(
+                torch.cat(
+                    [
+                        torch.stack([nodes[i][4][nodes[i][6]] for i in inherit]),
+                        m.embedding[torch.tensor([nodes[i][2] for i in inherit])],
+                    ],
+                    -1,
+                )
+            )  # [B, D]
             paths = [ancestors[nodes[i][8]] if nodes[i][8] >= 0 else [] for i in inherit]
-            seen = torch.zeros(len(inherit), len(ancestors), dtype=torch.bool)                      # [B, M]
+            seen = torch.zeros(len(inherit), len(ancestors), dtype=torch.bool)  # [B, M]
             for b, path in enumerate(paths):
                 seen[b, path] = True
-            bst, own = m.draft_blocks(self.cache, u, torch.tensor([nodes[i][7] + 1 for i in inherit]), n_f,
-                                      inherited=True, pool=pool, seen=seen)
+            bst, own = m.draft_blocks(
+                self.cache,
+                u,
+                torch.tensor([nodes[i][7] + 1 for i in inherit]),
+                n_f,
+                inherited=True,
+                pool=pool,
+                seen=seen,
+            )
             pool = grow_pool(pool, own)
             for b, i in enumerate(inherit):
                 ancestors.append(paths[b] + [len(ancestors)])
@@ -425,8 +474,12 @@ class SpecBlockDrafter:
                 newest += add_children(i, rows[0], bst[:, b], rows, 0, nodes[i][7] + 1, len(ancestors) - 1)
         keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], nodes[i][3]))[:max_nodes]
         index = {old: new for new, old in enumerate(keep)}
-        return DraftTree([nodes[i][2] for i in keep], [index[nodes[i][1]] if nodes[i][1] >= 0 else -1 for i in keep],
-                         vocab_size, max_nodes)
+        return DraftTree(
+            [nodes[i][2] for i in keep],
+            [index[nodes[i][1]] if nodes[i][1] >= 0 else -1 for i in keep],
+            vocab_size,
+            max_nodes,
+        )
 
     def _delay(self, q: torch.Tensor) -> int:
         """This step's d (see SpecBlockDraftConfig.select); traced with its features when not fixed."""
@@ -443,8 +496,17 @@ class SpecBlockDrafter:
         self.trace.append({"features": [round(v, 5) for v in feats.tolist()], "delay": d})
         return d
 
-    def _sampled_tree(self, states: torch.Tensor, q: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int,
-                      temperature: float, delay: int) -> DraftTree | None:
+    def _sampled_tree(
+        self,
+        states: torch.Tensor,
+        q: torch.Tensor,
+        t: int,
+        n_f: int,
+        max_nodes: int,
+        vocab_size: int,
+        temperature: float,
+        delay: int,
+    ) -> DraftTree | None:
         """Delayed tree expansion: a path of `delay` tokens sampled one after another, then
         cfg.branches i.i.d. draws from the row at its end, each continued by a sampled path to
         cfg.rollout tokens (cut to fit max_nodes). A node's children are drawn from

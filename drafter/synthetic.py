@@ -1,9 +1,10 @@
 """Random trees of exactly the requested size. A benchmark and load-test drafter (`kind: random`): it
 measures what the transport and the verifier cost for a given tree size, and earns nothing."""
+
 import random
 
-from drafter.interface import VerifierUpdate
-from drafter.tree import DraftTree
+from proto.interface import VerifierUpdate
+from proto.tree import DraftTree
 
 
 def random_tree(n: int, vocab: int, rng: random.Random) -> DraftTree:

@@ -6,6 +6,7 @@ vocabulary, counted only while every earlier position of the same block predicte
 (**valid-prefix mask**) and where the predicted token lies in an assistant reply; a smooth-L1 feature
 loss pulling the block state towards the target's feature at that position (what block inheritance
 relies on); and the rank head's cross-entropy to the rank of the target's token in the drafter's list."""
+
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from drafter.selector import SelectorTrainConfig
 from drafter.specblock import SpecBlock, SpecBlockConfig, load_specblock
+from proto import checks
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ class TrainConfig:
     kind: typing.Literal["specblock", "selector"] = "specblock"  # selector: the delay selector, from traces
     selector: SelectorTrainConfig = field(default_factory=SelectorTrainConfig)
     data_dir: str = "data/sharegpt-smollm2"
-    heldout_dir: str = ""                   # where the held-out split is read from; "" = data_dir
+    heldout_dir: str = ""  # where the held-out split is read from; "" = data_dir
     out: str = "checkpoints/specblock-smollm2"  # drafter.safetensors + config.json (+ state.pt to resume)
     model: SpecBlockConfig = field(default_factory=SpecBlockConfig)
     # a trained drafter's folder to start from (its shape and draft vocabulary replace `model`): fine-tuning
@@ -38,13 +40,18 @@ class TrainConfig:
     init: str = ""
     steps: int = 2000
     conversations_per_step: int = 4
-    max_positions: int = 512                # a random window of each conversation
+    max_positions: int = 512  # a random window of each conversation
     lr: float = 1e-3
     warmup: int = 50
     feature_weight: float = 0.5
     rank_weight: float = 0.1
     eval_every: int = 200
     seed: int = 0
+
+    def validate(self) -> None:
+        checks.positive(self, "steps", "conversations_per_step", "max_positions", "eval_every", "lr")
+        if self.init:
+            checks.file_in(self.init, "drafter.safetensors")
 
 
 def load_split(data_dir: Path, split: str) -> list[dict[str, torch.Tensor]]:
@@ -84,21 +91,21 @@ def block_loss(model: SpecBlock, conv: dict, to_draft: torch.Tensor, cfg: TrainC
     """Loss on one conversation window; to_draft [V] maps target ids to draft indices (-1 if absent)."""
     k = model.cfg.block_size
     tokens, hidden = conv["tokens"].long(), conv["hidden"].float()
-    states = model.forward_train(hidden, tokens)            # [K, T', D], T' = T - 1
+    states = model.forward_train(hidden, tokens)  # [K, T', D], T' = T - 1
     t = states.shape[1]
-    pos = torch.arange(t)[None] + torch.arange(k)[:, None] + 1   # [K, T'] index of the target distribution
+    pos = torch.arange(t)[None] + torch.arange(k)[:, None] + 1  # [K, T'] index of the target distribution
     inside = pos < len(tokens)
     pos = pos.clamp(max=len(tokens) - 1)
-    logits = model.draft_logits(states)                     # [K, T', Vd]
+    logits = model.draft_logits(states)  # [K, T', Vd]
     logq = logits.log_softmax(-1)
-    tid = to_draft[conv["topk_ids"].long()[pos]]            # [K, T', k] draft indices of the target's top-k
+    tid = to_draft[conv["topk_ids"].long()[pos]]  # [K, T', k] draft indices of the target's top-k
     tp = conv["topk_probs"].float()[pos] * (tid >= 0)
     tp = tp / tp.sum(-1, keepdim=True).clamp(min=1e-9)
     ce = -(tp * logq.gather(-1, tid.clamp(min=0))).sum(-1)  # [K, T']
-    target_top1 = tid[..., 0]                               # the target's argmax (-1 if not draftable)
+    target_top1 = tid[..., 0]  # the target's argmax (-1 if not draftable)
     hit = logits.argmax(-1) == target_top1
     valid = valid_prefix(hit)
-    scored = inside & conv["loss_mask"].bool()[pos]        # [K, T'] positions that predict reply tokens
+    scored = inside & conv["loss_mask"].bool()[pos]  # [K, T'] positions that predict reply tokens
     weight = (valid & scored).float()
     feat = F.smooth_l1_loss(states, hidden[pos], reduction="none").mean(-1)
     rank_label = (logits > logits.gather(-1, target_top1.clamp(min=0)[..., None])).sum(-1)
@@ -115,7 +122,7 @@ def window(conv: dict, n: int, rng: random.Random) -> dict:
     if len(conv["tokens"]) <= n:
         return conv
     a = rng.randrange(len(conv["tokens"]) - n + 1)
-    return {k: v[a:a + n] for k, v in conv.items()}
+    return {k: v[a : a + n] for k, v in conv.items()}
 
 
 @torch.no_grad()
@@ -126,8 +133,10 @@ def evaluate(model: SpecBlock, convs: list[dict], to_draft: torch.Tensor, cfg: T
         loss, m = block_loss(model, conv, to_draft, cfg)
         losses.append(m["loss"])
         top1.append(m["top1"])
-    return {"loss": sum(losses) / max(len(losses), 1),
-            "top1": [sum(col) / len(col) for col in zip(*top1)] if top1 else []}
+    return {
+        "loss": sum(losses) / max(len(losses), 1),
+        "top1": [sum(col) / len(col) for col in zip(*top1)] if top1 else [],
+    }
 
 
 def evaluate_checkpoint(folder: Path, cfg: TrainConfig, target_args, embedding: torch.Tensor) -> dict:
@@ -137,16 +146,20 @@ def evaluate_checkpoint(folder: Path, cfg: TrainConfig, target_args, embedding: 
     if not held:
         raise FileNotFoundError(f"{data}: no held-out shards (prepare them: configs/data-heldout.yaml)")
     model = load_specblock(folder, target_args, embedding)
-    return {"conversations": len(held), "tokens": sum(len(c["tokens"]) for c in held),
-            **evaluate(model, held, draft_index(model.draft_ids, embedding.shape[0]), cfg)}
+    return {
+        "conversations": len(held),
+        "tokens": sum(len(c["tokens"]) for c in held),
+        **evaluate(model, held, draft_index(model.draft_ids, embedding.shape[0]), cfg),
+    }
 
 
 def save(model: SpecBlock, cfg: TrainConfig, metrics: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_file(sd, out / "drafter.safetensors")
-    (out / "config.json").write_text(json.dumps({"model": asdict(cfg.model), "train": asdict(cfg), "metrics": metrics},
-                                                indent=2))
+    (out / "config.json").write_text(
+        json.dumps({"model": asdict(cfg.model), "train": asdict(cfg), "metrics": metrics}, indent=2)
+    )
 
 
 def data_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
@@ -154,8 +167,10 @@ def data_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
     data, held_dir = Path(cfg.data_dir), Path(cfg.heldout_dir or cfg.data_dir)
     for key, folder in (("train.data_dir", data), ("train.heldout_dir", held_dir)):
         if not (folder / "manifest.json").is_file():
-            raise FileNotFoundError(f"{key}: {folder}: no manifest.json (run `specdraft prepare-data` first; the "
-                                    "held-out set: --config configs/data-heldout.yaml)")
+            raise FileNotFoundError(
+                f"{key}: {folder}: no manifest.json (run `specdraft prepare-data` first; the "
+                "held-out set: --config configs/data-heldout.yaml)"
+            )
     return data, held_dir
 
 
@@ -175,8 +190,9 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None)
         model = SpecBlock(cfg.model, target_args, embedding, draft_ids)
     to_draft = draft_index(model.draft_ids, embedding.shape[0])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) *
-                                              0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0)))
+    )
     out = Path(cfg.out)
     state_path = out / "state.pt"
     step = 0
@@ -204,8 +220,16 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics["heldout"] = evaluate(model, held, to_draft, cfg)
             save(model, cfg, metrics, out)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "rng": rng}, state_path)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                    "rng": rng,
+                },
+                state_path,
+            )
         if progress is not None:
             progress(metrics)
     return metrics

@@ -36,7 +36,7 @@ def compact_kv(kv: torch.Tensor, src: torch.Tensor, dst_start: int) -> None:
     kv: [..., S, D] with the slot axis second to last (the model keeps all layers in one tensor)."""
     if src.numel() == 0:
         return
-    kv[..., dst_start:dst_start + src.numel(), :] = kv[..., src, :]  # gather copies first: overlap is safe
+    kv[..., dst_start : dst_start + src.numel(), :] = kv[..., src, :]  # gather copies first: overlap is safe
 
 
 def sample_per_node(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

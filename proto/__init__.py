@@ -1,1 +1,3 @@
-"""The specdraft.v1 wire API: drafter.proto (the source of truth), its generated code, and wire.py."""
+"""The specdraft.v1 API: drafter.proto (the wire's source of truth) and its generated code, the in-process
+types both sides speak (interface.py: VerifierUpdate, Feedback, Drafter; tree.py: DraftTree), and wire.py,
+which converts between the two."""

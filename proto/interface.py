@@ -1,38 +1,46 @@
 """The contract between the decode loop and any drafter, in-process or remote. One Drafter object is
 one generation session: the verifier sends an update per step and gets a tree (or None) back."""
+
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from drafter.tree import DraftTree
+from proto import checks
+from proto.tree import DraftTree
 
 
 @dataclass
 class SamplingParams:
     """How the verifier samples from the target; drafters that sample their trees may follow it."""
-    temperature: float = 0.0   # 0 = greedy
-    top_k: int = 0             # 0 = off
-    top_p: float = 1.0         # 1 = off
-    seed: int = 0              # the verifier's own rng seed (not sent to a remote drafter)
+
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0  # the verifier's own rng seed (not sent to a remote drafter)
+
+    def validate(self) -> None:
+        checks.nonneg(self, "temperature", "top_k")
+        checks.fraction(self, "top_p", low_open=True)
 
 
 @dataclass
 class Feedback:
     """The verifier's verdict on the previous tree."""
-    accepted: list[int]             # node ids of the accepted root-to-node path (may be empty)
+
+    accepted: list[int]  # node ids of the accepted root-to-node path (may be empty)
     target_probs: dict[int, float]  # node -> target probability of its token given its path, for every
-                                    # node whose parent the verifier evaluated (the accepted path's
-                                    # children and the roots)
+    # node whose parent the verifier evaluated (the accepted path's
+    # children and the roots)
     # Optional: node (-1 = the roots' parent) -> the target's top-k (tokens, probs) at that row.
     target_topk: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
 @dataclass
 class VerifierUpdate:
-    new_tokens: list[int]           # tokens committed since the last update (the prompt on the first)
-    feedback: Feedback | None       # verdict on the previous tree, None if there was none
-    max_nodes: int                  # node budget for the tree to return
+    new_tokens: list[int]  # tokens committed since the last update (the prompt on the first)
+    feedback: Feedback | None  # verdict on the previous tree, None if there was none
+    max_nodes: int  # node budget for the tree to return
     vocab_size: int
     # Target hidden states [M, dim] (final, normed) of the tokens that entered the target's KV cache
     # since the last update: the prompt on the first update, then the previous newest token and the

@@ -1,4 +1,5 @@
 """DraftTree: the drafter's proposal, flat arrays in topological order."""
+
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ class DraftTree:
     children were chosen, not sampled) and only the per-node rule may verify it.
 
     Validated on construction against the target's vocabulary and the node budget."""
+
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
     vocab_size: int
@@ -46,8 +48,10 @@ class DraftTree:
         if self.draft_probs is not None:
             q = self.draft_probs
             if tuple(q.shape) != (n + 1, self.vocab_size):
-                raise TreeError(f"draft_probs has shape {list(q.shape)}, a sampled tree of {n} nodes needs "
-                                f"[{n + 1}, {self.vocab_size}]")
+                raise TreeError(
+                    f"draft_probs has shape {list(q.shape)}, a sampled tree of {n} nodes needs "
+                    f"[{n + 1}, {self.vocab_size}]"
+                )
             drawn = q[torch.tensor(parents) + 1, torch.tensor(tokens)]
             if not bool((drawn > 0).all()):
                 i = int((drawn <= 0).nonzero()[0])
@@ -65,18 +69,3 @@ class DraftTree:
 
     def path_tokens(self, nodes: list[int]) -> list[int]:
         return [self.tokens[i] for i in nodes]
-
-
-def merge(first: DraftTree | None, second: DraftTree | None, max_nodes: int) -> tuple[DraftTree | None, int]:
-    """first's nodes, then second's (their parents shifted) as far as max_nodes allows; returns the tree and
-    the offset of second's nodes in it. Neither may be a sampled tree (draft_probs would not merge)."""
-    trees = [t for t in (first, second) if t is not None]
-    if any(t.draft_probs is not None for t in trees):
-        raise TreeError("sampled trees cannot be merged")
-    if not trees:
-        return None, 0
-    offset = len(first) if first is not None else 0
-    tokens = (first.tokens if first is not None else ()) + (second.tokens if second is not None else ())
-    parents = (first.parents if first is not None else ()) + \
-        (tuple(p + offset if p >= 0 else -1 for p in second.parents) if second is not None else ())
-    return DraftTree(tokens[:max_nodes], parents[:max_nodes], trees[0].vocab_size, max_nodes), offset

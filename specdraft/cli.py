@@ -1,4 +1,5 @@
 """The `specdraft` command."""
+
 import argparse
 import logging
 import sys
@@ -21,98 +22,109 @@ def positive_ints(text: str) -> list[int]:
     return [positive_int(v) for v in text.split(",")]
 
 
-def cmd_eval(args) -> None:
-    from verifier.config import load_config, validate
-    from verifier.evaluate import eval_rows, print_matrix, print_table, run_eval
+def config_for(args, command: str, override=None):
+    """The --config file's Config, the command's argument overrides applied (override(cfg)), validated
+    once for the sections the command uses."""
+    from specdraft.config import ConfigError, read_config, validate
 
-    cfg = load_config(args.config)
-    if args.full:
-        cfg.eval.num_prompts = 0
-    for key in ("num_prompts", "max_new_tokens", "output"):
-        if getattr(args, key) is not None:
-            setattr(cfg.eval, key, getattr(args, key))
-    if args.datasets:
-        cfg.eval.datasets = args.datasets.split(",")
-    if args.no_baseline:
-        cfg.eval.baseline = False
-    report = run_eval(validate(cfg))
+    cfg = read_config(args.config)
+    if override is not None:
+        override(cfg)
+    try:
+        return validate(cfg, command)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+
+
+def cmd_eval(args) -> None:
+    from specdraft.evaluate import eval_rows, print_matrix, print_table, run_eval
+
+    def override(cfg):
+        if args.full:
+            cfg.eval.num_prompts = 0
+        for key in ("num_prompts", "max_new_tokens", "output"):
+            if getattr(args, key) is not None:
+                setattr(cfg.eval, key, getattr(args, key))
+        if args.datasets is not None:
+            cfg.eval.datasets = [d for d in args.datasets.split(",") if d.strip()]
+        if args.no_baseline:
+            cfg.eval.baseline = False
+
+    cfg = config_for(args, "eval", override)
+    report = run_eval(cfg)
     if "matrix" in report:
         print_matrix(report)
         print(f"report: {cfg.eval.output}")
         return
     print_table(report)
     if "vllm" in report:
-        from verifier.vllm_backend import print_vllm_table
+        from specdraft.vllm import print_vllm_table
 
         print_vllm_table(report["vllm"])
     lost = sum(s["fallback_rounds"] for _, _, s in eval_rows(report))
     if lost:
-        print(f"note: {lost} sidecar rounds fell back to plain decoding (tree late, malformed or lost); "
-              "see the log, or raise drafter.grpc.timeout_ms")
+        print(
+            f"note: {lost} sidecar rounds fell back to plain decoding (tree late, malformed or lost); "
+            "see the log, or raise drafter.grpc.timeout_ms"
+        )
     print(f"report: {cfg.eval.output}")
 
 
 def cmd_generate(args) -> None:
     import time
 
-    from verifier.assets import chat_prompt, load_target
-    from verifier.config import load_config
-    from verifier.engine import generate
-    from verifier.evaluate import drafter_factory
+    from drafter.data import chat_prompt
+    from specdraft.assets import load_target
+    from specdraft.config import ConfigError
+    from specdraft.evaluate import decode, drafter_factory
+    from verifier.engine import tau
 
-    cfg = load_config(args.config)
+    if not args.prompt.strip():
+        raise ConfigError("prompt: empty; give the user message to answer")
+    cfg = config_for(args, "generate")
     target, tokenizer, stops = load_target(cfg.target)
     prompt = chat_prompt(tokenizer, args.prompt)
     drafter = None if args.no_draft else drafter_factory(cfg.drafter, target)("generate")
-    out, shown, steps, t0 = [], "", 0, time.perf_counter()
-    for step in generate(target, prompt, cfg.sampling, args.max_new_tokens, stops, drafter, cfg.drafter.max_nodes,
-                         cfg.verify.rule, cfg.verify.feedback_topk):
+    out, shown, steps, t0 = [], "", [], time.perf_counter()
+    for step in decode(target, prompt, cfg, stops, drafter, args.max_new_tokens):
         out += step.tokens
-        steps += 1
+        steps.append(step)
         text = tokenizer.decode(out, skip_special_tokens=True)
-        print(text[len(shown):], end="", flush=True)  # stream what this step committed
+        print(text[len(shown) :], end="", flush=True)  # stream what this step committed
         shown = text
     dt = time.perf_counter() - t0
     if drafter is not None:
         drafter.close()
-    print(f"\n[{len(out)} tokens in {steps} target forwards, tau {len(out) / steps:.2f}, {len(out) / dt:.1f} tok/s]",
-          file=sys.stderr)
+    print(
+        f"\n[{len(out)} tokens in {len(steps)} target forwards, tau {tau(steps):.2f}, {len(out) / dt:.1f} tok/s]",
+        file=sys.stderr,
+    )
 
 
 def cmd_bench(args) -> None:
-    from verifier.assets import model_dir, use_threads
-    from verifier.bench import print_bench, run_bench
-    from verifier.config import load_config
+    from specdraft.assets import model_dir, use_threads
+    from specdraft.bench import print_bench, run_bench
 
-    cfg = load_config(args.config)
+    cfg = config_for(args, "bench")
     use_threads(cfg.target)
     results = run_bench(model_dir(cfg.target.model), args.prefix_len, args.tree_sizes, args.reps, args.gen_tokens)
     print_bench(results, args.tree_sizes, args.prefix_len)
 
 
 def cmd_serve_drafter(args) -> None:
-    import asyncio
+    from specdraft.serve import serve_drafter
 
-    from drafter.build import load_drafter_model
-    from drafter.server import serve
-    from verifier.assets import model_dir, target_embedding, use_threads
-    from verifier.config import load_config, validate
+    def override(cfg):
+        if args.address:
+            cfg.server.address = args.address
 
-    cfg = load_config(args.config)
-    if args.address:
-        cfg.server.address = args.address
-    validate(cfg)
-    use_threads(cfg.target)
-    targs, embedding = target_embedding(model_dir(cfg.target.model))
-    drafter_model = load_drafter_model(cfg.drafter, targs, embedding)
-    # model-free drafters and token-conditioned SpecBlocks take no hidden states
-    hidden_dim = 0 if drafter_model is None or drafter_model.cfg.conditioning == "tokens" else targs.dim
-    asyncio.run(serve(cfg.server, cfg.drafter, targs.vocab_size, hidden_dim, cfg.target.model,
-                      ready=lambda address: print(f"listening on {address}", flush=True), drafter_model=drafter_model))
+    serve_drafter(
+        config_for(args, "serve-drafter", override), ready=lambda address: print(f"listening on {address}", flush=True)
+    )
 
 
 def cmd_bench_sidecar(args) -> None:
-    from verifier.bench import print_sidecar_bench, run_sidecar_bench
+    from specdraft.bench import print_sidecar_bench, run_sidecar_bench
 
     print_sidecar_bench(run_sidecar_bench(args.tree_sizes, args.rounds), args.rounds)
 
@@ -121,15 +133,16 @@ def cmd_prepare_data(args) -> None:
     from tqdm import tqdm
 
     from drafter.data import SHAREGPT, build_cache, read_sharegpt
-    from verifier.assets import load_target, package_file
-    from verifier.config import ConfigError, load_config, validate
+    from specdraft.assets import load_target, package_file
+    from specdraft.config import ConfigError
 
-    cfg = load_config(args.config)
-    if args.max_conversations is not None:
-        cfg.data.max_conversations = args.max_conversations
-    if args.out_dir:
-        cfg.data.out_dir = args.out_dir
-    validate(cfg)
+    def override(cfg):
+        if args.max_conversations is not None:
+            cfg.data.max_conversations = args.max_conversations
+        if args.out_dir:
+            cfg.data.out_dir = args.out_dir
+
+    cfg = config_for(args, "prepare-data", override)
     source = package_file(*SHAREGPT)
     target, tokenizer, stops = load_target(cfg.target)
     replies = None
@@ -137,20 +150,26 @@ def cmd_prepare_data(args) -> None:
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            raise ConfigError(f"data.replies: target needs vLLM to generate the replies (make setup-vllm): {e}")
-        from verifier.vllm_backend import reply_generator
+            raise ConfigError(
+                f"data.replies: target needs vLLM to generate the replies (make setup-vllm): {e}"
+            ) from None
+        from specdraft.vllm import reply_generator
+
         replies = reply_generator(cfg, stops)
 
     def features(ids):
         return target.prefill(ids), target.logits
 
     with tqdm(desc="teacher forcing", unit="tok") as bar:
-        manifest = build_cache(read_sharegpt(source), tokenizer, features, cfg.data, cfg.target.model, bar.update,
-                               replies)
+        manifest = build_cache(
+            read_sharegpt(source), tokenizer, features, cfg.data, cfg.target.model, bar.update, replies
+        )
     for split in ("train", "heldout"):
         shards = [s for s in manifest["shards"] if s["split"] == split]
-        print(f"{split}: {sum(s['conversations'] for s in shards)} conversations, "
-              f"{sum(s['tokens'] for s in shards)} tokens in {len(shards)} shards")
+        print(
+            f"{split}: {sum(s['conversations'] for s in shards)} conversations, "
+            f"{sum(s['tokens'] for s in shards)} tokens in {len(shards)} shards"
+        )
     print(f"data: {cfg.data.out_dir}")
 
 
@@ -160,17 +179,22 @@ def cmd_train(args) -> None:
     from tqdm import tqdm
 
     from drafter.train import data_dirs, evaluate_checkpoint, train
-    from verifier.assets import model_dir, target_embedding
-    from verifier.config import ConfigError, load_config, validate
+    from proto import checks
+    from specdraft.assets import model_dir, target_embedding
+    from specdraft.config import ConfigError
 
-    cfg = load_config(args.config)
+    def override(cfg):
+        if args.steps is not None:
+            if cfg.train.kind == "selector":
+                cfg.train.selector.steps = args.steps
+            else:
+                cfg.train.steps = args.steps
+
+    cfg = config_for(args, "train", override)
     if cfg.train.kind == "selector":
         from drafter.selector import load_traces, train_selector
 
         sc = cfg.train.selector
-        if args.steps is not None:
-            sc.steps = args.steps
-        validate(cfg)
         try:
             metrics = train_selector(sc, load_traces(sc.traces))
         except ValueError as e:
@@ -178,23 +202,24 @@ def cmd_train(args) -> None:
         print(json.dumps({k: v for k, v in metrics.items() if k != "train_config"}))
         print(f"selector: {sc.out}")
         return
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-    validate(cfg)
     targs, embedding = target_embedding(model_dir(cfg.target.model))
     if args.evaluate:
-        if not (Path(args.evaluate) / "drafter.safetensors").is_file():
-            raise ConfigError(f"--evaluate: {args.evaluate}: no drafter.safetensors")
+        try:
+            checks.file_in(args.evaluate, "drafter.safetensors")
+        except OSError as e:
+            raise ConfigError(f"--evaluate: {e}") from None
         print(json.dumps(evaluate_checkpoint(Path(args.evaluate), cfg.train, targs, embedding)))
         return
     data_dirs(cfg.train)  # before the progress bar: a missing folder is one line
     with tqdm(total=cfg.train.steps, desc="train", unit="step") as bar:
+
         def progress(m):
             bar.n = m["step"]
             post = {"loss": f"{m['train_loss']:.3f}"}
             if "heldout" in m:
                 post["heldout top1"] = ",".join(f"{a:.2f}" for a in m["heldout"]["top1"])
             bar.set_postfix(post)
+
         metrics = train(cfg.train, targs, embedding, progress)
     print(json.dumps(metrics))
     print(f"drafter: {cfg.train.out}")
@@ -203,28 +228,32 @@ def cmd_train(args) -> None:
 def cmd_bandit_experiment(args) -> None:
     from tqdm import tqdm
 
-    from bandit.experiment import print_summary, run_experiment
-    from verifier.config import ConfigError, load_config, validate
+    from specdraft.config import ConfigError
+    from specdraft.experiment import print_summary, run_experiment
 
-    cfg = load_config(args.config)
-    if args.prompts_per_segment is not None:
-        cfg.experiment.prompts_per_segment = [args.prompts_per_segment] * len(cfg.experiment.stream)
-    validate(cfg)
+    def override(cfg):
+        if args.prompts_per_segment is not None:
+            cfg.experiment.prompts_per_segment = [args.prompts_per_segment] * len(cfg.experiment.stream)
+
+    cfg = config_for(args, "bandit-experiment", override)
     if cfg.drafter.kind != "specblock" or cfg.drafter.mode != "inprocess":
-        raise ConfigError("drafter: the experiment needs an in-process learned drafter (kind: specblock, mode: inprocess)")
+        raise ConfigError(
+            "drafter: the experiment needs an in-process learned drafter (kind: specblock, mode: inprocess)"
+        )
     ex = cfg.experiment
-    with tqdm(total=len(ex.policies) * sum(ex.prompts_per_segment), desc="bandit experiment",
-              unit="prompt") as bar:
+    with tqdm(total=len(ex.policies) * sum(ex.prompts_per_segment), desc="bandit experiment", unit="prompt") as bar:
+
         def progress(policy, row):
             bar.update()
             bar.set_postfix(policy=policy, tau=f"{row['tau']:.2f}", updates=row["updates"])
+
         report = run_experiment(cfg, progress)
     print_summary(report)
     print(f"report: {ex.output}/experiment.json, plot: {ex.output}/experiment.png")
 
 
 def cmd_prepare(args) -> None:
-    from verifier.assets import model_dir
+    from specdraft.assets import model_dir
 
     print(model_dir(args.model))
 
@@ -234,11 +263,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("eval", help="offline acceptance-rate evaluation on MT-Bench and HumanEval",
-                       description="Decode each prompt plainly (AR) and speculatively with the same target in one run; "
-                                   "print tau, acceptance per depth, drafting/verify ms, tokens/s, speedup and, at "
-                                   "temperature 0, whether the outputs equal AR exactly. Writes a JSON report.",
-                       epilog=EPILOG)
+    e = sub.add_parser(
+        "eval",
+        help="offline acceptance-rate evaluation on MT-Bench and HumanEval",
+        description="Decode each prompt plainly (AR) and speculatively with the same target in one run; "
+        "print tau, acceptance per depth, drafting/verify ms, tokens/s, speedup and, at "
+        "temperature 0, whether the outputs equal AR exactly. Writes a JSON report.",
+        epilog=EPILOG,
+    )
     e.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
     e.add_argument("--num-prompts", type=int, help="prompts per dataset (overrides eval.num_prompts; 0 = all)")
     e.add_argument("--full", action="store_true", help="every prompt of every dataset (80 MT-Bench + 164 HumanEval)")
@@ -248,73 +280,120 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baseline", action="store_true", help="skip the AR baseline (no speedup or exact match)")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="stream one chat answer, speculatively decoded",
-                       description="Answer one user message with the configured target, drafter and sampling, "
-                                   "printing text as each step commits it; stats go to stderr.", epilog=EPILOG)
+    g = sub.add_parser(
+        "generate",
+        help="stream one chat answer, speculatively decoded",
+        description="Answer one user message with the configured target, drafter and sampling, "
+        "printing text as each step commits it; stats go to stderr.",
+        epilog=EPILOG,
+    )
     g.add_argument("prompt", help="the user message")
     g.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=positive_int, default=256, help="(default: %(default)s)")
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="target forward costs: decode step, tree forwards, ratio to transformers",
-                       description="Measure, in one run, ms per decode step and per tree forward in fp32 and bf16, "
-                                   "and our decode speed against transformers' generate on the same weights.",
-                       epilog=EPILOG)
+    b = sub.add_parser(
+        "bench",
+        help="target forward costs: decode step, tree forwards, ratio to transformers",
+        description="Measure, in one run, ms per decode step and per tree forward in fp32 and bf16, "
+        "and our decode speed against transformers' generate on the same weights.",
+        epilog=EPILOG,
+    )
     b.add_argument("--config", default="configs/default.yaml", help="YAML config for the target (default: %(default)s)")
-    b.add_argument("--tree-sizes", type=positive_ints, default=[16, 32, 64], help="tree node counts N (default: 16,32,64)")
-    b.add_argument("--prefix-len", type=positive_int, default=128, help="cached context before each forward (default: %(default)s)")
-    b.add_argument("--reps", type=positive_int, default=10, help="timed repetitions per case, median reported (default: %(default)s)")
-    b.add_argument("--gen-tokens", type=positive_int, default=32, help="tokens per generate timing (default: %(default)s)")
+    b.add_argument(
+        "--tree-sizes", type=positive_ints, default=[16, 32, 64], help="tree node counts N (default: 16,32,64)"
+    )
+    b.add_argument(
+        "--prefix-len", type=positive_int, default=128, help="cached context before each forward (default: %(default)s)"
+    )
+    b.add_argument(
+        "--reps",
+        type=positive_int,
+        default=10,
+        help="timed repetitions per case, median reported (default: %(default)s)",
+    )
+    b.add_argument(
+        "--gen-tokens", type=positive_int, default=32, help="tokens per generate timing (default: %(default)s)"
+    )
     b.set_defaults(func=cmd_bench)
 
-    bs = sub.add_parser("bench-sidecar", help="per-round latency the gRPC sidecar adds over an in-process drafter",
-                        description="Start a sidecar process serving random trees, then time the same tree sizes "
-                                    "drafted in-process and through the sidecar on loopback, interleaved, with and "
-                                    "without SmolLM2-width hidden states; prints p50/p99 and the added latency.",
-                        epilog=EPILOG)
-    bs.add_argument("--tree-sizes", type=positive_ints, default=[16, 64, 256], help="tree node counts (default: 16,64,256)")
+    bs = sub.add_parser(
+        "bench-sidecar",
+        help="per-round latency the gRPC sidecar adds over an in-process drafter",
+        description="Start a sidecar process serving random trees, then time the same tree sizes "
+        "drafted in-process and through the sidecar on loopback, interleaved, with and "
+        "without SmolLM2-width hidden states; prints p50/p99 and the added latency.",
+        epilog=EPILOG,
+    )
+    bs.add_argument(
+        "--tree-sizes", type=positive_ints, default=[16, 64, 256], help="tree node counts (default: 16,64,256)"
+    )
     bs.add_argument("--rounds", type=positive_int, default=500, help="timed rounds per case (default: %(default)s)")
     bs.set_defaults(func=cmd_bench_sidecar)
 
-    s = sub.add_parser("serve-drafter", help="run the drafter as a gRPC sidecar (specdraft.v1)",
-                       description="Serve draft trees over gRPC (specdraft.v1.Drafter, plus grpc.health.v1 and "
-                                   "server reflection) with the drafter and limits of the config's drafter and "
-                                   "server sections. Prints 'listening on HOST:PORT' once ready; SIGTERM or Ctrl-C "
-                                   "drains open sessions for server.drain_s and exits.", epilog=EPILOG)
+    s = sub.add_parser(
+        "serve-drafter",
+        help="run the drafter as a gRPC sidecar (specdraft.v1)",
+        description="Serve draft trees over gRPC (specdraft.v1.Drafter, plus grpc.health.v1 and "
+        "server reflection) with the drafter and limits of the config's drafter and "
+        "server sections. Prints 'listening on HOST:PORT' once ready; SIGTERM or Ctrl-C "
+        "drains open sessions for server.drain_s and exits.",
+        epilog=EPILOG,
+    )
     s.add_argument("--config", default="configs/sidecar.yaml", help="YAML config (default: %(default)s)")
     s.add_argument("--address", help="host:port to listen on (overrides server.address; port 0 = any free port)")
     s.set_defaults(func=cmd_serve_drafter)
 
-    d = sub.add_parser("prepare-data", help="teacher-force ShareGPT through the target into drafter training shards",
-                       description="Read the complete records of the packaged ShareGPT file, apply the chat template, run "
-                                   "each conversation through the target once and cache its final hidden states and "
-                                   "top-k next-token distributions in safetensors shards (train / held-out split by "
-                                   "conversation id). Resumable: a rerun continues after the last written shard.",
-                       epilog=EPILOG)
-    d.add_argument("--config", default="configs/default.yaml", help="YAML config: target and data sections (default: %(default)s)")
+    d = sub.add_parser(
+        "prepare-data",
+        help="teacher-force ShareGPT through the target into drafter training shards",
+        description="Read the complete records of the packaged ShareGPT file, apply the chat template, run "
+        "each conversation through the target once and cache its final hidden states and "
+        "top-k next-token distributions in safetensors shards (train / held-out split by "
+        "conversation id). Resumable: a rerun continues after the last written shard.",
+        epilog=EPILOG,
+    )
+    d.add_argument(
+        "--config", default="configs/default.yaml", help="YAML config: target and data sections (default: %(default)s)"
+    )
     d.add_argument("--max-conversations", type=int, help="overrides data.max_conversations (0 = all)")
     d.add_argument("--out-dir", help="overrides data.out_dir")
     d.set_defaults(func=cmd_prepare_data)
 
-    t = sub.add_parser("train", help="train a SpecBlock drafter on prepare-data's shards",
-                       description="Fit a SpecBlock drafter (config section train) to the teacher-forced shards; "
-                                   "progress bar with loss and held-out top-1 per block position; checkpoints "
-                                   "and resumes from train.out.", epilog=EPILOG)
+    t = sub.add_parser(
+        "train",
+        help="train a SpecBlock drafter on prepare-data's shards",
+        description="Fit a SpecBlock drafter (config section train) to the teacher-forced shards; "
+        "progress bar with loss and held-out top-1 per block position; checkpoints "
+        "and resumes from train.out.",
+        epilog=EPILOG,
+    )
     t.add_argument("--config", default="configs/train-specblock.yaml", help="YAML config (default: %(default)s)")
     t.add_argument("--steps", type=int, help="overrides train.steps")
-    t.add_argument("--evaluate", metavar="CHECKPOINT", help="instead of training: a trained drafter folder's "
-                   "held-out loss and top-1 accuracy per block position, on train.heldout_dir (or data_dir)")
+    t.add_argument(
+        "--evaluate",
+        metavar="CHECKPOINT",
+        help="instead of training: a trained drafter folder's "
+        "held-out loss and top-1 accuracy per block position, on train.heldout_dir (or data_dir)",
+    )
     t.set_defaults(func=cmd_train)
 
-    x = sub.add_parser("bandit-experiment", help="online learning under a domain shift: never / always / bandit",
-                       description="Decode one prompt stream (experiment.stream, e.g. HumanEval then MT-Bench) once per "
-                                   "policy from the same drafter checkpoint: never update, update every window, or "
-                                   "let the cost-aware bandit decide (drafter.bandit). Prints tokens/s, tau and update "
-                                   "cost per segment; writes experiment.json and a PNG to experiment.output.",
-                       epilog=EPILOG)
+    x = sub.add_parser(
+        "bandit-experiment",
+        help="online learning under a domain shift: never / always / bandit",
+        description="Decode one prompt stream (experiment.stream, e.g. HumanEval then MT-Bench) once per "
+        "policy from the same drafter checkpoint: never update, update every window, or "
+        "let the cost-aware bandit decide (drafter.bandit). Prints tokens/s, tau and update "
+        "cost per segment; writes experiment.json and a PNG to experiment.output.",
+        epilog=EPILOG,
+    )
     x.add_argument("--config", default="configs/bandit-experiment.yaml", help="YAML config (default: %(default)s)")
-    x.add_argument("--prompts-per-segment", type=positive_int, help="prompts in every stream segment (overrides experiment.prompts_per_segment)")
+    x.add_argument(
+        "--prompts-per-segment",
+        type=positive_int,
+        help="prompts in every stream segment (overrides experiment.prompts_per_segment)",
+    )
     x.set_defaults(func=cmd_bandit_experiment)
 
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
@@ -329,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from verifier.config import ConfigError
+    from specdraft.config import ConfigError
 
     try:
         args.func(args)

@@ -1,7 +1,14 @@
 """Deployment / evaluation config: dataclasses with defaults that run, loaded from YAML strictly
-(an unknown key, a wrong type or a bad value is a ConfigError naming the key)."""
+(an unknown key, a wrong type or a bad value is a ConfigError naming the key).
+
+Each section's dataclass lives beside the code it configures and checks its own values (`validate()`,
+raising ValueError naming the field); this module joins the sections into `Config`, checks types while
+loading, and runs the validators of the sections a command uses, once, prefixing each message with the
+section's path. Checks that span sections are `cross_checks` here."""
+
 import dataclasses
-import os
+import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -9,12 +16,13 @@ from pathlib import Path
 
 import yaml
 
-from bandit.experiment import ExperimentConfig
-from drafter.build import DrafterConfig
 from drafter.data import DataConfig
-from drafter.interface import SamplingParams
 from drafter.server import ServerConfig
 from drafter.train import TrainConfig
+from proto import checks
+from proto.interface import SamplingParams
+from specdraft.build import DrafterConfig
+from verifier.rules import SAMPLED_TREE_RULES
 
 DATASETS = ("mt_bench", "humaneval")
 
@@ -25,10 +33,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class TargetConfig:
-    model: str = "smollm2-135m-instruct"   # an embedded model's name or a safetensors model folder
+    model: str = "smollm2-135m-instruct"  # an embedded model's name or a safetensors model folder
     dtype: typing.Literal["float32", "bfloat16"] = "float32"
-    max_seq_len: int = 2048                 # KV cache slots: prompt + generated + one tree
-    threads: int = 0                        # torch CPU threads; 0 = torch's default
+    max_seq_len: int = 2048  # KV cache slots: prompt + generated + one tree
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def validate(self) -> None:
+        checks.positive(self, "max_seq_len")
+        checks.nonneg(self, "threads")
 
 
 @dataclass
@@ -37,15 +49,19 @@ class VerifyConfig:
     # specinfer / spectr: token-level multi-draft rules; traversal: sequence-level, leaf to root;
     # all three for sampled trees only (i.i.d. sibling groups with their q)
     rule: typing.Literal["walk", "specinfer", "spectr", "traversal"] = "walk"
-    feedback_topk: int = 0                  # also send the drafter the target's top-k at visited rows; 0 = off
+    feedback_topk: int = 0  # also send the drafter the target's top-k at visited rows; 0 = off
+
+    def validate(self) -> None:
+        checks.nonneg(self, "feedback_topk")
 
 
 @dataclass
 class VllmConfig:
     """The vLLM rows of `specdraft eval` (verifier.backend: vllm): vLLM plain, vLLM's own ngram method and
     vLLM drafting through each listed sidecar, one engine each, on the eval's prompts."""
-    spec_tokens: int = 4                    # draft tokens per step (vLLM verifies chains, not trees)
-    ngram_min: int = 2                      # vLLM's ngram method: prompt-lookup n-gram sizes
+
+    spec_tokens: int = 4  # draft tokens per step (vLLM verifies chains, not trees)
+    ngram_min: int = 2  # vLLM's ngram method: prompt-lookup n-gram sizes
     ngram_max: int = 3
     sidecars: list[str] = field(default_factory=lambda: ["configs/sidecar.yaml"])  # serve-drafter configs
     # float32: on CPUs without bf16 matrix units (this project's) a bf16 step over more than one token takes a
@@ -53,11 +69,18 @@ class VllmConfig:
     dtype: typing.Literal["float32", "bfloat16"] = "float32"
     # extra vLLM plain rows in these dtypes, for reference (speedups stay over plain decoding in `dtype`)
     plain_dtypes: list[typing.Literal["float32", "bfloat16"]] = field(default_factory=list)
-    enforce_eager: bool = False             # True skips torch.compile: minutes less start-up, slower steps
-    memory_fraction: float = 0.2            # of CPU memory vLLM reserves for its KV cache (when kv_cache_mib is 0)
+    enforce_eager: bool = False  # True skips torch.compile: minutes less start-up, slower steps
+    memory_fraction: float = 0.2  # of CPU memory vLLM reserves for its KV cache (when kv_cache_mib is 0)
     # an explicit KV cache size; 0 = by memory_fraction, which vLLM's CPU worker takes as that fraction of
     # host memory minus its own RSS, so a big parent process (it forks from it) can leave nothing
     kv_cache_mib: int = 0
+
+    def validate(self) -> None:
+        checks.positive(self, "spec_tokens", "ngram_min")
+        if self.ngram_max < self.ngram_min:
+            raise ValueError(f"ngram_max: {self.ngram_max} < ngram_min {self.ngram_min}")
+        checks.nonneg(self, "kv_cache_mib")
+        checks.fraction(self, "memory_fraction", low_open=True)
 
 
 @dataclass
@@ -66,32 +89,90 @@ class VerifierConfig:
     backend: typing.Literal["torch", "vllm"] = "torch"
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
+    def validate(self) -> None:
+        if self.backend == "vllm":
+            for i, path in enumerate(self.vllm.sidecars):
+                if not Path(path).is_file():
+                    raise ValueError(f"vllm.sidecars[{i}]: {path}: file not found")
+
 
 @dataclass
 class MatrixConfig:
     """The sampled-tree matrix of `specdraft eval` (needs an in-process specblock drafter with tree:
     sampled): every rule x delay x branches at every temperature, each against plain decoding at that
     temperature on the same prompts. Empty rules = no matrix."""
+
     rules: list[str] = field(default_factory=list)
     delays: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # static d
-    neural: bool = False                    # also a row with d chosen per step by drafter.specblock.selector
+    neural: bool = False  # also a row with d chosen per step by drafter.specblock.selector
     branches: list[int] = field(default_factory=lambda: [2, 4])
     temperatures: list[float] = field(default_factory=lambda: [1.0])
+
+    def validate(self) -> None:
+        for key, values, ok, want in (
+            (
+                "rules",
+                self.rules,
+                lambda r: r in SAMPLED_TREE_RULES + ("walk",),
+                f"one of {', '.join(SAMPLED_TREE_RULES + ('walk',))}",
+            ),
+            ("delays", self.delays, lambda v: v >= 0, ">= 0"),
+            ("branches", self.branches, lambda v: v > 0, "> 0"),
+            ("temperatures", self.temperatures, lambda v: v > 0, "> 0 (sampled trees)"),
+        ):
+            for i, v in enumerate(values):
+                if not ok(v):
+                    raise ValueError(f"{key}[{i}]: {v!r} must be {want}")
 
 
 @dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
-    num_prompts: int = 6                    # per dataset; 0 = all
-    first_prompt: int = 0                   # skip this many per dataset (e.g. trace on prompts the eval won't use)
+    num_prompts: int = 6  # per dataset; 0 = all
+    first_prompt: int = 0  # skip this many per dataset (e.g. trace on prompts the eval won't use)
     max_new_tokens: int = 96
     output: str = "reports/eval.json"
-    baseline: bool = True                   # also run plain AR decoding for speedup and exact match
-    trace: str = ""                         # JSONL of the drafter's per-step selector records (select: random)
+    baseline: bool = True  # also run plain AR decoding for speedup and exact match
+    trace: str = ""  # JSONL of the drafter's per-step selector records (select: random)
     matrix: MatrixConfig = field(default_factory=MatrixConfig)
     # more drafters side by side, on the same prompts against the same AR run: config files whose
     # `drafter:` section each is (the rest of those files is ignored; this config's sampling and verify apply)
     compare: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        checks.positive(self, "max_new_tokens")
+        checks.nonneg(self, "num_prompts", "first_prompt")
+        if not self.datasets:
+            raise ValueError("datasets: empty; name at least one of " + ", ".join(DATASETS))
+        for i, name in enumerate(self.datasets):
+            if name not in DATASETS:
+                raise ValueError(f"datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
+        if self.compare and self.matrix.rules:
+            raise ValueError("compare: not with eval.matrix (the matrix varies one sampled-tree drafter)")
+
+
+@dataclass
+class ExperimentConfig:
+    stream: list[str] = field(default_factory=lambda: ["humaneval", "mt_bench"])  # segments, in order
+    prompts_per_segment: list[int] = field(default_factory=lambda: [8, 8])  # one count per stream segment
+    max_new_tokens: int = 96
+    policies: list[str] = field(default_factory=lambda: ["never", "always", "bandit"])
+    always_steps: int = 4
+    output: str = "reports/bandit"  # experiment.json and experiment.png
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.stream):
+            if name not in DATASETS:
+                raise ValueError(f"stream[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
+        for i, name in enumerate(self.policies):
+            if name not in ("never", "always", "bandit"):
+                raise ValueError(f"policies[{i}]: {name!r} is not one of never, always, bandit")
+        if len(self.prompts_per_segment) != len(self.stream) or any(n <= 0 for n in self.prompts_per_segment):
+            raise ValueError(
+                f"prompts_per_segment: one count > 0 per stream segment ({len(self.stream)}), "
+                f"got {self.prompts_per_segment}"
+            )
+        checks.positive(self, "max_new_tokens", "always_steps")
 
 
 @dataclass
@@ -103,9 +184,23 @@ class Config:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
-    data: DataConfig = field(default_factory=DataConfig)         # `specdraft prepare-data` only
-    train: TrainConfig = field(default_factory=TrainConfig)      # `specdraft train` only
+    data: DataConfig = field(default_factory=DataConfig)  # `specdraft prepare-data` only
+    train: TrainConfig = field(default_factory=TrainConfig)  # `specdraft train` only
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # `specdraft bandit-experiment` only
+
+
+# The sections each command reads; a command validates these, once.
+COMMAND_SECTIONS = {
+    "eval": ("target", "drafter", "sampling", "verify", "verifier", "eval"),
+    "generate": ("target", "drafter", "sampling", "verify"),
+    "bench": ("target",),
+    "serve-drafter": ("target", "drafter", "server"),
+    "prepare-data": ("target", "data"),
+    "train": ("target", "train"),
+    "bandit-experiment": ("target", "drafter", "sampling", "verify", "experiment"),
+    "proposer": ("drafter",),
+}
+WIRE_INT = 2**31  # integers travel as (u)int32 on the wire and in tensor sizes: beyond that is a typo
 
 
 def _check(value, hint, key: str):
@@ -126,9 +221,13 @@ def _check(value, hint, key: str):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
         return _check(value, hint, key)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    if hint is int and not -WIRE_INT < value < WIRE_INT:
+        raise ConfigError(f"{key}: {value} is out of range (|value| < 2**31)")
     return value
 
 
@@ -145,162 +244,78 @@ def _build(cls, data, key: str):
     return cls(**{k: _check(v, hints[k], f"{key + '.' if key else ''}{k}") for k, v in data.items()})
 
 
-def validate(cfg: Config) -> Config:
-    """Value checks the types cannot express."""
-    d, s = cfg.drafter, cfg.server
-    positive = {"target.max_seq_len": cfg.target.max_seq_len, "drafter.max_nodes": d.max_nodes,
-                "drafter.ngram.max_depth": d.ngram.max_depth, "drafter.ngram.min_ngram": d.ngram.min_ngram,
-                "drafter.ngram.max_matches": d.ngram.max_matches, "eval.max_new_tokens": cfg.eval.max_new_tokens,
-                "drafter.grpc.timeout_ms": d.grpc.timeout_ms, "drafter.grpc.max_backoff_s": d.grpc.max_backoff_s,
-                "server.max_sessions": s.max_sessions, "server.max_nodes": s.max_nodes,
-                "server.max_message_mb": s.max_message_mb, "server.session_ttl_s": s.session_ttl_s}
-    nonneg = {"target.threads": cfg.target.threads, "sampling.top_k": cfg.sampling.top_k,
-              "eval.num_prompts": cfg.eval.num_prompts, "eval.first_prompt": cfg.eval.first_prompt,
-              "sampling.temperature": cfg.sampling.temperature,
-              "server.drain_s": s.drain_s, "server.workers": s.workers, "verify.feedback_topk": cfg.verify.feedback_topk}
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-    for key, v in nonneg.items():
-        if v < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {v}")
-    if cfg.drafter.ngram.max_ngram < cfg.drafter.ngram.min_ngram:
-        raise ConfigError(f"drafter.ngram.max_ngram: {cfg.drafter.ngram.max_ngram} < min_ngram {cfg.drafter.ngram.min_ngram}")
-    if not 0 < cfg.sampling.top_p <= 1:
-        raise ConfigError(f"sampling.top_p: must be in (0, 1], got {cfg.sampling.top_p}")
-    for key, addr in (("drafter.grpc.address", d.grpc.address), ("server.address", s.address)):
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError(f"{key}: {addr!r} is not host:port")
-    if bool(s.tls_cert) != bool(s.tls_key):
-        raise ConfigError("server.tls_cert, server.tls_key: give both (TLS) or neither")
-    for key, path in (("server.tls_cert", s.tls_cert), ("server.tls_key", s.tls_key), ("drafter.grpc.tls_ca", d.grpc.tls_ca)):
-        if path and not Path(path).is_file():
-            raise ConfigError(f"{key}: {path}: file not found")
-    for key, var in (("server.token_env", s.token_env), ("drafter.grpc.token_env", d.grpc.token_env)):
-        if var and not os.environ.get(var):
-            raise ConfigError(f"{key}: environment variable {var} is not set or empty")
-    for key, v in (("data.max_conversations", cfg.data.max_conversations), ("data.first_record", cfg.data.first_record)):
-        if v < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {v}")
-    for key, v in (("data.max_tokens", cfg.data.max_tokens), ("data.topk", cfg.data.topk),
-                   ("data.shard_tokens", cfg.data.shard_tokens), ("data.reply_tokens", cfg.data.reply_tokens),
-                   ("data.reply_batch", cfg.data.reply_batch)):
-        if v <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-    tr = cfg.train
-    for key, v in (("train.steps", tr.steps), ("train.conversations_per_step", tr.conversations_per_step),
-                   ("train.max_positions", tr.max_positions), ("train.eval_every", tr.eval_every), ("train.lr", tr.lr),
-                   ("train.model.block_size", tr.model.block_size), ("train.model.n_layers", tr.model.n_layers),
-                   ("train.model.draft_vocab", tr.model.draft_vocab), ("train.model.max_rank", tr.model.max_rank),
-                   ("drafter.specblock.max_blocks", d.specblock.max_blocks),
-                   ("drafter.specblock.max_branch", d.specblock.max_branch),
-                   ("drafter.specblock.branches", d.specblock.branches),
-                   ("drafter.specblock.rollout", d.specblock.rollout)):
-        if v <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-    if cfg.data.max_tokens > cfg.target.max_seq_len:
-        raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
-    if not 0 <= cfg.data.heldout_fraction <= 1:
-        raise ConfigError(f"data.heldout_fraction: must be in [0, 1], got {cfg.data.heldout_fraction}")
-    sampled = d.mode == "inprocess" and d.kind == "specblock" and d.specblock.tree == "sampled"
-    if cfg.verify.rule != "walk" and not sampled:
-        builds = "the sidecar's trees carry no draft distributions" if d.mode == "grpc" else \
-            f"drafter.kind {d.kind!r} builds deterministic trees" if d.kind != "specblock" else \
-            f"drafter.specblock.tree is {d.specblock.tree!r} (deterministic)"
-        raise ConfigError(f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
-                          f"their draft distribution); {builds}: use rule 'walk', or an in-process specblock "
-                          "drafter with specblock.tree: sampled")
-    if d.mode == "inprocess" and d.kind == "specblock" and not (Path(d.specblock.checkpoint) / "drafter.safetensors").is_file():
-        raise ConfigError(f"drafter.specblock.checkpoint: {d.specblock.checkpoint}: no drafter.safetensors "
-                          "(train one with `specdraft train`)")
-    if tr.init and not (Path(tr.init) / "drafter.safetensors").is_file():
-        raise ConfigError(f"train.init: {tr.init}: no drafter.safetensors")
-    if d.lookup and (d.kind != "specblock" or d.specblock.tree == "sampled"):
-        raise ConfigError("drafter.lookup: only in front of a specblock drafter with a deterministic tree "
-                          f"(kind {d.kind!r}, specblock.tree {d.specblock.tree!r})")
-    if not 0 <= d.specblock.min_prob < 1:
-        raise ConfigError(f"drafter.specblock.min_prob: must be in [0, 1), got {d.specblock.min_prob}")
-    if d.specblock.delay < 0:
-        raise ConfigError(f"drafter.specblock.delay: must be >= 0, got {d.specblock.delay}")
-    if not d.specblock.delays or any(v < 0 for v in d.specblock.delays):
-        raise ConfigError(f"drafter.specblock.delays: a non-empty list of delays >= 0, got {d.specblock.delays}")
-    mx = cfg.eval.matrix
-    if sampled and (d.specblock.select == "neural" or (mx.rules and mx.neural)):
-        if not (Path(d.specblock.selector) / "selector.safetensors").is_file():
-            raise ConfigError(f"drafter.specblock.selector: {d.specblock.selector}: no selector.safetensors (train "
-                              "one: specdraft train --config configs/train-selector.yaml)")
-    if mx.rules:
-        from verifier.rules import SAMPLED_TREE_RULES
+def _validate_section(section, key: str) -> None:
+    """Run a section's own validate() after those of its nested sections; messages get the key path."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_section(value, f"{key}.{f.name}")
+    if hasattr(section, "validate"):
+        try:
+            section.validate()
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{key}.{e}") from None
 
-        if not sampled:
-            raise ConfigError("eval.matrix: needs an in-process specblock drafter with specblock.tree: sampled")
-        for key, values, ok, want in (("rules", mx.rules, lambda r: r in SAMPLED_TREE_RULES + ("walk",),
-                                       f"one of {', '.join(SAMPLED_TREE_RULES + ('walk',))}"),
-                                      ("delays", mx.delays, lambda v: v >= 0, ">= 0"),
-                                      ("branches", mx.branches, lambda v: v > 0, "> 0"),
-                                      ("temperatures", mx.temperatures, lambda v: v > 0, "> 0 (sampled trees)")):
-            for i, v in enumerate(values):
-                if not ok(v):
-                    raise ConfigError(f"eval.matrix.{key}[{i}]: {v!r} must be {want}")
-    b = d.bandit
-    if b.enabled and d.kind != "specblock":
-        raise ConfigError(f"drafter.bandit.enabled: the {d.kind} drafter has no weights to update online; "
-                          "use drafter.kind specblock or leave the bandit off")
-    if not b.arms or any(a < 0 for a in b.arms):
-        raise ConfigError(f"drafter.bandit.arms: a non-empty list of optimizer steps >= 0 (0 = skip), got {b.arms}")
-    for key in ("buffer_positions", "decide_every", "window_positions", "guard_positions", "lr", "exploration"):
-        if getattr(b, key) <= 0:
-            raise ConfigError(f"drafter.bandit.{key}: must be > 0, got {getattr(b, key)}")
-    if b.guard_z < 0:
-        raise ConfigError(f"drafter.bandit.guard_z: must be >= 0, got {b.guard_z}")
-    if b.horizon < 0:
-        raise ConfigError(f"drafter.bandit.horizon: must be >= 0 (0 = no credit beyond the window), got {b.horizon}")
-    if not 0 < b.discount <= 1:
-        raise ConfigError(f"drafter.bandit.discount: must be in (0, 1], got {b.discount}")
-    ex = cfg.experiment
-    for i, name in enumerate(ex.stream):
-        if name not in DATASETS:
-            raise ConfigError(f"experiment.stream[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
-    for i, name in enumerate(ex.policies):
-        if name not in ("never", "always", "bandit"):
-            raise ConfigError(f"experiment.policies[{i}]: {name!r} is not one of never, always, bandit")
-    if len(ex.prompts_per_segment) != len(ex.stream) or any(n <= 0 for n in ex.prompts_per_segment):
-        raise ConfigError(f"experiment.prompts_per_segment: one count > 0 per stream segment ({len(ex.stream)}), "
-                          f"got {ex.prompts_per_segment}")
-    for key in ("max_new_tokens", "always_steps"):
-        if getattr(ex, key) <= 0:
-            raise ConfigError(f"experiment.{key}: must be > 0, got {getattr(ex, key)}")
-    v = cfg.verifier.vllm
-    if v.spec_tokens <= 0 or v.ngram_min <= 0:
-        key = "spec_tokens" if v.spec_tokens <= 0 else "ngram_min"
-        raise ConfigError(f"verifier.vllm.{key}: must be > 0, got {getattr(v, key)}")
-    if v.ngram_max < v.ngram_min:
-        raise ConfigError(f"verifier.vllm.ngram_max: {v.ngram_max} < ngram_min {v.ngram_min}")
-    if v.kv_cache_mib < 0:
-        raise ConfigError(f"verifier.vllm.kv_cache_mib: must be >= 0 (0 = by memory_fraction), got {v.kv_cache_mib}")
-    if not 0 < v.memory_fraction <= 1:
-        raise ConfigError(f"verifier.vllm.memory_fraction: must be in (0, 1], got {v.memory_fraction}")
-    if cfg.verifier.backend == "vllm":
-        for i, path in enumerate(v.sidecars):
-            if not Path(path).is_file():
-                raise ConfigError(f"verifier.vllm.sidecars[{i}]: {path}: file not found")
-    if cfg.eval.compare and mx.rules:
-        raise ConfigError("eval.compare: not with eval.matrix (the matrix varies one sampled-tree drafter)")
+
+def cross_checks(cfg: Config, sections: tuple[str, ...]) -> None:
+    """Value checks that span sections."""
+    d = cfg.drafter
+    if "data" in sections and cfg.data.max_tokens > cfg.target.max_seq_len:
+        raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
+    sampled = d.mode == "inprocess" and d.kind == "specblock" and d.specblock.tree == "sampled"
+    if "verify" in sections and cfg.verify.rule != "walk" and not sampled:
+        builds = (
+            "the sidecar's trees carry no draft distributions"
+            if d.mode == "grpc"
+            else f"drafter.kind {d.kind!r} builds deterministic trees"
+            if d.kind != "specblock"
+            else f"drafter.specblock.tree is {d.specblock.tree!r} (deterministic)"
+        )
+        raise ConfigError(
+            f"verify.rule: {cfg.verify.rule!r} needs sampled trees (i.i.d. sibling groups with "
+            f"their draft distribution); {builds}: use rule 'walk', or an in-process specblock "
+            "drafter with specblock.tree: sampled"
+        )
+    if "eval" not in sections:
+        return
+    mx = cfg.eval.matrix
+    if mx.rules and not sampled:
+        raise ConfigError("eval.matrix: needs an in-process specblock drafter with specblock.tree: sampled")
+    if mx.rules and mx.neural:
+        try:
+            checks.file_in(
+                d.specblock.selector,
+                "selector.safetensors",
+                "train one: specdraft train --config configs/train-selector.yaml",
+            )
+        except OSError as e:
+            raise ConfigError(f"drafter.specblock.selector: {e}") from None
     for i, path in enumerate(cfg.eval.compare):  # each drafter must work with this config's other settings
         try:
-            validate(dataclasses.replace(cfg, drafter=read_config(path).drafter,
-                                         eval=dataclasses.replace(cfg.eval, compare=[])))
+            drafter = compared_drafter(path)
+            _validate_section(drafter, "drafter")
+            cross_checks(dataclasses.replace(cfg, drafter=drafter), ("verify",))
         except ConfigError as e:
             raise ConfigError(f"eval.compare[{i}]: {e}") from None
-    for i, name in enumerate(cfg.eval.datasets):
-        if name not in DATASETS:
-            raise ConfigError(f"eval.datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
+
+
+@functools.cache
+def compared_drafter(path: str) -> DrafterConfig:
+    """The `drafter:` section of an eval.compare file (read once per process)."""
+    return read_config(path).drafter
+
+
+def validate(cfg: Config, command: str) -> Config:
+    """Check the values of the sections `command` uses (COMMAND_SECTIONS), once."""
+    sections = COMMAND_SECTIONS[command]
+    for name in sections:
+        _validate_section(getattr(cfg, name), name)
+    cross_checks(cfg, sections)
     return cfg
 
 
 def read_config(path: str | Path) -> Config:
-    """A YAML file's Config, types checked but values not validated (load_config does both)."""
+    """A YAML file's Config, types checked but values not validated (validate; load_config does both)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -314,9 +329,10 @@ def read_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, command: str) -> Config:
+    """read_config, then validate for `command` (for a command whose arguments override nothing)."""
     cfg = read_config(path)
     try:
-        return validate(cfg)
+        return validate(cfg, command)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -3,24 +3,30 @@ speculatively, by the config's drafter and each drafter of eval.compare, with th
 same run; per drafter and dataset we report tau, acceptance per depth, drafter forwards, drafting and
 verification cost, tokens/s, speedup and (at temperature 0) exact match with AR, and plot acceptance
 by depth per drafter."""
+
 import gzip
 import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
+import grpc
 import torch
 from tqdm import tqdm
 
-from drafter.build import DrafterConfig, load_drafter_model, make_drafter
-from drafter.interface import Drafter
-from verifier.assets import chat_prompt, load_target, package_file
-from verifier.config import Config, ConfigError, read_config
-from verifier.engine import generate
+from drafter.data import chat_prompt
+from proto.interface import Drafter
+from specdraft.assets import load_target, package_file
+from specdraft.build import DrafterConfig, load_drafter_model, make_drafter
+from specdraft.config import Config, ConfigError, compared_drafter
+from specdraft.report import print_columns
+from specdraft.vllm import run_vllm_eval
+from verifier.engine import generate, tau
+from verifier.remote import RemoteDrafter, connect, server_info
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +51,18 @@ def drafter_factory(cfg: DrafterConfig, target) -> Callable[[str], Drafter]:
     if cfg.mode == "inprocess":
         model = load_drafter_model(cfg, target.model.args, target.model.tok_embeddings.weight)
         return lambda label: make_drafter(cfg, model)
-    import grpc
-
-    from verifier.remote import RemoteDrafter, connect, server_info
-
     conn = connect(cfg.grpc)
     try:
         info = server_info(conn)
     except grpc.RpcError as e:
-        raise ConfigError(f"drafter.grpc.address: no specdraft drafter at {cfg.grpc.address} "
-                          f"({e.code().name}: {e.details()})") from None
+        raise ConfigError(
+            f"drafter.grpc.address: no specdraft drafter at {cfg.grpc.address} ({e.code().name}: {e.details()})"
+        ) from None
     if info.vocab_size != vocab_size:
-        raise ConfigError(f"drafter.grpc.address: the sidecar at {cfg.grpc.address} drafts for a vocabulary of "
-                          f"{info.vocab_size}, the target has {vocab_size}")
+        raise ConfigError(
+            f"drafter.grpc.address: the sidecar at {cfg.grpc.address} drafts for a vocabulary of "
+            f"{info.vocab_size}, the target has {vocab_size}"
+        )
     log.info("drafting through the sidecar at %s (%s drafter, %s)", cfg.grpc.address, info.drafter, info.model)
     return lambda label: RemoteDrafter(conn, label)
 
@@ -70,20 +75,34 @@ def drafter_label(cfg: DrafterConfig) -> str:
 
 def drafters_to_run(cfg: Config) -> list[tuple[str, DrafterConfig]]:
     """(label, drafter config): the config's own drafter, then every eval.compare file's `drafter:`
-    section (validated with this config's other settings by verifier.config.validate)."""
+    section (validated with this config's other settings by specdraft.config.validate)."""
     out = [(drafter_label(cfg.drafter), cfg.drafter)]
     for path in cfg.eval.compare:
-        d = read_config(path).drafter
+        d = compared_drafter(path)
         label = drafter_label(d)
         labels = [lb for lb, _ in out]
         out.append((label if label not in labels else f"{label} ({path})", d))
     return out
 
 
+def decode(target, prompt_ids: list[int], cfg: Config, stops: set[int], drafter, max_new_tokens: int):
+    """verifier.engine.generate with the config's sampling, node budget and verification rule."""
+    return generate(
+        target,
+        prompt_ids,
+        cfg.sampling,
+        max_new_tokens,
+        stops,
+        drafter,
+        cfg.drafter.max_nodes,
+        cfg.verify.rule,
+        cfg.verify.feedback_topk,
+    )
+
+
 def run_prompt(target, prompt_ids, cfg: Config, stops, drafter) -> dict:
     t0 = time.perf_counter()
-    steps = list(generate(target, prompt_ids, cfg.sampling, cfg.eval.max_new_tokens, stops, drafter,
-                          cfg.drafter.max_nodes, cfg.verify.rule, cfg.verify.feedback_topk))
+    steps = list(decode(target, prompt_ids, cfg, stops, drafter, cfg.eval.max_new_tokens))
     return {"steps": steps, "wall_s": time.perf_counter() - t0, "tokens": [t for s in steps for t in s.tokens]}
 
 
@@ -99,7 +118,7 @@ def summarize(records: list[dict], temperature: float) -> dict:
     out = {
         "prompts": len(records),
         "tokens": n_tokens,
-        "tau": sum(len(s.tokens) for s in spec_steps) / max(len(spec_steps), 1),
+        "tau": tau([None] + spec_steps),
         "steps_with_tree": sum(s.tree_nodes > 0 for s in spec_steps) / max(len(spec_steps), 1),
         "mean_tree_nodes": sum(s.tree_nodes for s in spec_steps) / max(len(spec_steps), 1),
         "acceptance_per_depth": acc,
@@ -112,8 +131,11 @@ def summarize(records: list[dict], temperature: float) -> dict:
     if "ar" in records[0]:
         ar_tokens = sum(len(r["ar"]["tokens"]) for r in records)
         out["ar_tokens_per_s"] = ar_tokens / sum(r["ar"]["wall_s"] for r in records)
-        out["ar_ms_per_step"] = 1000 * sum(s.verify_s for r in records for s in r["ar"]["steps"][1:]) / max(
-            sum(len(r["ar"]["steps"]) - 1 for r in records), 1)
+        out["ar_ms_per_step"] = (
+            1000
+            * sum(s.verify_s for r in records for s in r["ar"]["steps"][1:])
+            / max(sum(len(r["ar"]["steps"]) - 1 for r in records), 1)
+        )
         out["speedup"] = out["spec_tokens_per_s"] / out["ar_tokens_per_s"]
         if temperature == 0:
             out["exact_match"] = all(r["spec"]["tokens"] == r["ar"]["tokens"] for r in records)
@@ -128,19 +150,28 @@ def eval_jobs(cfg: Config, tokenizer) -> list[tuple[str, str, list[int]]]:
     for name in cfg.eval.datasets:
         prompts = load_prompts(name)
         first = cfg.eval.first_prompt
-        for pid, text in prompts[first:first + cfg.eval.num_prompts if cfg.eval.num_prompts else None]:
+        for pid, text in prompts[first : first + cfg.eval.num_prompts if cfg.eval.num_prompts else None]:
             ids = chat_prompt(tokenizer, text)
             if len(ids) > room:
-                log.warning("%s: prompt of %d tokens leaves no room in target.max_seq_len=%d; skipped",
-                            pid, len(ids), cfg.target.max_seq_len)
+                log.warning(
+                    "%s: prompt of %d tokens leaves no room in target.max_seq_len=%d; skipped",
+                    pid,
+                    len(ids),
+                    cfg.target.max_seq_len,
+                )
                 continue
             jobs.append((name, pid, ids))
     return jobs
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
 
 
 def run_eval(cfg: Config) -> dict:
@@ -162,12 +193,11 @@ def run_eval(cfg: Config) -> dict:
             rec["spec"] = run_prompt(target, ids, dcfg, stops, drafter)
             if label == drafters[0][0]:
                 trace += [r for r in getattr(drafter, "trace", []) if "accepted" in r]
-            rec["forwards"] = getattr(drafter, "forwards", 0)       # drafter (neural) forwards, all steps
+            rec["forwards"] = getattr(drafter, "forwards", 0)  # drafter (neural) forwards, all steps
             rec["fallback_rounds"] = getattr(drafter, "fallbacks", 0)  # sidecar rounds lost to faults or deadlines
             drafter.close()
             records[label][name].append(rec)
-            steps = rec["spec"]["steps"]
-            taus.append(f"{(len(rec['spec']['tokens']) - 1) / max(len(steps) - 1, 1):.2f}")
+            taus.append(f"{tau(rec['spec']['steps']):.2f}")
         bar.set_postfix(tau="/".join(taus))
     if cfg.eval.trace:
         Path(cfg.eval.trace).parent.mkdir(parents=True, exist_ok=True)
@@ -175,19 +205,27 @@ def run_eval(cfg: Config) -> dict:
         log.info("%d traced steps -> %s", len(trace), cfg.eval.trace)
 
     def results(by_name: dict[str, list]) -> dict:
-        return {"datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in by_name.items() if recs},
-                "outputs": {name: [{"id": r["id"], "tokens": len(r["spec"]["tokens"]),
-                                    "text": tokenizer.decode(r["spec"]["tokens"])} for r in recs]
-                            for name, recs in by_name.items()}}
+        return {
+            "datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in by_name.items() if recs},
+            "outputs": {
+                name: [
+                    {"id": r["id"], "tokens": len(r["spec"]["tokens"]), "text": tokenizer.decode(r["spec"]["tokens"])}
+                    for r in recs
+                ]
+                for name, recs in by_name.items()
+            },
+        }
 
     # the config's own drafter at the top level; eval.compare's under "compare", by label
-    report = {"config": asdict(cfg), "environment": environment(), "drafter": drafters[0][0],
-              **results(records[drafters[0][0]])}
+    report = {
+        "config": asdict(cfg),
+        "environment": environment(),
+        "drafter": drafters[0][0],
+        **results(records[drafters[0][0]]),
+    }
     if len(drafters) > 1:
         report["compare"] = {label: results(records[label]) for label, _ in drafters[1:]}
     if cfg.verifier.backend == "vllm":
-        from verifier.vllm_backend import run_vllm_eval
-
         report["vllm"] = run_vllm_eval(cfg, jobs, stops, report)
     out = Path(cfg.eval.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,8 +256,7 @@ def plot_acceptance(report: dict, path: Path) -> None:
         for label, n, s in rows:
             acc = s["acceptance_per_depth"]
             if n == name and acc:
-                ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=4,
-                        label=f"{label} (tau {s['tau']:.2f})")
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=4, label=f"{label} (tau {s['tau']:.2f})")
         ax.set(title=name, xlabel="tree depth d", ylabel="P(accepted >= d | tree reaches d)", ylim=(0, 1))
         ax.grid(alpha=0.3)
         if ax.lines:  # a drafter that accepted nothing has no curve
@@ -246,8 +283,9 @@ def run_matrix(cfg: Config) -> dict:
     jobs = eval_jobs(cfg, tokenizer)
     variants = matrix_variants(cfg)
     rows = []
-    bar = tqdm(total=len(cfg.eval.matrix.temperatures) * len(jobs) * (1 + len(variants)), desc="eval matrix",
-               unit="run")
+    bar = tqdm(
+        total=len(cfg.eval.matrix.temperatures) * len(jobs) * (1 + len(variants)), desc="eval matrix", unit="run"
+    )
     for temp in cfg.eval.matrix.temperatures:
         records = {v: {name: [] for name in cfg.eval.datasets} for v in variants}
         for name, pid, ids in jobs:
@@ -255,27 +293,47 @@ def run_matrix(cfg: Config) -> dict:
             ar = run_prompt(target, ids, base, stops, None)
             bar.update()
             for rule, d, k in variants:
-                sb = replace(cfg.drafter.specblock, branches=k, delay=0 if d == "neural" else d,
-                             select="neural" if d == "neural" else "fixed")
-                vcfg = replace(base, verify=replace(cfg.verify, rule=rule),
-                               drafter=replace(cfg.drafter, specblock=sb))
+                sb = replace(
+                    cfg.drafter.specblock,
+                    branches=k,
+                    delay=0 if d == "neural" else d,
+                    select="neural" if d == "neural" else "fixed",
+                )
+                vcfg = replace(base, verify=replace(cfg.verify, rule=rule), drafter=replace(cfg.drafter, specblock=sb))
                 drafter = make_drafter(vcfg.drafter, model)
                 spec = run_prompt(target, ids, vcfg, stops, drafter)
-                records[(rule, d, k)][name].append({"id": pid, "ar": ar, "fallback_rounds": 0, "spec": spec,
-                                                    "forwards": drafter.forwards})
+                records[(rule, d, k)][name].append(
+                    {"id": pid, "ar": ar, "fallback_rounds": 0, "spec": spec, "forwards": drafter.forwards}
+                )
                 drafter.close()
                 bar.update()
         for (rule, d, k), by_name in records.items():
             for name, recs in by_name.items():
                 if recs:
                     s = summarize(recs, temp)
-                    rows.append({"dataset": name, "temperature": temp, "rule": rule, "delay": d, "branches": k,
-                                 **{key: s[key] for key in ("tau", "spec_tokens_per_s", "ar_tokens_per_s", "speedup",
-                                                            "draft_ms_per_step", "verify_ms_per_step",
-                                                            "acceptance_per_depth")}})
+                    rows.append(
+                        {
+                            "dataset": name,
+                            "temperature": temp,
+                            "rule": rule,
+                            "delay": d,
+                            "branches": k,
+                            **{
+                                key: s[key]
+                                for key in (
+                                    "tau",
+                                    "spec_tokens_per_s",
+                                    "ar_tokens_per_s",
+                                    "speedup",
+                                    "draft_ms_per_step",
+                                    "verify_ms_per_step",
+                                    "acceptance_per_depth",
+                                )
+                            },
+                        }
+                    )
     bar.close()
-    report = {"config": asdict(cfg), "environment": environment(), "matrix": rows,
-              "summary": matrix_summary(rows)}
+    report = {"config": asdict(cfg), "environment": environment(), "matrix": rows, "summary": matrix_summary(rows)}
     out = Path(cfg.eval.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -294,54 +352,138 @@ def matrix_summary(rows: list[dict]) -> list[dict]:
         best = max(static, key=lambda r: r["spec_tokens_per_s"])
         root = next((r for r in static if r["delay"] == 0), None)
         neural = next((r for r in rs if r["delay"] == "neural"), None)
-        out.append({"dataset": name, "temperature": temp, "rule": rule, "branches": k,
-                    "d0_tau": root and root["tau"], "d0_tok_s": root and root["spec_tokens_per_s"],
-                    "best_d": best["delay"], "best_tau": best["tau"], "best_tok_s": best["spec_tokens_per_s"],
-                    "neural_tau": neural and neural["tau"], "neural_tok_s": neural and neural["spec_tokens_per_s"],
-                    "neural_vs_best": neural and neural["spec_tokens_per_s"] / best["spec_tokens_per_s"]})
+        out.append(
+            {
+                "dataset": name,
+                "temperature": temp,
+                "rule": rule,
+                "branches": k,
+                "d0_tau": root and root["tau"],
+                "d0_tok_s": root and root["spec_tokens_per_s"],
+                "best_d": best["delay"],
+                "best_tau": best["tau"],
+                "best_tok_s": best["spec_tokens_per_s"],
+                "neural_tau": neural and neural["tau"],
+                "neural_tok_s": neural and neural["spec_tokens_per_s"],
+                "neural_vs_best": neural and neural["spec_tokens_per_s"] / best["spec_tokens_per_s"],
+            }
+        )
     return out
 
 
 def print_matrix(report: dict) -> None:
-    cols = [("dataset", 10), ("T", 5), ("rule", 10), ("d", 7), ("k", 3), ("tau", 6), ("acc/depth 1,2,3", 16),
-            ("draft ms", 9), ("verify ms", 10), ("tok/s", 7), ("AR tok/s", 9), ("speedup", 8)]
-    print_columns(cols, [[r["dataset"], r["temperature"], r["rule"], r["delay"], r["branches"], f"{r['tau']:.2f}",
-                          ",".join(f"{a:.2f}" for a in r["acceptance_per_depth"][:3]) or "-",
-                          f"{r['draft_ms_per_step']:.1f}", f"{r['verify_ms_per_step']:.1f}",
-                          f"{r['spec_tokens_per_s']:.2f}", f"{r['ar_tokens_per_s']:.2f}", f"{r['speedup']:.2f}"]
-                         for r in report["matrix"]])
+    cols = [
+        ("dataset", 10),
+        ("T", 5),
+        ("rule", 10),
+        ("d", 7),
+        ("k", 3),
+        ("tau", 6),
+        ("acc/depth 1,2,3", 16),
+        ("draft ms", 9),
+        ("verify ms", 10),
+        ("tok/s", 7),
+        ("AR tok/s", 9),
+        ("speedup", 8),
+    ]
+    print_columns(
+        cols,
+        [
+            [
+                r["dataset"],
+                r["temperature"],
+                r["rule"],
+                r["delay"],
+                r["branches"],
+                f"{r['tau']:.2f}",
+                ",".join(f"{a:.2f}" for a in r["acceptance_per_depth"][:3]) or "-",
+                f"{r['draft_ms_per_step']:.1f}",
+                f"{r['verify_ms_per_step']:.1f}",
+                f"{r['spec_tokens_per_s']:.2f}",
+                f"{r['ar_tokens_per_s']:.2f}",
+                f"{r['speedup']:.2f}",
+            ]
+            for r in report["matrix"]
+        ],
+    )
     print()
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    cols = [("dataset", 10), ("T", 5), ("rule", 10), ("k", 3), ("d=0 tau", 8), ("tok/s", 7), ("best d", 7),
-            ("tau", 6), ("tok/s", 7), ("neural tau", 11), ("tok/s", 7), ("neural/best", 12)]
-    print_columns(cols, [[s["dataset"], s["temperature"], s["rule"], s["branches"], f(s["d0_tau"], ".2f"),
-                          f(s["d0_tok_s"], ".2f"), s["best_d"], f"{s['best_tau']:.2f}", f"{s['best_tok_s']:.2f}",
-                          f(s["neural_tau"], ".2f"), f(s["neural_tok_s"], ".2f"), f(s["neural_vs_best"], ".3f")]
-                         for s in report["summary"]])
-
-
-def print_columns(cols: list[tuple[str, int]], rows: list[list]) -> None:
-    """A header and rows, each cell right-aligned to its column's width."""
-    for cells in [[name for name, _ in cols]] + rows:
-        print("".join(f"{str(c):>{w}}" for c, (_, w) in zip(cells, cols)))
+    cols = [
+        ("dataset", 10),
+        ("T", 5),
+        ("rule", 10),
+        ("k", 3),
+        ("d=0 tau", 8),
+        ("tok/s", 7),
+        ("best d", 7),
+        ("tau", 6),
+        ("tok/s", 7),
+        ("neural tau", 11),
+        ("tok/s", 7),
+        ("neural/best", 12),
+    ]
+    print_columns(
+        cols,
+        [
+            [
+                s["dataset"],
+                s["temperature"],
+                s["rule"],
+                s["branches"],
+                f(s["d0_tau"], ".2f"),
+                f(s["d0_tok_s"], ".2f"),
+                s["best_d"],
+                f"{s['best_tau']:.2f}",
+                f"{s['best_tok_s']:.2f}",
+                f(s["neural_tau"], ".2f"),
+                f(s["neural_tok_s"], ".2f"),
+                f(s["neural_vs_best"], ".3f"),
+            ]
+            for s in report["summary"]
+        ],
+    )
 
 
 def print_table(report: dict) -> None:
     rows = eval_rows(report)
     width = max(len(label) for label, _, _ in rows) + 2
-    cols = [("drafter", width), ("dataset", 10), ("prompts", 8), ("tokens", 7), ("tau", 6), ("acc/depth 1,2,3,4", 20),
-            ("fwd", 5), ("draft ms", 9), ("verify ms", 10), ("AR ms", 7), ("spec tok/s", 11), ("AR tok/s", 9),
-            ("speedup", 8), ("=AR", 5)]
+    cols = [
+        ("drafter", width),
+        ("dataset", 10),
+        ("prompts", 8),
+        ("tokens", 7),
+        ("tau", 6),
+        ("acc/depth 1,2,3,4", 20),
+        ("fwd", 5),
+        ("draft ms", 9),
+        ("verify ms", 10),
+        ("AR ms", 7),
+        ("spec tok/s", 11),
+        ("AR tok/s", 9),
+        ("speedup", 8),
+        ("=AR", 5),
+    ]
     cells_rows = []
     for label, name, s in rows:
         acc = ",".join(f"{a:.2f}" for a in s["acceptance_per_depth"][:4]) or "-"
-        cells = [label, name, s["prompts"], s["tokens"], f"{s['tau']:.2f}", acc, f"{s['draft_forwards_per_step']:.2f}",
-                 f"{s['draft_ms_per_step']:.2f}",
-                 f"{s['verify_ms_per_step']:.1f}", f"{s.get('ar_ms_per_step', float('nan')):.1f}",
-                 f"{s['spec_tokens_per_s']:.1f}", f"{s.get('ar_tokens_per_s', float('nan')):.1f}",
-                 f"{s.get('speedup', float('nan')):.2f}", {True: "yes", False: "NO"}.get(s.get("exact_match"), "-")]
+        cells = [
+            label,
+            name,
+            s["prompts"],
+            s["tokens"],
+            f"{s['tau']:.2f}",
+            acc,
+            f"{s['draft_forwards_per_step']:.2f}",
+            f"{s['draft_ms_per_step']:.2f}",
+            f"{s['verify_ms_per_step']:.1f}",
+            f"{s.get('ar_ms_per_step', float('nan')):.1f}",
+            f"{s['spec_tokens_per_s']:.1f}",
+            f"{s.get('ar_tokens_per_s', float('nan')):.1f}",
+            f"{s.get('speedup', float('nan')):.2f}",
+            {True: "yes", False: "NO"}.get(s.get("exact_match"), "-"),
+        ]
         cells_rows.append(cells)
     print_columns(cols, cells_rows)

@@ -8,25 +8,22 @@ by prompt (each timed on its own clock):
   bandit  the cost-aware bandit of drafter.bandit.
 Reported per policy and stream segment: tokens/s (update time included: it runs in the same process),
 tau, and the number and total cost of updates; plus a PNG of tau per prompt and cumulative tokens/s."""
+
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bandit.online import OnlineAdapter
+from drafter.data import chat_prompt
+from specdraft.assets import load_target
+from specdraft.build import load_drafter_model, make_drafter
+from specdraft.evaluate import load_prompts, run_prompt
+from specdraft.report import print_columns
+from verifier.engine import tau
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExperimentConfig:
-    stream: list[str] = field(default_factory=lambda: ["humaneval", "mt_bench"])  # segments, in order
-    prompts_per_segment: list[int] = field(default_factory=lambda: [8, 8])  # one count per stream segment
-    max_new_tokens: int = 96
-    policies: list[str] = field(default_factory=lambda: ["never", "always", "bandit"])
-    always_steps: int = 4
-    output: str = "reports/bandit"          # experiment.json and experiment.png
 
 
 class AdaptingDrafter:
@@ -72,15 +69,16 @@ class PolicyClock:
 def run_policies(cfg, target, stops, jobs, progress=None) -> dict:
     """Every policy over the same prompts, taking turns prompt by prompt (the order rotating), so the
     machine's drift over the run (these machines are noisy) falls on all policies alike."""
-    from drafter.build import load_drafter_model, make_drafter
-    from verifier.evaluate import run_prompt
 
     ex = cfg.experiment
     state = {}
     for policy in ex.policies:
         model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
-        bandit_cfg = {"never": None, "bandit": replace(cfg.drafter.bandit, enabled=True),
-                      "always": replace(cfg.drafter.bandit, enabled=True, arms=[ex.always_steps])}[policy]
+        bandit_cfg = {
+            "never": None,
+            "bandit": replace(cfg.drafter.bandit, enabled=True),
+            "always": replace(cfg.drafter.bandit, enabled=True, arms=[ex.always_steps]),
+        }[policy]
         clock = PolicyClock()
         adapter = OnlineAdapter(model, bandit_cfg, clock) if bandit_cfg is not None else None
         state[policy] = (model, adapter, clock, [])
@@ -93,15 +91,22 @@ def run_policies(cfg, target, stops, jobs, progress=None) -> dict:
             rec = run_prompt(target, ids, cfg, stops, drafter)
             wall = clock.stop()  # includes any update run inside this prompt's rounds
             drafter.close()
-            steps = rec["steps"][1:]
-            rows.append({"segment": segment, "id": pid, "tokens": len(rec["tokens"]), "wall_s": wall,
-                         "tau": sum(len(s.tokens) for s in steps) / max(len(steps), 1),
-                         "updates": adapter.updates if adapter else 0,
-                         "update_s": adapter.update_s if adapter else 0.0})
+            rows.append(
+                {
+                    "segment": segment,
+                    "id": pid,
+                    "tokens": len(rec["tokens"]),
+                    "wall_s": wall,
+                    "tau": tau(rec["steps"]),
+                    "updates": adapter.updates if adapter else 0,
+                    "update_s": adapter.update_s if adapter else 0.0,
+                }
+            )
             if progress is not None:
                 progress(policy, rows[-1])
-    return {p: {"rows": rows, "adapter": adapter.stats() if adapter else None}
-            for p, (_, adapter, _, rows) in state.items()}
+    return {
+        p: {"rows": rows, "adapter": adapter.stats() if adapter else None} for p, (_, adapter, _, rows) in state.items()
+    }
 
 
 def summarize(runs: dict, segments: list[str]) -> dict:
@@ -114,9 +119,12 @@ def summarize(runs: dict, segments: list[str]) -> dict:
             r = [x for x in rows if x["segment"] == s]
             if not r:
                 continue
-            seg[s] = {"tokens_per_s": sum(x["tokens"] for x in r) / sum(x["wall_s"] for x in r),
-                      "tau": sum(x["tau"] for x in r) / len(r),
-                      "updates": r[-1]["updates"] - prev_updates, "update_s": r[-1]["update_s"] - prev_cost}
+            seg[s] = {
+                "tokens_per_s": sum(x["tokens"] for x in r) / sum(x["wall_s"] for x in r),
+                "tau": sum(x["tau"] for x in r) / len(r),
+                "updates": r[-1]["updates"] - prev_updates,
+                "update_s": r[-1]["update_s"] - prev_cost,
+            }
             prev_updates, prev_cost = r[-1]["updates"], r[-1]["update_s"]
         out[policy] = seg
     return out
@@ -153,14 +161,15 @@ def plot(runs: dict, path: Path) -> None:
 
 
 def run_experiment(cfg, progress=None) -> dict:
-    from verifier.assets import chat_prompt, load_target
-    from verifier.evaluate import load_prompts
 
     ex = cfg.experiment
     target, tokenizer, stops = load_target(cfg.target)
     cfg = replace(cfg, eval=replace(cfg.eval, max_new_tokens=ex.max_new_tokens))
-    jobs = [(s, pid, chat_prompt(tokenizer, text))
-            for s, n in zip(ex.stream, ex.prompts_per_segment) for pid, text in load_prompts(s)[:n]]
+    jobs = [
+        (s, pid, chat_prompt(tokenizer, text))
+        for s, n in zip(ex.stream, ex.prompts_per_segment)
+        for pid, text in load_prompts(s)[:n]
+    ]
     runs = run_policies(cfg, target, stops, jobs, progress)
     out = Path(ex.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +180,6 @@ def run_experiment(cfg, progress=None) -> dict:
 
 
 def print_summary(report: dict) -> None:
-    from verifier.evaluate import print_columns
 
     cols = [("policy", 8), ("segment", 11), ("tok/s", 8), ("vs never", 9), ("tau", 6), ("updates", 8), ("update s", 9)]
     never = report["segments"].get("never", {})
@@ -179,6 +187,15 @@ def print_summary(report: dict) -> None:
     for policy, segs in report["segments"].items():
         for s, r in segs.items():
             ratio = r["tokens_per_s"] / never[s]["tokens_per_s"] if s in never else float("nan")
-            rows.append([policy, s, f"{r['tokens_per_s']:.2f}", f"{ratio:.3f}", f"{r['tau']:.2f}", r["updates"],
-                         f"{r['update_s']:.1f}"])
+            rows.append(
+                [
+                    policy,
+                    s,
+                    f"{r['tokens_per_s']:.2f}",
+                    f"{ratio:.3f}",
+                    f"{r['tau']:.2f}",
+                    r["updates"],
+                    f"{r['update_s']:.1f}",
+                ]
+            )
     print_columns(cols, rows)

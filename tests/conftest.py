@@ -4,7 +4,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def model_path():
-    from verifier.assets import model_dir
+    from specdraft.assets import model_dir
 
     torch.set_num_threads(2)
     return model_dir("smollm2-135m-instruct")
@@ -12,14 +12,14 @@ def model_path():
 
 @pytest.fixture(scope="session")
 def tokenizer(model_path):
-    from verifier.assets import load_tokenizer
+    from specdraft.assets import load_tokenizer
 
     return load_tokenizer(model_path)
 
 
 @pytest.fixture(scope="session")
 def target_fp32(model_path):
-    from verifier.assets import load_transformer
+    from specdraft.assets import load_transformer
     from verifier.target import TorchTarget
 
     return TorchTarget(load_transformer(model_path, "float32", 1024))
@@ -30,7 +30,9 @@ def sidecar(tmp_path_factory):
     """A shared real sidecar process: token auth, and limits small enough for the tests to reach."""
     from tests.sidecar import TOKEN_ENV, Sidecar
 
-    s = Sidecar(tmp_path_factory.mktemp("sidecar"),
-                f"max_sessions: 34, max_nodes: 64, max_message_mb: 1, session_ttl_s: 3, token_env: {TOKEN_ENV}")
+    s = Sidecar(
+        tmp_path_factory.mktemp("sidecar"),
+        f"max_sessions: 34, max_nodes: 64, max_message_mb: 1, session_ttl_s: 3, token_env: {TOKEN_ENV}",
+    )
     yield s
     assert s.stop() == 0

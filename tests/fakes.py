@@ -1,10 +1,11 @@
 """Fakes for unit tests, named as such: a table-driven target over a tiny vocabulary and a drafter
 that proposes a fixed tree. Never used outside tests."""
+
 import functools
 
 import torch
 
-from drafter.tree import DraftTree
+from proto.tree import DraftTree
 
 
 def fake_logits(context: tuple[int, ...], vocab: int, seed: int = 0) -> torch.Tensor:
@@ -13,7 +14,7 @@ def fake_logits(context: tuple[int, ...], vocab: int, seed: int = 0) -> torch.Te
     return _fake_logits(tuple(context[-2:]), vocab, seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fake_logits(last_two: tuple[int, ...], vocab: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(hash((seed,) + last_two) % (2**31))
     return 1.5 * torch.randn(vocab, generator=g)
@@ -62,7 +63,9 @@ class FixedTreeDrafter:
     def draft(self, update):
         n = min(len(self.tokens), update.max_nodes)
         keep = [i for i in range(n) if self.parents[i] < n]
-        return DraftTree([self.tokens[i] for i in keep], [self.parents[i] for i in keep], update.vocab_size, update.max_nodes)
+        return DraftTree(
+            [self.tokens[i] for i in keep], [self.parents[i] for i in keep], update.vocab_size, update.max_nodes
+        )
 
     def close(self):
         pass

@@ -1,13 +1,14 @@
 """Real sidecar processes on loopback for tests: `specdraft serve-drafter` started as a subprocess."""
+
 import signal
 import time
 from pathlib import Path
 
 import grpc
 
-from drafter.server import spawn
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
+from specdraft.serve import spawn
 
 TOKEN_ENV, TOKEN = "SPECDRAFT_TEST_TOKEN", "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

@@ -1,5 +1,6 @@
 """The `specdraft` command: strict config errors (exit 2, one line naming the key or file) and a real
 `specdraft eval` process on the real model."""
+
 import json
 import subprocess
 import sys
@@ -8,56 +9,73 @@ from pathlib import Path
 import pytest
 import torch
 
-from verifier.cli import main
-from verifier.config import Config, load_config
+from specdraft.cli import main
+from specdraft.config import COMMAND_SECTIONS, Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("yaml_text,needle", [
-    ("target: {modle: x}\n", "target.modle: unknown key"),
-    ("eval: {num_prompts: many}\n", "eval.num_prompts: expected int, got 'many'"),
-    ("eval: {baseline: 1}\n", "eval.baseline: expected bool, got 1"),
-    ("target: {dtype: float16}\n", "target.dtype: 'float16' is not one of float32, bfloat16"),
-    ("eval: {datasets: [mt_bench, gsm8k]}\n", "eval.datasets[1]: 'gsm8k' is not one of"),
-    ("sampling: {top_p: 1.5}\n", "sampling.top_p: must be in (0, 1]"),
-    ("drafter: {max_nodes: 0}\n", "drafter.max_nodes: must be > 0"),
-    ("drafter: {ngram: {max_ngram: 1, min_ngram: 2}}\n", "drafter.ngram.max_ngram: 1 < min_ngram 2"),
-    ("target: [1, 2]\n", "target: expected a mapping"),
-    ("eval: {num_prompts: 3\n", "not valid YAML"),
-    ("drafter: {mode: udp}\n", "drafter.mode: 'udp' is not one of inprocess, grpc"),
-    ("drafter: {grpc: {timeout_ms: 0}}\n", "drafter.grpc.timeout_ms: must be > 0"),
-    ("drafter: {grpc: {tls_ca: /nope/ca.pem}}\n", "drafter.grpc.tls_ca: /nope/ca.pem: file not found"),
-    ("server: {max_sessions: 0}\n", "server.max_sessions: must be > 0"),
-    ("server: {address: nowhere}\n", "server.address: 'nowhere' is not host:port"),
-    ("server: {tls_cert: /x.pem}\n", "server.tls_cert, server.tls_key: give both"),
-    ("server: {token_env: SPECDRAFT_SURELY_UNSET}\n", "environment variable SPECDRAFT_SURELY_UNSET is not set"),
-    ("server: {workers: -1}\n", "server.workers: must be >= 0"),
-    ("train: {steps: 0}\n", "train.steps: must be > 0"),
-    ("train: {model: {block_size: 0}}\n", "train.model.block_size: must be > 0"),
-    ("drafter: {kind: specblock, specblock: {max_blocks: 0}}\n", "drafter.specblock.max_blocks: must be > 0"),
-    ("verify: {rule: spectr}\n", "verify.rule: 'spectr' needs sampled trees"),
-    ("verify: {rule: traversal}\n", "verify.rule: 'traversal' needs sampled trees"),
-    ("verify: {rule: hydra}\n", "verify.rule: 'hydra' is not one of walk, specinfer, spectr, traversal"),
-    ("drafter: {kind: specblock}\nverify: {rule: spectr}\n", "drafter.specblock.tree is 'best_first'"),
-    ("drafter: {kind: specblock, specblock: {tree: sampled, delay: -1}}\n", "drafter.specblock.delay: must be >= 0"),
-    ("drafter: {kind: specblock, specblock: {branches: 0}}\n", "drafter.specblock.branches: must be > 0"),
-    ("eval: {matrix: {rules: [traversal]}}\n", "eval.matrix: needs an in-process specblock drafter"),
-    ("drafter: {kind: specblock, specblock: {tree: sampled}}\neval: {matrix: {rules: [spectr, magic]}}\n",
-     "eval.matrix.rules[1]: 'magic' must be one of"),
-    ("drafter: {kind: specblock, specblock: {tree: sampled, select: neural, selector: /nope}}\n",
-     "drafter.specblock.selector: /nope: no selector.safetensors"),
-    ("eval: {first_prompt: -2}\n", "eval.first_prompt: must be >= 0"),
-    ("eval: {compare: [/nope.yaml]}\n", "eval.compare[0]: /nope.yaml: config file not found"),
-    (f"eval: {{compare: [{ROOT}/configs/eval-eagle.yaml]}}\nverify: {{rule: spectr}}\n"
-     f"drafter: {{kind: specblock, specblock: {{tree: sampled, checkpoint: {ROOT}/models/specblock-smollm2}}}}\n",
-     "eval.compare[0]: verify.rule: 'spectr' needs sampled trees"),
-    ("drafter: {kind: specblock, specblock: {checkpoint: /nope}}\n", "drafter.specblock.checkpoint: /nope: no drafter"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,needle",
+    [
+        ("target: {modle: x}\n", "target.modle: unknown key"),
+        ("eval: {num_prompts: many}\n", "eval.num_prompts: expected int, got 'many'"),
+        ("eval: {baseline: 1}\n", "eval.baseline: expected bool, got 1"),
+        ("target: {dtype: float16}\n", "target.dtype: 'float16' is not one of float32, bfloat16"),
+        ("eval: {datasets: [mt_bench, gsm8k]}\n", "eval.datasets[1]: 'gsm8k' is not one of"),
+        ("sampling: {top_p: 1.5}\n", "sampling.top_p: must be in (0, 1]"),
+        ("drafter: {max_nodes: 0}\n", "drafter.max_nodes: must be > 0"),
+        ("drafter: {ngram: {max_ngram: 1, min_ngram: 2}}\n", "drafter.ngram.max_ngram: 1 < min_ngram 2"),
+        ("target: [1, 2]\n", "target: expected a mapping"),
+        ("eval: {num_prompts: 3\n", "not valid YAML"),
+        ("drafter: {mode: udp}\n", "drafter.mode: 'udp' is not one of inprocess, grpc"),
+        ("drafter: {grpc: {timeout_ms: 0}}\n", "drafter.grpc.timeout_ms: must be > 0"),
+        ("drafter: {grpc: {tls_ca: /nope/ca.pem}}\n", "drafter.grpc.tls_ca: /nope/ca.pem: file not found"),
+        ("server: {max_sessions: 0}\n", "server.max_sessions: must be > 0"),
+        ("server: {address: nowhere}\n", "server.address: 'nowhere' is not host:port"),
+        ("server: {tls_cert: /x.pem}\n", "server.tls_cert: give server.tls_key too"),
+        ("server: {token_env: SPECDRAFT_SURELY_UNSET}\n", "environment variable SPECDRAFT_SURELY_UNSET is not set"),
+        ("server: {workers: -1}\n", "server.workers: must be >= 0"),
+        ("train: {steps: 0}\n", "train.steps: must be > 0"),
+        ("train: {model: {block_size: 0}}\n", "train.model.block_size: must be > 0"),
+        ("drafter: {kind: specblock, specblock: {max_blocks: 0}}\n", "drafter.specblock.max_blocks: must be > 0"),
+        ("verify: {rule: spectr}\n", "verify.rule: 'spectr' needs sampled trees"),
+        ("verify: {rule: traversal}\n", "verify.rule: 'traversal' needs sampled trees"),
+        ("verify: {rule: hydra}\n", "verify.rule: 'hydra' is not one of walk, specinfer, spectr, traversal"),
+        ("drafter: {kind: specblock}\nverify: {rule: spectr}\n", "drafter.specblock.tree is 'best_first'"),
+        (
+            "drafter: {kind: specblock, specblock: {tree: sampled, delay: -1}}\n",
+            "drafter.specblock.delay: must be >= 0",
+        ),
+        ("drafter: {kind: specblock, specblock: {branches: 0}}\n", "drafter.specblock.branches: must be > 0"),
+        ("eval: {matrix: {rules: [traversal]}}\n", "eval.matrix: needs an in-process specblock drafter"),
+        (
+            "drafter: {kind: specblock, specblock: {tree: sampled}}\neval: {matrix: {rules: [spectr, magic]}}\n",
+            "eval.matrix.rules[1]: 'magic' must be one of",
+        ),
+        (
+            "drafter: {kind: specblock, specblock: {tree: sampled, select: neural, selector: /nope}}\n",
+            "drafter.specblock.selector: /nope: no selector.safetensors",
+        ),
+        ("eval: {first_prompt: -2}\n", "eval.first_prompt: must be >= 0"),
+        ("eval: {compare: [/nope.yaml]}\n", "eval.compare[0]: /nope.yaml: config file not found"),
+        (
+            f"eval: {{compare: [{ROOT}/configs/eval-eagle.yaml]}}\nverify: {{rule: spectr}}\n"
+            "drafter: {kind: specblock, specblock: "
+            f"{{tree: sampled, checkpoint: {ROOT}/models/specblock-smollm2}}}}\n",
+            "eval.compare[0]: verify.rule: 'spectr' needs sampled trees",
+        ),
+        (
+            "drafter: {kind: specblock, specblock: {checkpoint: /nope}}\n",
+            "drafter.specblock.checkpoint: /nope: no drafter",
+        ),
+    ],
+)
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, yaml_text, needle):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml_text)
-    assert main(["eval", "--config", str(cfg)]) == 2
+    command = {"server": "serve-drafter", "train": "train"}.get(yaml_text.split(":")[0], "eval")
+    assert main([command, "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and str(cfg) in err, err
 
@@ -100,8 +118,9 @@ def test_missing_config_file_and_model_folder(tmp_path, capsys):
 
 def test_shipped_configs_load_and_defaults_match_default_yaml():
     for path in (ROOT / "configs").glob("*.yaml"):
-        load_config(path)
-    assert load_config(ROOT / "configs" / "default.yaml") == Config()
+        for command in COMMAND_SECTIONS:  # every section of every shipped config is valid
+            load_config(path, command)
+    assert load_config(ROOT / "configs" / "default.yaml", "eval") == Config()
 
 
 @pytest.mark.model
@@ -116,26 +135,53 @@ def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
     untrained.mkdir()
     torch.manual_seed(0)
     sd = load_file(ROOT / "models" / "specblock-smollm2" / "drafter.safetensors")
-    save_file({k: torch.randn_like(v) * 0.05 if v.is_floating_point() else v for k, v in sd.items()},
-              untrained / "drafter.safetensors")
+    save_file(
+        {k: torch.randn_like(v) * 0.05 if v.is_floating_point() else v for k, v in sd.items()},
+        untrained / "drafter.safetensors",
+    )
     (untrained / "config.json").write_text((ROOT / "models" / "specblock-smollm2" / "config.json").read_text())
     out, compared = tmp_path / "report.json", []
-    for ckpt, tree in ((ROOT / "models" / "specblock-smollm2", "best_first"),
-                       (ROOT / "models" / "eagle-smollm2", "frontier"), (untrained, "best_first")):
+    for ckpt, tree in (
+        (ROOT / "models" / "specblock-smollm2", "best_first"),
+        (ROOT / "models" / "eagle-smollm2", "frontier"),
+        (untrained, "best_first"),
+    ):
         compared.append(tmp_path / f"{ckpt.name}.yaml")
-        compared[-1].write_text(f"drafter: {{kind: specblock, max_nodes: 16, specblock: "
-                                f"{{checkpoint: {ckpt}, tree: {tree}, max_blocks: 4}}}}\n")
+        compared[-1].write_text(
+            f"drafter: {{kind: specblock, max_nodes: 16, specblock: "
+            f"{{checkpoint: {ckpt}, tree: {tree}, max_blocks: 4}}}}\n"
+        )
     cfg = tmp_path / "c.yaml"
     cfg.write_text((ROOT / "configs" / "default.yaml").read_text() + f"  compare: [{', '.join(map(str, compared))}]\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "verifier.cli", "eval", "--config", str(cfg),
-         "--num-prompts", "1", "--max-new-tokens", "24", "--output", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "specdraft.cli",
+            "eval",
+            "--config",
+            str(cfg),
+            "--num-prompts",
+            "1",
+            "--max-new-tokens",
+            "24",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     for word in ("speedup", "mt_bench", "humaneval", "ngram", "specblock-smollm2", "eagle-smollm2"):
         assert word in proc.stdout, word
     report = json.loads(out.read_text())
-    assert report["drafter"] == "ngram" and set(report["compare"]) == {"specblock-smollm2", "eagle-smollm2", "untrained"}
+    assert report["drafter"] == "ngram" and set(report["compare"]) == {
+        "specblock-smollm2",
+        "eagle-smollm2",
+        "untrained",
+    }
     for label, r in [("ngram", report)] + list(report["compare"].items()):
         for name in ("mt_bench", "humaneval"):
             s = r["datasets"][name]
@@ -149,6 +195,7 @@ def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
     def tau(label):
         ds = report["compare"][label]["datasets"].values()
         return sum(s["tau"] for s in ds) / len(ds)
+
     assert tau("specblock-smollm2") > 1.15 and tau("untrained") < 1.05, (tau("specblock-smollm2"), tau("untrained"))
     assert out.with_suffix(".png").stat().st_size > 10_000
 
@@ -173,22 +220,27 @@ def test_eval_matrix_and_selector_trace_on_the_real_model(tmp_path, capsys):
     eval with random delays writes selector records that `specdraft train` (kind selector) fits."""
     ckpt = ROOT / "models" / "specblock-smollm2"
     cfg = tmp_path / "matrix.yaml"
-    cfg.write_text(f"drafter: {{kind: specblock, max_nodes: 6, specblock: {{checkpoint: {ckpt}, tree: sampled}}}}\n"
-                   f"eval: {{datasets: [mt_bench], num_prompts: 1, max_new_tokens: 8, output: {tmp_path / 'm.json'},\n"
-                   "       matrix: {rules: [traversal, spectr], delays: [0, 1], branches: [2]}}\n")
+    cfg.write_text(
+        f"drafter: {{kind: specblock, max_nodes: 6, specblock: {{checkpoint: {ckpt}, tree: sampled}}}}\n"
+        f"eval: {{datasets: [mt_bench], num_prompts: 1, max_new_tokens: 8, output: {tmp_path / 'm.json'},\n"
+        "       matrix: {rules: [traversal, spectr], delays: [0, 1], branches: [2]}}\n"
+    )
     assert main(["eval", "--config", str(cfg)]) in (0, None)
     assert "neural/best" in capsys.readouterr().out
     report = json.loads((tmp_path / "m.json").read_text())
     assert {(r["rule"], r["delay"], r["branches"]) for r in report["matrix"]} == {
-        (rule, d, 2) for rule in ("traversal", "spectr") for d in (0, 1)}
+        (rule, d, 2) for rule in ("traversal", "spectr") for d in (0, 1)
+    }
     assert all(r["tau"] >= 1 and r["speedup"] > 0 for r in report["matrix"])
     assert len(report["summary"]) == 2 and all(s["best_d"] in (0, 1) for s in report["summary"])
 
     trace = tmp_path / "trace.jsonl"
-    cfg.write_text(f"drafter: {{kind: specblock, max_nodes: 6, specblock: {{checkpoint: {ckpt}, tree: sampled, "
-                   f"select: random, delays: [0, 2]}}}}\nsampling: {{temperature: 1.0}}\nverify: {{rule: traversal}}\n"
-                   f"eval: {{datasets: [mt_bench, humaneval], num_prompts: 1, max_new_tokens: 24, baseline: false, "
-                   f"output: {tmp_path / 't.json'}, trace: {trace}}}\n")
+    cfg.write_text(
+        f"drafter: {{kind: specblock, max_nodes: 6, specblock: {{checkpoint: {ckpt}, tree: sampled, "
+        f"select: random, delays: [0, 2]}}}}\nsampling: {{temperature: 1.0}}\nverify: {{rule: traversal}}\n"
+        f"eval: {{datasets: [mt_bench, humaneval], num_prompts: 1, max_new_tokens: 24, baseline: false, "
+        f"output: {tmp_path / 't.json'}, trace: {trace}}}\n"
+    )
     assert main(["eval", "--config", str(cfg)]) in (0, None)
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     assert len(records) >= 20 and {r["delay"] for r in records} == {0, 2}

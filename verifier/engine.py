@@ -1,30 +1,46 @@
 """The decode loop: prefill -> repeat {draft tree -> tree forward -> verification rule -> commit ->
 feedback} -> stop at a stop token or max_new_tokens. Without a drafter the same loop is plain
 autoregressive decoding on the same backend (the baseline). Committed tokens stream out per step."""
+
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
-from drafter.interface import Drafter, Feedback, VerifierUpdate
+from proto.interface import Drafter, Feedback, VerifierUpdate
 from verifier.rules import SamplingParams, next_token, verify
 from verifier.target import Target
 
 
 @dataclass
 class Step:
-    tokens: list[int]       # committed by this step, in order (already cut at a stop token / budget)
-    accepted: int           # draft tokens accepted (tokens = accepted draft tokens + 1 bonus)
-    tree_nodes: int         # 0 for a plain decoding step
+    tokens: list[int]  # committed by this step, in order (already cut at a stop token / budget)
+    accepted: int  # draft tokens accepted (tokens = accepted draft tokens + 1 bonus)
+    tree_nodes: int  # 0 for a plain decoding step
     tree_depth: int
     draft_s: float
-    verify_s: float         # target forward + rule + commit
+    verify_s: float  # target forward + rule + commit
 
 
-def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_tokens: int,
-             stop_ids: set[int], drafter: Drafter | None = None, max_nodes: int = 32,
-             rule: str = "walk", feedback_topk: int = 0) -> Iterator[Step]:
+def tau(steps: list[Step]) -> float:
+    """Mean accepted length: tokens committed per speculative step, bonus included (plain decoding: 1).
+    The first step is the prefill's token, which no draft could have changed, so it does not count."""
+    spec = steps[1:]
+    return sum(len(s.tokens) for s in spec) / max(len(spec), 1)
+
+
+def generate(
+    target: Target,
+    prompt: list[int],
+    params: SamplingParams,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    drafter: Drafter | None = None,
+    max_nodes: int = 32,
+    rule: str = "walk",
+    feedback_topk: int = 0,
+) -> Iterator[Step]:
     """Yield one Step per target forward (the first from the prefill). rule: see verifier.rules.verify;
     feedback_topk > 0 also sends the drafter the target's top-k at every row verification visited."""
     generator = torch.Generator().manual_seed(params.seed)
@@ -43,15 +59,15 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
             tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size, hidden, params))
         t1 = time.perf_counter()
         states = target.verify_forward(pending, tree)
-        verdict = verify(lambda row: target.logits(states[row:row + 1])[0], tree, params, generator, rule)
+        verdict = verify(lambda row: target.logits(states[row : row + 1])[0], tree, params, generator, rule)
         target.commit(verdict.accepted)
         t2 = time.perf_counter()
         tokens = (tree.path_tokens(verdict.accepted) if tree else []) + [verdict.bonus]
         for i, tok in enumerate(tokens):  # plain decoding would have stopped at the first stop token
             if tok in stop_ids:
-                tokens = tokens[:i + 1]
+                tokens = tokens[: i + 1]
                 break
-        tokens = tokens[:max_new_tokens - produced]
+        tokens = tokens[: max_new_tokens - produced]
         produced += len(tokens)
         pending = tokens[-1]
         new_tokens = tokens
@@ -63,5 +79,4 @@ def generate(target: Target, prompt: list[int], params: SamplingParams, max_new_
                 topk[row - 1] = (top.indices.tolist(), top.values.tolist())
             feedback = Feedback(verdict.accepted, verdict.target_probs, topk)
         hidden = states[[0] + [i + 1 for i in verdict.accepted]]  # rows of pending + accepted nodes
-        yield Step(tokens, len(verdict.accepted), len(tree) if tree else 0, tree.depth if tree else 0,
-                   t1 - t0, t2 - t1)
+        yield Step(tokens, len(verdict.accepted), len(tree) if tree else 0, tree.depth if tree else 0, t1 - t0, t2 - t1)

@@ -2,67 +2,12 @@
 cache for all layers, and a forward that takes explicit cache slots, RoPE positions and an attention
 mask, so prefill, plain decoding and tree verification are the same call. The LM head is separate
 (`lm_head`): verification needs logits only at the tree nodes it visits."""
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelArgs:
-    vocab_size: int = 49152
-    dim: int = 576
-    n_layers: int = 30
-    n_heads: int = 9
-    n_kv_heads: int = 3
-    head_dim: int = 64
-    intermediate_size: int = 1536
-    rope_theta: float = 100000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        rope = cfg.get("rope_parameters") or {}
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg["num_key_value_heads"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-            intermediate_size=cfg["intermediate_size"],
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            norm_eps=float(cfg["rms_norm_eps"]),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # normalise in fp32, as the reference implementation does, also under bf16
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rope_tables(args: ModelArgs, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim], rotate-half layout (HF weights)
-    return emb.cos().float(), emb.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [1, H, T, D]; cos/sin: [T, D]
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+from kernels.layers import ModelArgs, RMSNorm, apply_rope, rope_tables
 
 
 class Attention(nn.Module):
@@ -80,9 +25,9 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         q = apply_rope(q.view(1, t, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
-        kv[0, :, :, start:start + t] = k
-        kv[1, :, :, start:start + t] = v.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        keys, values = kv[0, :, :, :start + t], kv[1, :, :, :start + t]
+        kv[0, :, :, start : start + t] = k
+        kv[1, :, :, start : start + t] = v.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        keys, values = kv[0, :, :, : start + t], kv[1, :, :, : start + t]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(1, t, a.n_heads * a.head_dim))
 
@@ -124,12 +69,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # All layers' K and V in one tensor so that KV compaction is a single gather.
-        self.register_buffer("kv", torch.zeros(args.n_layers, 2, 1, args.n_kv_heads, max_seq_len, args.head_dim),
-                             persistent=False)
+        self.register_buffer(
+            "kv", torch.zeros(args.n_layers, 2, 1, args.n_kv_heads, max_seq_len, args.head_dim), persistent=False
+        )
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """tokens, positions: [T] int64; the T new entries are written to cache slots start..start+T-1.
         mask: [T, start+T] bool (True = may attend) or None, which means causal over the new tokens
         and full view of the cache before them. Returns the final (normed) hidden states [T, dim]."""
@@ -169,9 +116,16 @@ class Transformer(nn.Module):
         for i in range(self.args.n_layers):
             p = f"model.layers.{i}."
             own[f"layers.{i}.attention.wqkv.weight"] = torch.cat(
-                [sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]])
+                [
+                    sd[p + "self_attn.q_proj.weight"],
+                    sd[p + "self_attn.k_proj.weight"],
+                    sd[p + "self_attn.v_proj.weight"],
+                ]
+            )
             own[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-            own[f"layers.{i}.feed_forward.w13.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+            own[f"layers.{i}.feed_forward.w13.weight"] = torch.cat(
+                [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]
+            )
             own[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
             own[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
             own[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]

@@ -8,24 +8,42 @@ decoding step. A broken stream is reopened with exponential backoff, replaying t
 The client runs on grpc.aio with a private event loop that the caller's thread drives during each round
 (no helper threads to hand messages through: on a 2-core machine every thread hop costs ~0.1 ms). Replies
 that arrive late are read by a background task the next time the loop runs, and dropped by round number."""
+
 import asyncio
 import logging
-import os
 import time
+from dataclasses import dataclass
 
 import grpc
 import torch
 
-from drafter.build import RemoteConfig
-from drafter.interface import VerifierUpdate
-from drafter.tree import DraftTree, TreeError
+from proto import checks
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
+from proto.interface import VerifierUpdate
+from proto.tree import DraftTree, TreeError
 from proto.wire import update_to_msg
 
 log = logging.getLogger(__name__)
 MIN_BACKOFF_S = 0.05
 WRITE_TIMEOUT_S = 1.0
+
+
+@dataclass
+class RemoteConfig:
+    """How the verifier reaches a sidecar."""
+
+    address: str = "127.0.0.1:50051"
+    timeout_ms: float = 50.0  # per-round deadline; a late tree costs one plain decoding step
+    token_env: str = ""  # environment variable holding the shared-secret token; "" = none
+    tls_ca: str = ""  # PEM file of the CA that signed the server's certificate; "" = plaintext
+    max_backoff_s: float = 5.0  # reconnection backoff doubles from 50 ms up to this
+
+    def validate(self) -> None:
+        checks.host_port(self, "address")
+        checks.positive(self, "timeout_ms", "max_backoff_s")
+        checks.existing_file(self, "tls_ca")
+        checks.token_set(self, "token_env")
 
 
 class Connection:
@@ -34,14 +52,18 @@ class Connection:
     def __init__(self, cfg: RemoteConfig):
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
-        token = os.environ.get(cfg.token_env, "") if cfg.token_env else ""
+        token = checks.env_token(cfg.token_env)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         # gRPC's own reconnect backoff (1 s growing to 120 s) would keep the channel refusing calls long
         # after a restarted sidecar is back (12 s after 30 s down, measured): cap it at ours
         lo_ms, hi_ms = int(1000 * MIN_BACKOFF_S), int(1000 * max(cfg.max_backoff_s, MIN_BACKOFF_S))
-        options = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20),
-                   ("grpc.initial_reconnect_backoff_ms", lo_ms), ("grpc.min_reconnect_backoff_ms", lo_ms),
-                   ("grpc.max_reconnect_backoff_ms", hi_ms)]
+        options = [
+            ("grpc.max_receive_message_length", 64 * 2**20),
+            ("grpc.max_send_message_length", 64 * 2**20),
+            ("grpc.initial_reconnect_backoff_ms", lo_ms),
+            ("grpc.min_reconnect_backoff_ms", lo_ms),
+            ("grpc.max_reconnect_backoff_ms", hi_ms),
+        ]
         self.channel = self.run(self._open(options))
         self.stub = pb_grpc.DrafterStub(self.channel)
 
@@ -65,8 +87,10 @@ def connect(cfg: RemoteConfig) -> Connection:
 
 def server_info(conn: Connection, timeout_s: float = 5.0) -> pb.ServerInfo:
     """What the sidecar serves; raises grpc.RpcError when it cannot be reached."""
+
     async def call() -> pb.ServerInfo:  # grpc.aio calls must be made on the running loop
         return await conn.stub.GetInfo(pb.InfoRequest(), timeout=timeout_s, metadata=conn.metadata)
+
     return conn.run(call())
 
 
@@ -93,7 +117,7 @@ class _Stream:
             try:
                 await asyncio.wait_for(self.call.done_writing(), 0.5)  # the server ends the session cleanly
                 await asyncio.wait_for(asyncio.shield(self.reader), 0.5)
-            except (asyncio.TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+            except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
                 pass
         self.call.cancel()
         self.reader.cancel()
@@ -102,13 +126,13 @@ class _Stream:
 class RemoteDrafter:
     def __init__(self, conn: Connection, label: str = ""):
         self.conn, self.cfg, self.label = conn, conn.cfg, label
-        self.tokens: list[int] = []               # every committed token of the session, to replay
-        self.hidden: list[torch.Tensor] = []      # and every hidden-state block
+        self.tokens: list[int] = []  # every committed token of the session, to replay
+        self.hidden: list[torch.Tensor] = []  # and every hidden-state block
         self.stream: _Stream | None = None
         self.round = 0
         self.backoff_s, self.retry_at = 0.0, 0.0
         self.reopening = False
-        self.fallbacks = self.reconnects = 0      # rounds answered None by a fault; streams restored
+        self.fallbacks = self.reconnects = 0  # rounds answered None by a fault; streams restored
 
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
         self.tokens += update.new_tokens
@@ -121,7 +145,9 @@ class RemoteDrafter:
                 return None
             self.reopening = self.round > 0
             hidden = torch.cat(self.hidden) if self.hidden else None
-            update = VerifierUpdate(list(self.tokens), None, update.max_nodes, update.vocab_size, hidden, update.sampling)
+            update = VerifierUpdate(
+                list(self.tokens), None, update.max_nodes, update.vocab_size, hidden, update.sampling
+            )
         msg = update_to_msg(update, self.round, first=first, label=self.label)
         self.round += 1
         try:
@@ -171,8 +197,9 @@ class RemoteDrafter:
         detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else repr(err)
         self.backoff_s = min(max(2 * self.backoff_s, MIN_BACKOFF_S), self.cfg.max_backoff_s)
         self.retry_at = time.monotonic() + self.backoff_s
-        log.warning("%s: drafter stream lost (%s); decoding plainly, retrying in %.2f s", self.label, detail,
-                    self.backoff_s)
+        log.warning(
+            "%s: drafter stream lost (%s); decoding plainly, retrying in %.2f s", self.label, detail, self.backoff_s
+        )
         if self.stream is not None:
             self.conn.run(self.stream.close(cancel=True))
             self.stream = None

@@ -4,23 +4,36 @@ rng) -> Verdict. No model inside; the decode loop feeds them.
 Logits come per *row*, on demand: row 0 is the target's next-token distribution after the last
 committed token (the parent of the draft roots), row i+1 the distribution after draft node i. A rule
 asks only for the rows it visits, so the target's LM head runs ~tau times per step, not N+1 times."""
+
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from drafter.interface import SamplingParams
-from drafter.tree import DraftTree
 from kernels import sample_per_node
+from proto.interface import SamplingParams
+from proto.tree import DraftTree
 
-__all__ = ["MULTI_DRAFT_RULES", "SAMPLED_TREE_RULES", "SamplingParams", "Verdict", "follow", "multi_draft_plan",
-           "next_token", "spectr_rho", "target_probs", "traverse", "verify", "walk"]
+__all__ = [
+    "MULTI_DRAFT_RULES",
+    "SAMPLED_TREE_RULES",
+    "SamplingParams",
+    "Verdict",
+    "follow",
+    "multi_draft_plan",
+    "next_token",
+    "spectr_rho",
+    "target_probs",
+    "traverse",
+    "verify",
+    "walk",
+]
 
 
 @dataclass
 class Verdict:
-    accepted: list[int]        # accepted node ids, root to deepest
-    bonus: int                 # the token the target adds after the accepted path
+    accepted: list[int]  # accepted node ids, root to deepest
+    bonus: int  # the token the target adds after the accepted path
     target_probs: dict[int, float]  # node -> target probability of its token, for nodes whose parent was visited
     visited: dict[int, torch.Tensor] = field(default_factory=dict)  # visited row -> target distribution [V]
 
@@ -42,8 +55,9 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams,
-               generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+def next_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[int, torch.Tensor | None]:
     """The target's own choice from logits [V]: argmax at temperature 0, else a sample of the filtered
     distribution. Returns (token, that distribution [V], or None at temperature 0). Plain decoding
     and every visited tree node go through this one function."""
@@ -72,14 +86,16 @@ def walk(tree: DraftTree, decide: Callable[[int, list[int]], tuple[int | None, i
 def follow(tree: DraftTree, choose: Callable[[int], int]):
     """The per-node rule: the target chooses a token at the row (choose(row): argmax, or one fresh sample
     of p); descend into the first child carrying it, else emit it."""
+
     def decide(row: int, kids: list[int]) -> tuple[int | None, int | None]:
         want = choose(row)
         nxt = next((c for c in kids if tree.tokens[c] == want), None)
         return (nxt, None) if nxt is not None else (None, want)
+
     return decide
 
 
-MULTI_DRAFT_RULES = ("specinfer", "spectr")        # token-level: one plan per visited node
+MULTI_DRAFT_RULES = ("specinfer", "spectr")  # token-level: one plan per visited node
 SAMPLED_TREE_RULES = MULTI_DRAFT_RULES + ("traversal",)  # every rule that needs a sampled tree
 
 
@@ -104,7 +120,7 @@ def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, grid: int = 2049) -> fl
         q_at = torch.bincount(bucket, weights=qd, minlength=g + 1)
         p_at = torch.bincount(bucket, weights=pd, minlength=g + 1)
         q_ge = q_at.flip(0).cumsum(0).flip(0)[1:]  # [G] q-mass with ratio >= ρ_j
-        p_lt = p_at.cumsum(0)[:-1]                 # [G] p-mass with ratio < ρ_j
+        p_lt = p_at.cumsum(0)[:-1]  # [G] p-mass with ratio < ρ_j
         beta = q_ge + p_lt / rhos
         return 1 - (1 - beta) ** k <= rhos * beta + 1e-14  # slack for rounding (q = p: equality at ρ = 1)
 
@@ -121,7 +137,9 @@ def spectr_rho(p: torch.Tensor, q: torch.Tensor, k: int, grid: int = 2049) -> fl
     return hi
 
 
-def multi_draft_plan(p: torch.Tensor, q: torch.Tensor, drafts: list[int], rule: str) -> tuple[list[float], torch.Tensor]:
+def multi_draft_plan(
+    p: torch.Tensor, q: torch.Tensor, drafts: list[int], rule: str
+) -> tuple[list[float], torch.Tensor]:
     """One node of a sampled tree: its children `drafts` are k i.i.d. draws from q; p is the target's
     distribution there. Returns the rule as a plan: candidate i (tried in order) is accepted with
     probability accept[i] if all before it were rejected; if all are, the token comes from `residual`.
@@ -147,8 +165,9 @@ def multi_draft_plan(p: torch.Tensor, q: torch.Tensor, drafts: list[int], rule: 
     return [min(1.0, float(p[x] / (rho * q[x]))) for x in drafts], (res / res.sum() if res.sum() > 0 else p)
 
 
-def traverse(tree: DraftTree, p_row: Callable[[int], torch.Tensor],
-             coin: Callable[[float], bool]) -> tuple[list[int], torch.Tensor]:
+def traverse(
+    tree: DraftTree, p_row: Callable[[int], torch.Tensor], coin: Callable[[float], bool]
+) -> tuple[list[int], torch.Tensor]:
     """Traversal Verification (Weng et al., 2025) on a sampled tree: sequence-level acceptance, decided
     leaf to root. p_row(row) -> the target distribution [V] float64 at a row (asked lazily, only for rows
     the traversal reaches); coin(a) -> True with probability a. Returns (accepted node ids, the
@@ -192,8 +211,13 @@ def traverse(tree: DraftTree, p_row: Callable[[int], torch.Tensor],
     return visit(-1, 1.0)
 
 
-def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, params: SamplingParams,
-           generator: torch.Generator | None, rule: str = "walk") -> Verdict:
+def verify(
+    row_logits: Callable[[int], torch.Tensor],
+    tree: DraftTree | None,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    rule: str = "walk",
+) -> Verdict:
     """Verify a tree against the target. row_logits(row) -> logits [V], asked only for visited rows.
 
     Temperature 0: follow the target's argmax through the tree (any tree, any rule).
@@ -216,9 +240,12 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
     if params.temperature == 0 or rule == "walk":
         accepted, bonus = walk(tree, follow(tree, choose))
     elif tree.draft_probs is None:
-        raise ValueError(f"verify rule {rule!r} needs a sampled tree (i.i.d. sibling groups with draft_probs); "
-                         "this tree is deterministic: use rule 'walk'")
+        raise ValueError(
+            f"verify rule {rule!r} needs a sampled tree (i.i.d. sibling groups with draft_probs); "
+            "this tree is deterministic: use rule 'walk'"
+        )
     elif rule == "traversal":
+
         def p_row(row: int) -> torch.Tensor:
             probs[row] = target_probs(row_logits(row)[None], params)[0]
             return probs[row].double()
@@ -229,6 +256,7 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
         accepted, dist = traverse(tree, p_row, coin)
         bonus = int(sample_per_node(dist[None], generator)[0])
     else:
+
         def decide(row: int, kids: list[int]) -> tuple[int | None, int | None]:
             if not kids:
                 return None, choose(row)
@@ -241,6 +269,7 @@ def verify(row_logits: Callable[[int], torch.Tensor], tree: DraftTree | None, pa
             return None, int(sample_per_node(residual[None], generator)[0])
 
         accepted, bonus = walk(tree, decide)
-    target = {i: float(probs[par + 1][tok]) for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents))
-              if par + 1 in probs}
+    target = {
+        i: float(probs[par + 1][tok]) for i, (tok, par) in enumerate(zip(tree.tokens, tree.parents)) if par + 1 in probs
+    }
     return Verdict(accepted, bonus, target, probs)

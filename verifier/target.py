@@ -4,12 +4,13 @@ Cache convention: the last committed token is *pending*, not yet in the KV cache
 it as its first input. So a step is: verify_forward(pending, tree) -> one state row for the pending
 token and one per node; logits(rows) only for the rows the verification rule visits; commit(accepted)
 keeps the pending token's and the accepted nodes' KV, drops the rest."""
+
 from typing import Protocol
 
 import torch
 
-from drafter.tree import DraftTree
 from kernels import compact_kv, verify_attention_mask
+from proto.tree import DraftTree
 from verifier.model import Transformer
 
 

@@ -1,21 +1,23 @@
 """The online-learning pieces: the feedback buffer's cap, updates that touch only the drafter's
 trainable weights, bit-for-bit rollback, the bandit's statistics, and a simulated deployment where
 updates cost more than they gain, from which the bandit must learn to stop updating."""
+
 import random
 
 import pytest
 import torch
 
 from bandit.online import BanditConfig, CostAwareBandit, FeedbackBuffer, OnlineAdapter, paired_gain, restore, snapshot
-from drafter.interface import Feedback, VerifierUpdate
+from proto.interface import Feedback, VerifierUpdate
 from tests.drafter.test_specblock import model as tiny_specblock
 
 D, V = 64, 200
 
 
 def update(n_tokens: int, n_hidden: int, rng: random.Random) -> VerifierUpdate:
-    return VerifierUpdate([rng.randrange(V) for _ in range(n_tokens)], None, 8, V,
-                          torch.randn(n_hidden, D) if n_hidden else None)
+    return VerifierUpdate(
+        [rng.randrange(V) for _ in range(n_tokens)], None, 8, V, torch.randn(n_hidden, D) if n_hidden else None
+    )
 
 
 def test_the_buffer_never_exceeds_its_cap_and_drops_the_oldest_rows():
@@ -42,13 +44,12 @@ def test_the_buffer_never_exceeds_its_cap_and_drops_the_oldest_rows():
 
 def test_conversations_use_the_committed_next_token_as_the_target_choice():
     buf = FeedbackBuffer(cap=100, shared=True)
-    buf.add("a", VerifierUpdate([1, 2, 3, 4], None, 8, V, torch.randn(3, D)))       # prompt: 4 tokens, 3 rows
+    buf.add("a", VerifierUpdate([1, 2, 3, 4], None, 8, V, torch.randn(3, D)))  # prompt: 4 tokens, 3 rows
     buf.add("a", VerifierUpdate([5, 6], None, 8, V, torch.randn(2, D)))
     (conv,) = buf.conversations()
     assert conv["tokens"].tolist() == [1, 2, 3, 4, 5]
     assert conv["topk_ids"][:, 0].tolist() == [2, 3, 4, 5, 6]
     assert conv["loss_mask"].tolist() == [0, 0, 0, 1, 1]  # predicting the prompt's own tokens is not learned
-
 
 
 def test_conversations_carry_the_targets_top_k_where_the_verifier_sent_it():
@@ -64,7 +65,7 @@ def test_conversations_carry_the_targets_top_k_where_the_verifier_sent_it():
 
 
 def test_the_buffer_keeps_what_was_drafted_at_each_verified_row_and_whether_it_was_accepted():
-    from drafter.tree import DraftTree
+    from proto.tree import DraftTree
 
     buf = FeedbackBuffer(cap=100, shared=True)
     buf.add("a", VerifierUpdate([1, 2, 3, 4], None, 8, V, torch.randn(3, D)))
@@ -74,7 +75,7 @@ def test_the_buffer_keeps_what_was_drafted_at_each_verified_row_and_whether_it_w
     assert buf.sessions["a"]["drafted"] == [None, None, None, ((5, 7), True), ((6, 9), False)]
     assert buf.acceptance() == 0.5
     buf.cap = 4
-    buf._evict("a")                       # rows stay aligned when the oldest go
+    buf._evict("a")  # rows stay aligned when the oldest go
     assert buf.sessions["a"]["drafted"] == [None, None, ((5, 7), True), ((6, 9), False)]
 
 
@@ -121,10 +122,10 @@ def test_the_guard_holds_out_the_newest_generated_rows_across_sessions():
 def test_the_credited_gain_is_the_paired_lower_confidence_bound():
     before = torch.zeros(100, dtype=torch.bool)
     after = before.clone()
-    after[:10] = True                                  # 10 rows gained, none lost
-    assert paired_gain(before, after, 1.64) == pytest.approx((10 - 1.64 * 10 ** 0.5) / 100)
+    after[:10] = True  # 10 rows gained, none lost
+    assert paired_gain(before, after, 1.64) == pytest.approx((10 - 1.64 * 10**0.5) / 100)
     after[:10], before[10:12], after[10], after[90:93] = False, True, True, True  # 3 gained, 1 lost, 1 held
-    assert paired_gain(before, after, 1.64) == 0.0     # within noise: no credit
+    assert paired_gain(before, after, 1.64) == 0.0  # within noise: no credit
     assert paired_gain(before, after, 0.0) == pytest.approx(0.02)
 
 
@@ -140,6 +141,7 @@ def test_ucb_statistics_follow_the_discounted_formulas():
     assert b.n == [0.25, 0.5, 1.0] and b.sum == [2.5, 10.0, 4.0]
     # UCB: mean + scale * sqrt(2 ln N / n), scale = the largest mean (20)
     import math
+
     total = 1.75
     score = [m + 20 * math.sqrt(2 * math.log(total) / n) for m, n in zip([10.0, 20.0, 4.0], [0.25, 0.5, 1.0])]
     assert b.choose() == max(range(3), key=lambda i: score[i])
@@ -154,6 +156,7 @@ def test_the_bandit_is_deterministic_for_a_seed(algorithm):
             picks.append(arm)
             b.record(arm, 100 - 10 * arm + rng.gauss(0, 5))
         return picks
+
     assert run() == run()
 
 
@@ -185,15 +188,15 @@ def simulate(step_s: float, gain: float, algorithm: str, decisions: int = 300) -
         arm = b.choose()
         arms.append(b.arms[arm])
         start = env.clock()
-        env.t += b.arms[arm] * step_s                                   # the update's wall time
-        env.tau = min(env.tau + gain * b.arms[arm], 4.0)                # what it buys, capped
+        env.t += b.arms[arm] * step_s  # the update's wall time
+        env.tau = min(env.tau + gain * b.arms[arm], 4.0)  # what it buys, capped
     return arms
 
 
 @pytest.mark.parametrize("algorithm", ["ucb", "thompson"])
 def test_the_bandit_stops_updating_when_updates_cost_more_than_they_gain(algorithm):
     arms = simulate(step_s=0.4, gain=0.0, algorithm=algorithm)
-    late = arms[len(arms) // 2:]
+    late = arms[len(arms) // 2 :]
     assert sum(a > 0 for a in late) / len(late) <= 0.15, late
     # and a control: when updates pay (cheap, and each one lifts tau), it does update early on
     paying = simulate(step_s=0.01, gain=0.02, algorithm=algorithm)
@@ -219,18 +222,26 @@ def test_a_kept_update_is_credited_with_its_guard_measured_gain_over_the_horizon
     (lower-bound) top-1 gain relative to its level before, times (tau - 1) / tau, and nothing for an update
     the guard rolled back."""
     t = [0.0]
-    ad = OnlineAdapter(tiny_specblock(), BanditConfig(enabled=True, arms=[4], decide_every=10, horizon=8, discount=1.0),
-                       clock=lambda: t[0])
-    verdicts = iter([{"guard_top1": [0.2, 0.26], "gain_lcb": 0.05, "rolled_back": False},
-                     {"guard_top1": [0.2, 0.3], "gain_lcb": 0.08, "rolled_back": True},
-                     {"guard_top1": [0.2, 0.2], "gain_lcb": 0.0, "rolled_back": False}])
+    ad = OnlineAdapter(
+        tiny_specblock(),
+        BanditConfig(enabled=True, arms=[4], decide_every=10, horizon=8, discount=1.0),
+        clock=lambda: t[0],
+    )
+    verdicts = iter(
+        [
+            {"guard_top1": [0.2, 0.26], "gain_lcb": 0.05, "rolled_back": False},
+            {"guard_top1": [0.2, 0.3], "gain_lcb": 0.08, "rolled_back": True},
+            {"guard_top1": [0.2, 0.2], "gain_lcb": 0.0, "rolled_back": False},
+        ]
+    )
     ad.update = lambda steps: dict(next(verdicts))
     rng = random.Random(0)
     for r in range(30):  # one second per round; 2 tokens per round after the prompt: tau 2, 2 tok/s
         t[0] += 1.0
         ad.observe("a", update(10 if r == 0 else 2, 9 if r == 0 else 2, rng), first=r == 0)
     assert ad.last["gain"] == 0.0 and ad.last["tau"] == 2.0
-    # decision 2 rewards update 1 (kept, +0.05 / 0.2 = 25% agreement -> +12.5% throughput, 8 windows): 2 x (1 + 8 x 0.125);
+    # decision 2 rewards update 1 (kept, +0.05 / 0.2 = 25% agreement -> +12.5% throughput, 8 windows):
+    # 2 x (1 + 8 x 0.125);
     # decision 3 rewards update 2 (rolled back): the window's 2 tok/s alone
     assert ad.bandit.n == [2.0] and ad.bandit.sum == [pytest.approx(4.0 + 2.0)]
 
@@ -238,14 +249,14 @@ def test_a_kept_update_is_credited_with_its_guard_measured_gain_over_the_horizon
 def test_a_policy_clock_runs_only_while_its_policy_decodes():
     import time
 
-    from bandit.experiment import PolicyClock
+    from specdraft.experiment import PolicyClock
 
     c = PolicyClock()
     assert c() == 0.0
     c.start()
     time.sleep(0.02)
     first = c.stop()
-    time.sleep(0.05)                     # another policy's turn: not counted
+    time.sleep(0.05)  # another policy's turn: not counted
     assert c() == first and 0.02 <= first < 0.05
     c.start()
     assert c() >= first
@@ -255,22 +266,23 @@ def test_a_policy_clock_runs_only_while_its_policy_decodes():
 def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_path, tmp_path):
     """A real sidecar process serving an (untrained) SpecBlock drafter of SmolLM2's shape, bandit on:
     sessions keep getting valid trees while it decides and updates, and GetStats shows it."""
-    from drafter.build import RemoteConfig
-    from drafter.server import spawn
     from drafter.specblock import SpecBlock, SpecBlockConfig
     from drafter.train import TrainConfig, save
     from proto import drafter_pb2 as pb
     from proto import drafter_pb2_grpc as pb_grpc
-    from verifier.assets import target_embedding
-    from verifier.remote import RemoteDrafter, connect
+    from specdraft.assets import target_embedding
+    from specdraft.serve import spawn
+    from verifier.remote import RemoteConfig, RemoteDrafter, connect
 
     args, emb = target_embedding(model_path)
     torch.manual_seed(0)
     cfg = SpecBlockConfig(draft_vocab=512)
     save(SpecBlock(cfg, args, emb, torch.arange(512)), TrainConfig(model=cfg), {}, tmp_path / "ckpt")
     yaml = tmp_path / "sidecar.yaml"
-    yaml.write_text(f"drafter: {{kind: specblock, specblock: {{checkpoint: {tmp_path / 'ckpt'}}}, bandit: "
-                    "{enabled: true, arms: [0, 2], decide_every: 8, guard_positions: 4, window_positions: 64}}\n")
+    yaml.write_text(
+        f"drafter: {{kind: specblock, specblock: {{checkpoint: {tmp_path / 'ckpt'}}}, bandit: "
+        "{enabled: true, arms: [0, 2], decide_every: 8, guard_positions: 4, window_positions: 64}}\n"
+    )
     proc, address = spawn(str(yaml))
     try:
         conn = connect(RemoteConfig(address=address, timeout_ms=5000))
@@ -280,8 +292,9 @@ def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_pa
             toks = [rng.randrange(args.vocab_size) for _ in range(40)]
             assert d.draft(VerifierUpdate(toks, None, 8, args.vocab_size, torch.randn(39, args.dim))) is not None
             for _ in range(20):
-                tree = d.draft(VerifierUpdate([rng.randrange(args.vocab_size)], None, 8, args.vocab_size,
-                                              torch.randn(1, args.dim)))
+                tree = d.draft(
+                    VerifierUpdate([rng.randrange(args.vocab_size)], None, 8, args.vocab_size, torch.randn(1, args.dim))
+                )
                 assert tree is not None and len(tree) <= 8
             d.close()
             assert d.fallbacks == 0
@@ -303,20 +316,22 @@ def test_the_experiment_runs_every_policy_on_the_same_stream_and_plots_it(model_
     nothing here): every policy decodes the same prompts, the always policy updates, the plot exists."""
     from dataclasses import replace
 
-    from bandit.experiment import run_experiment
     from drafter.specblock import SpecBlock, SpecBlockConfig
     from drafter.train import TrainConfig, save
-    from verifier.assets import target_embedding
-    from verifier.config import load_config
+    from specdraft.assets import target_embedding
+    from specdraft.config import load_config
+    from specdraft.experiment import run_experiment
 
     args, emb = target_embedding(model_path)
     torch.manual_seed(0)
     sb = SpecBlockConfig(draft_vocab=512)
     save(SpecBlock(sb, args, emb, torch.arange(512)), TrainConfig(model=sb), {}, tmp_path / "ckpt")
-    cfg = load_config("configs/bandit-experiment.yaml")
+    cfg = load_config("configs/bandit-experiment.yaml", "bandit-experiment")
     cfg.drafter.specblock.checkpoint = str(tmp_path / "ckpt")
     cfg.drafter.bandit = replace(cfg.drafter.bandit, decide_every=4, guard_positions=4, window_positions=64)
-    cfg.experiment = replace(cfg.experiment, prompts_per_segment=[1, 1], max_new_tokens=12, output=str(tmp_path / "out"))
+    cfg.experiment = replace(
+        cfg.experiment, prompts_per_segment=[1, 1], max_new_tokens=12, output=str(tmp_path / "out")
+    )
     report = run_experiment(cfg)
     ids = {p: [r["id"] for r in run["rows"]] for p, run in report["runs"].items()}
     assert ids["never"] == ids["always"] == ids["bandit"] and len(ids["never"]) == 2

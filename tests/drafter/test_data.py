@@ -1,15 +1,23 @@
 """Drafter training data: the truncated ShareGPT file parses to its complete records, conversations map
 to chat messages with the assistant positions marked, the held-out split is stable, and the cached
 shards hold exactly the target's hidden states and top-k distributions (real model), resumably."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from drafter.data import (SHAREGPT, DataConfig, build_cache, is_heldout, read_sharegpt, to_messages,
-                          tokenize_conversation)
-from verifier.assets import package_file
+from drafter.data import (
+    SHAREGPT,
+    DataConfig,
+    build_cache,
+    is_heldout,
+    read_sharegpt,
+    to_messages,
+    tokenize_conversation,
+)
+from specdraft.assets import package_file
 
 
 def conv(cid, *turns):
@@ -52,8 +60,12 @@ def test_heldout_split_is_stable_and_near_its_fraction():
 
 @pytest.mark.model
 def test_loss_mask_marks_exactly_the_assistant_replies(tokenizer):
-    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
-            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+    msgs = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
     ids, mask = tokenize_conversation(tokenizer, msgs, 1024)
     predicted = tokenizer.decode([ids[t + 1] for t in range(len(ids) - 1) if mask[t]])
     assert predicted == "Hello! How can I help?<|im_end|>\nGoodbye.<|im_end|>\n"
@@ -63,8 +75,9 @@ def test_loss_mask_marks_exactly_the_assistant_replies(tokenizer):
 
 @pytest.mark.model
 def test_shards_hold_the_targets_features_and_resume(tmp_path, target_fp32, tokenizer):
-    records = [conv(f"c{i}", ("human", f"Question {i}: what is {i} + {i}?"), ("gpt", f"It is {2 * i}."))
-               for i in range(5)]
+    records = [
+        conv(f"c{i}", ("human", f"Question {i}: what is {i} + {i}?"), ("gpt", f"It is {2 * i}.")) for i in range(5)
+    ]
 
     def features(ids):
         return target_fp32.prefill(ids), target_fp32.logits
@@ -92,6 +105,7 @@ def test_shards_hold_the_targets_features_and_resume(tmp_path, target_fp32, toke
 def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(tmp_path):
     """Fake features (this tests the bookkeeping): two splits flushing at different times, a crash
     after some shards, a rerun; every conversation must end up on disk exactly once."""
+
     class Tok:
         def apply_chat_template(self, messages, add_generation_prompt=False, return_dict=True):
             ids = [len(m["content"]) % 50 + 1 for m in messages for _ in range(3)] + [7] * add_generation_prompt
@@ -129,6 +143,7 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(t
 def test_target_replies_replace_the_records_replies_and_only_they_are_scored(tmp_path):
     """replies: target: each record's first user turn plus the reply a (fake) generator returns, batched;
     the loss mask marks exactly the positions that predict a reply token."""
+
     class Tok:
         def apply_chat_template(self, messages, add_generation_prompt=False, return_dict=True):
             return {"input_ids": [len(messages[0]["content"])] * 3 + [7] * add_generation_prompt}
@@ -142,10 +157,13 @@ def test_target_replies_replace_the_records_replies_and_only_they_are_scored(tmp
         batches.append(len(prompts))
         return [list(range(90, 92 + p[0])) for p in prompts]
 
-    records = [conv(f"id{i}", ("human", "q" * i), ("gpt", "ignored"), ("human", "later turn"), ("gpt", "b"))
-               for i in range(1, 6)]
-    cfg = DataConfig(out_dir=str(tmp_path / "d"), topk=2, heldout_fraction=0.0, replies="target", reply_batch=2,
-                     max_tokens=16)
+    records = [
+        conv(f"id{i}", ("human", "q" * i), ("gpt", "ignored"), ("human", "later turn"), ("gpt", "b"))
+        for i in range(1, 6)
+    ]
+    cfg = DataConfig(
+        out_dir=str(tmp_path / "d"), topk=2, heldout_fraction=0.0, replies="target", reply_batch=2, max_tokens=16
+    )
     m = build_cache(iter(records), Tok(), features, cfg, "m", replies=replies)
     assert batches == [2, 2, 1] and m["config"]["replies"] == "target"
     sh = load_file(tmp_path / "d" / m["shards"][0]["file"])

@@ -1,6 +1,6 @@
-from drafter.interface import Feedback, VerifierUpdate
 from drafter.ngram import LookupFirst, NgramConfig, NgramDrafter
-from drafter.tree import DraftTree
+from proto.interface import Feedback, VerifierUpdate
+from proto.tree import DraftTree
 
 
 def update(tokens, max_nodes=16):

@@ -1,5 +1,6 @@
 """The neural delay selector: features, training on traces (it must learn a rule a static d cannot
 follow), the drafter's tracing and its use of the selector, and the train command's CLI."""
+
 import json
 import random
 from dataclasses import replace
@@ -7,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from drafter.interface import Feedback, SamplingParams, VerifierUpdate
 from drafter.selector import SelectorTrainConfig, load_selector, step_features, train_selector
 from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
+from proto.interface import Feedback, SamplingParams, VerifierUpdate
+from specdraft.cli import main
 from tests.drafter.test_specblock import ARGS, model
-from verifier.cli import main
 
 
 def test_features_summarise_the_block_and_the_history():
@@ -32,8 +33,13 @@ def synthetic_traces(n, seed=0):
         conf = rng.random()
         d = rng.choice([0, 1, 2, 3])
         mean = 1 + (2 * conf if d == 3 else 2 * (1 - conf) if d == 0 else 1.0)
-        out.append({"features": [conf] + [rng.random() for _ in range(9)], "delay": d,
-                    "accepted": max(0.0, mean + rng.gauss(0, 0.3))})
+        out.append(
+            {
+                "features": [conf] + [rng.random() for _ in range(9)],
+                "delay": d,
+                "accepted": max(0.0, mean + rng.gauss(0, 0.3)),
+            }
+        )
     return out
 
 
@@ -43,7 +49,7 @@ def test_training_learns_what_a_static_delay_cannot(tmp_path):
     assert metrics["heldout_mse"] < 0.5 * metrics["heldout_mse_per_delay_mean"]
     sel = load_selector(tmp_path / "sel")
     assert sel.delays == [0, 1, 2, 3]
-    picks = [sel.choose(torch.tensor([c] + [.5] * 9)) for c in (0.05, 0.1, 0.9, 0.95)]
+    picks = [sel.choose(torch.tensor([c] + [0.5] * 9)) for c in (0.05, 0.1, 0.9, 0.95)]
     assert picks == [0, 0, 3, 3]
 
 
@@ -55,8 +61,9 @@ def test_training_refuses_traces_without_a_choice(tmp_path):
 
 def test_the_drafter_traces_random_delays_and_follows_the_selector(tmp_path, monkeypatch):
     m = model()
-    d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", select="random", delays=[0, 2], branches=2,
-                                                 rollout=1, max_blocks=8))
+    d = SpecBlockDrafter(
+        m, SpecBlockDraftConfig(tree="sampled", select="random", delays=[0, 2], branches=2, rollout=1, max_blocks=8)
+    )
     params = SamplingParams(temperature=1.0)
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     tree = d.draft(VerifierUpdate(prompt, None, 8, 200, torch.randn(8, 64), params))
@@ -70,8 +77,12 @@ def test_the_drafter_traces_random_delays_and_follows_the_selector(tmp_path, mon
     assert {r["delay"] for r in d.trace} == {0, 2} and all(len(r["features"]) == 2 * 4 + 2 for r in d.trace)
 
     train_selector(SelectorTrainConfig(out=str(tmp_path / "sel"), steps=10), synthetic_traces(100))
-    neural = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", select="neural", selector=str(tmp_path / "sel"),
-                                                      branches=2, rollout=1, max_blocks=8))
+    neural = SpecBlockDrafter(
+        m,
+        SpecBlockDraftConfig(
+            tree="sampled", select="neural", selector=str(tmp_path / "sel"), branches=2, rollout=1, max_blocks=8
+        ),
+    )
     monkeypatch.setattr(neural.selector, "choose", lambda feats: 3)
     tree = neural.draft(VerifierUpdate(prompt, None, 8, 200, torch.randn(8, 64), params))
     assert list(tree.parents[:3]) == [-1, 0, 1] and sum(p == 2 for p in tree.parents) == 2

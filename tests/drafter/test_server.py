@@ -1,6 +1,7 @@
 """The sidecar as a real process on loopback: its trees equal the in-process drafter's, every bad
 input gets a precise status while other sessions go on, a hypothesis fuzz never finds an internal
 error, a bounded load test loses and corrupts nothing, and SIGTERM drains gracefully."""
+
 import random
 import signal
 import statistics
@@ -14,9 +15,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drafter.interface import Feedback, VerifierUpdate
 from drafter.ngram import NgramConfig, NgramDrafter
 from proto import drafter_pb2 as pb
+from proto.interface import Feedback, VerifierUpdate
 from proto.wire import update_to_msg
 from tests.sidecar import AUTH, VOCAB, Sidecar, session
 
@@ -54,7 +55,7 @@ def feedback_for(tree, rng: random.Random) -> Feedback | None:
         if p == node:
             path.append(i)
             node = i
-    acc = path[:rng.randint(0, len(path))]
+    acc = path[: rng.randint(0, len(path))]
     return Feedback(acc, {i: rng.random() for i in range(len(tree)) if tree.parents[i] == -1})
 
 
@@ -87,13 +88,20 @@ def run_checked_session(sidecar, seed: int, rounds: int, latencies: list | None 
 
 def test_info_health_and_reflection(sidecar):
     info = sidecar.stub.GetInfo(pb.InfoRequest(), metadata=AUTH, timeout=5)
-    assert (info.api_version, info.drafter, info.vocab_size, info.max_nodes, info.max_sessions) == \
-        ("specdraft.v1", "ngram", VOCAB, 64, 34)
+    assert (info.api_version, info.drafter, info.vocab_size, info.max_nodes, info.max_sessions) == (
+        "specdraft.v1",
+        "ngram",
+        VOCAB,
+        64,
+        34,
+    )
     assert info.auth_required
     health = health_pb2_grpc.HealthStub(sidecar.channel)
     for service in ("", "specdraft.v1.Drafter"):  # no token needed: probes carry none
-        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     services = ProtoReflectionDescriptorDatabase(sidecar.channel).get_services()
     assert {"specdraft.v1.Drafter", "grpc.health.v1.Health"} <= set(services)
 
@@ -105,17 +113,21 @@ def test_trees_equal_the_inprocess_drafter_and_session_stats(sidecar):
 
 
 def test_feedback_with_target_top_k_is_accepted(sidecar):
-    fb = pb.Feedback(accepted=[0], prob_nodes=[0], probs=[0.9],
-                     target_topk=[pb.TopK(node=-1, tokens=[3, 7], probs=[0.9, 0.05]),
-                                  pb.TopK(node=0, tokens=[1], probs=[0.8])])
+    fb = pb.Feedback(
+        accepted=[0],
+        prob_nodes=[0],
+        probs=[0.9],
+        target_topk=[pb.TopK(node=-1, tokens=[3, 7], probs=[0.9, 0.05]), pb.TopK(node=0, tokens=[1], probs=[0.8])],
+    )
     replies = session(sidecar.stub, FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3, 1], feedback=fb, max_nodes=4)])
     assert [r.round for r in replies] == [0, 1]
 
 
 def test_budget_is_capped_by_the_server_and_zero_means_no_draft(sidecar):
     prompt = list(range(10, 20)) * 20
-    replies = session(sidecar.stub, [first(prompt, max_nodes=1000),
-                                     pb.VerifierUpdate(round=1, new_tokens=[10], max_nodes=0)])
+    replies = session(
+        sidecar.stub, [first(prompt, max_nodes=1000), pb.VerifierUpdate(round=1, new_tokens=[10], max_nodes=0)]
+    )
     assert 0 < len(replies[0].tokens) <= 64 and len(replies[1].tokens) == 0
 
 
@@ -150,24 +162,50 @@ BAD = [
     ([first([1, 2]), pb.VerifierUpdate(round=1, max_nodes=4)], "new_tokens: empty"),
     ([first([1], max_nodes=-1)], "max_nodes: -1 is negative"),
     ([first([1, 2], feedback=pb.Feedback(accepted=[0]))], "feedback: there was no previous tree"),
-    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(accepted=[1]))],
-     "feedback.accepted[0]: node 1 does not continue the path []"),
-    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(accepted=[0, 2]))],
-     "feedback.accepted[1]: node 2 does not continue the path [0]"),
-    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(prob_nodes=[0], probs=[1.5]))],
-     "feedback.probs[0]: 1.5 is not a probability"),
-    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(prob_nodes=[99], probs=[0.5]))],
-     "feedback.prob_nodes[0]: node 99 outside the previous tree"),
-    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(
-        target_topk=[pb.TopK(node=-1, tokens=[3, 49152], probs=[0.5, 0.25])]))],
-     "feedback.target_topk[0].tokens[1]: token 49152 outside"),
-    (FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(
-        target_topk=[pb.TopK(node=-1, tokens=[3], probs=[0.5, 0.25])]))],
-     "feedback.target_topk[0].probs: 2 values for 1 tokens"),
+    (
+        FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(accepted=[1]))],
+        "feedback.accepted[0]: node 1 does not continue the path []",
+    ),
+    (
+        FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(accepted=[0, 2]))],
+        "feedback.accepted[1]: node 2 does not continue the path [0]",
+    ),
+    (
+        FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(prob_nodes=[0], probs=[1.5]))],
+        "feedback.probs[0]: 1.5 is not a probability",
+    ),
+    (
+        FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(prob_nodes=[99], probs=[0.5]))],
+        "feedback.prob_nodes[0]: node 99 outside the previous tree",
+    ),
+    (
+        FB_TREE
+        + [
+            pb.VerifierUpdate(
+                round=1,
+                new_tokens=[3],
+                feedback=pb.Feedback(target_topk=[pb.TopK(node=-1, tokens=[3, 49152], probs=[0.5, 0.25])]),
+            )
+        ],
+        "feedback.target_topk[0].tokens[1]: token 49152 outside",
+    ),
+    (
+        FB_TREE
+        + [
+            pb.VerifierUpdate(
+                round=1,
+                new_tokens=[3],
+                feedback=pb.Feedback(target_topk=[pb.TopK(node=-1, tokens=[3], probs=[0.5, 0.25])]),
+            )
+        ],
+        "feedback.target_topk[0].probs: 2 values for 1 tokens",
+    ),
     ([first([1, 2, 3], hidden=hidden(dtype="int8"))], "hidden.dtype: 'int8' is not one of"),
     ([first([1, 2, 3], hidden=hidden(nbytes=100))], "hidden.data: 100 bytes, but float32 [2, 576] needs 4608"),
-    ([first([1, 2, 3], hidden=pb.Tensor(dtype="float32", shape=[2, 2, 2], data=bytes(32)))],
-     "hidden.shape: [2, 2, 2] is not [rows, hidden_dim]"),
+    (
+        [first([1, 2, 3], hidden=pb.Tensor(dtype="float32", shape=[2, 2, 2], data=bytes(32)))],
+        "hidden.shape: [2, 2, 2] is not [rows, hidden_dim]",
+    ),
     ([first([1, 2], hidden=hidden(shape=(3, 576)))], "hidden.shape: 3 rows for 2 new tokens"),
     ([first([1], sampling=pb.SamplingParams(temperature=0.7, top_p=2.0))], "sampling.top_p: 2.0 is not in [0, 1]"),
     ([first([1], sampling=pb.SamplingParams(temperature=-1.0))], "sampling.temperature: -1.0"),
@@ -192,8 +230,10 @@ def test_oversized_message_is_resource_exhausted(sidecar):
 
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cret-token"),)])
 def test_missing_or_wrong_token_is_unauthenticated(sidecar, metadata):
-    for call in (lambda: session(sidecar.stub, [first([1, 2])], metadata=metadata),
-                 lambda: sidecar.stub.GetInfo(pb.InfoRequest(), metadata=metadata, timeout=5)):
+    for call in (
+        lambda: session(sidecar.stub, [first([1, 2])], metadata=metadata),
+        lambda: sidecar.stub.GetInfo(pb.InfoRequest(), metadata=metadata, timeout=5),
+    ):
         with pytest.raises(grpc.RpcError) as e:
             call()
         assert e.value.code() == Code.UNAUTHENTICATED and "token" in e.value.details()
@@ -234,21 +274,34 @@ def test_idle_session_is_evicted_after_the_ttl(sidecar):
     q.put(None)
 
 
-FIELDS = st.fixed_dictionaries({
-    "vocab_size": st.sampled_from([0, VOCAB, VOCAB + 1]),
-    "new_tokens": st.lists(st.integers(-5, VOCAB + 5), max_size=6),
-    "max_nodes": st.integers(-2, 300),
-    "round": st.integers(0, 2**40),
-}, optional={
-    "hidden": st.builds(lambda d, s, n: pb.Tensor(dtype=d, shape=s, data=bytes(n)),
-                        st.sampled_from(["float32", "bfloat16", "float16", "int8", ""]),
-                        st.lists(st.integers(-1, 600), max_size=3), st.integers(0, 4096)),
-    "feedback": st.builds(lambda a, pn, p: pb.Feedback(accepted=a, prob_nodes=pn, probs=p),
-                          st.lists(st.integers(-2, 20), max_size=4), st.lists(st.integers(-2, 20), max_size=3),
-                          st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=3)),
-    "sampling": st.builds(lambda t, k, p: pb.SamplingParams(temperature=t, top_k=k, top_p=p),
-                          st.floats(-1, 3, width=32), st.integers(-3, 50), st.floats(-1, 2, width=32)),
-})
+FIELDS = st.fixed_dictionaries(
+    {
+        "vocab_size": st.sampled_from([0, VOCAB, VOCAB + 1]),
+        "new_tokens": st.lists(st.integers(-5, VOCAB + 5), max_size=6),
+        "max_nodes": st.integers(-2, 300),
+        "round": st.integers(0, 2**40),
+    },
+    optional={
+        "hidden": st.builds(
+            lambda d, s, n: pb.Tensor(dtype=d, shape=s, data=bytes(n)),
+            st.sampled_from(["float32", "bfloat16", "float16", "int8", ""]),
+            st.lists(st.integers(-1, 600), max_size=3),
+            st.integers(0, 4096),
+        ),
+        "feedback": st.builds(
+            lambda a, pn, p: pb.Feedback(accepted=a, prob_nodes=pn, probs=p),
+            st.lists(st.integers(-2, 20), max_size=4),
+            st.lists(st.integers(-2, 20), max_size=3),
+            st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=3),
+        ),
+        "sampling": st.builds(
+            lambda t, k, p: pb.SamplingParams(temperature=t, top_k=k, top_p=p),
+            st.floats(-1, 3, width=32),
+            st.integers(-3, 50),
+            st.floats(-1, 2, width=32),
+        ),
+    },
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -268,8 +321,13 @@ def test_fuzzed_updates_get_a_tree_or_a_precise_status(sidecar, messages):
 def test_server_survived_the_fuzz_without_internal_errors(sidecar):
     round_trip_ok(sidecar)
     errors = dict(sidecar.stats().errors)
-    assert set(errors) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "NOT_FOUND",
-                           "DEADLINE_EXCEEDED"}, errors
+    assert set(errors) <= {
+        "INVALID_ARGUMENT",
+        "RESOURCE_EXHAUSTED",
+        "UNAUTHENTICATED",
+        "NOT_FOUND",
+        "DEADLINE_EXCEEDED",
+    }, errors
 
 
 def test_load_32_sessions_by_300_rounds_lose_and_corrupt_nothing(sidecar):
@@ -292,9 +350,11 @@ def test_load_32_sessions_by_300_rounds_lose_and_corrupt_nothing(sidecar):
         t.join(timeout=300)
     wall = time.perf_counter() - t0
     lat = sorted(latencies)
-    print(f"\nload: {sessions} sessions x {rounds} rounds in {wall:.1f} s = {sessions * rounds / wall:.0f} rounds/s; "
-          f"round latency p50 {1000 * statistics.median(lat):.2f} ms, p99 {1000 * lat[int(0.99 * len(lat))]:.2f} ms "
-          f"(client side, {sessions} client threads on the same machine)")
+    print(
+        f"\nload: {sessions} sessions x {rounds} rounds in {wall:.1f} s = {sessions * rounds / wall:.0f} rounds/s; "
+        f"round latency p50 {1000 * statistics.median(lat):.2f} ms, p99 {1000 * lat[int(0.99 * len(lat))]:.2f} ms "
+        f"(client side, {sessions} client threads on the same machine)"
+    )
     assert not failures, failures
     assert matched == [rounds] * sessions  # every round answered, in order, with the in-process tree
     assert sidecar.stats().rounds_total - before == sessions * rounds

@@ -2,6 +2,7 @@
 layer-wise shift), incremental inference reproduces the training forward, the valid-prefix mask stops
 at the first miss, trees respect the budget, sampled trees have the delayed-expansion shape and draw
 each sibling group from the q they carry, and a short training run lowers the loss."""
+
 import heapq
 import json
 import random
@@ -11,11 +12,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drafter.interface import SamplingParams, VerifierUpdate
-from drafter.specblock import ContextCache, SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter, grow_pool
+from drafter.specblock import (
+    ContextCache,
+    SpecBlock,
+    SpecBlockConfig,
+    SpecBlockDraftConfig,
+    SpecBlockDrafter,
+    grow_pool,
+)
 from drafter.train import TrainConfig, evaluate_checkpoint, train, valid_prefix
+from kernels.layers import ModelArgs
+from proto.interface import SamplingParams, VerifierUpdate
 from tests.verifier.test_rules import chi_square_p_value
-from verifier.model import ModelArgs
 
 ARGS = ModelArgs(vocab_size=200, dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
 CFG = SpecBlockConfig(block_size=4, n_layers=2, n_heads=4, head_dim=16, intermediate_size=128, draft_vocab=120)
@@ -23,8 +31,9 @@ CFG = SpecBlockConfig(block_size=4, n_layers=2, n_heads=4, head_dim=16, intermed
 
 def model(seed=0, conditioning="features", shift=True) -> SpecBlock:
     torch.manual_seed(seed)
-    m = SpecBlock(replace(CFG, conditioning=conditioning, shift=shift), ARGS, torch.randn(200, 64),
-                  torch.arange(40, 160))
+    m = SpecBlock(
+        replace(CFG, conditioning=conditioning, shift=shift), ARGS, torch.randn(200, 64), torch.arange(40, 160)
+    )
     for layer in m.layers if shift else []:  # the shift starts at zero in training; make it matter here
         torch.nn.init.normal_(layer.shift.weight, std=0.2)
     return m.eval()
@@ -43,9 +52,9 @@ def test_no_block_position_sees_a_later_one():
             m.block_emb.data[j - 1] -= 1.0
         s = 5  # nothing after a block's start reaches it through the context
         f2, t2 = feats.clone(), toks.clone()
-        f2[s + 1:] += 1.0
-        t2[s + 2:] = 7
-        assert torch.allclose(m.forward_train(f2, t2)[:, :s + 1], base[:, :s + 1], atol=1e-5)
+        f2[s + 1 :] += 1.0
+        t2[s + 2 :] = 7
+        assert torch.allclose(m.forward_train(f2, t2)[:, : s + 1], base[:, : s + 1], atol=1e-5)
 
 
 def test_without_the_shift_block_positions_are_independent_parallel_heads():
@@ -58,7 +67,9 @@ def test_without_the_shift_block_positions_are_independent_parallel_heads():
             m.block_emb.data[j - 1] += 1.0  # moves position j+1 (0-based j) and no other
             out = m.forward_train(feats, toks)
             others = [i for i in range(CFG.block_size) if i != j]
-            assert torch.allclose(out[others], base[others], atol=1e-5) and not torch.allclose(out[j], base[j], atol=0.1)
+            assert torch.allclose(out[others], base[others], atol=1e-5) and not torch.allclose(
+                out[j], base[j], atol=0.1
+            )
             m.block_emb.data[j - 1] -= 1.0
 
 
@@ -67,7 +78,7 @@ def test_incremental_inference_equals_the_training_forward(conditioning):
     m = model(conditioning=conditioning)
     feats, toks = torch.randn(12, 64), torch.randint(0, 200, (12,))
     with torch.no_grad():
-        ref = m.forward_train(feats, toks)                 # [K, 11, D]
+        ref = m.forward_train(feats, toks)  # [K, 11, D]
         # conditioned on tokens, the target's features play no part
         assert torch.equal(m.forward_train(feats + 1, toks), ref) == (conditioning == "tokens")
         u = m.inputs(feats[:-1], toks[:-1], toks[1:])
@@ -123,24 +134,31 @@ def test_min_prob_keeps_exactly_the_nodes_above_it(monkeypatch):
     probs = []  # path probability of each node, in the order the best-first builder takes them
     pop = heapq.heappop
     monkeypatch.setattr(heapq, "heappop", lambda h: probs.append(-h[0][0]) or pop(h))
-    full = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3)).draft(VerifierUpdate(prompt, None, 16, 200, hidden))
+    full = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3)).draft(
+        VerifierUpdate(prompt, None, 16, 200, hidden)
+    )
     monkeypatch.setattr(heapq, "heappop", pop)
     assert len(probs) == len(full) == 16
     cut = sorted(probs)[len(probs) // 2]
     part = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3, min_prob=cut)).draft(
-        VerifierUpdate(prompt, None, 16, 200, hidden))
+        VerifierUpdate(prompt, None, 16, 200, hidden)
+    )
     keep = [i for i, p in enumerate(probs) if p >= cut]  # best-first order: the kept nodes are the first ones
-    assert keep == list(range(len(keep))) and part.tokens == full.tokens[:len(keep)]
+    assert keep == list(range(len(keep))) and part.tokens == full.tokens[: len(keep)]
     nothing = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3, min_prob=max(probs) + 1e-6))
     assert nothing.draft(VerifierUpdate(prompt, None, 16, 200, hidden)) is None
 
 
 def test_drafter_lookup_puts_the_prompt_lookup_chain_before_the_specblock_tree():
-    from drafter.build import DrafterConfig, make_drafter
     from drafter.ngram import NgramConfig
+    from specdraft.build import DrafterConfig, make_drafter
 
-    cfg = DrafterConfig(kind="specblock", lookup=True, ngram=NgramConfig(max_depth=3, max_matches=1),
-                        specblock=SpecBlockDraftConfig(max_blocks=1, max_branch=1))
+    cfg = DrafterConfig(
+        kind="specblock",
+        lookup=True,
+        ngram=NgramConfig(max_depth=3, max_matches=1),
+        specblock=SpecBlockDraftConfig(max_blocks=1, max_branch=1),
+    )
     m = model(conditioning="tokens")
     prompt = [50, 51, 52, 53, 54, 50, 51]  # (50, 51) occurred before, followed by 52 53 54
     tree = make_drafter(cfg, m).draft(VerifierUpdate(prompt, None, 8, 200))
@@ -162,7 +180,7 @@ def test_frontier_tree_expands_one_depth_per_batched_forward():
     d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="frontier", max_blocks=4, max_branch=3))
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     tree = d.draft(VerifierUpdate(prompt, None, 10, 200, torch.randn(8, 64)))
-    assert batches == [1, 3, 3, 3] and d.forwards == 4   # the context block, then one forward per depth
+    assert batches == [1, 3, 3, 3] and d.forwards == 4  # the context block, then one forward per depth
     depth = [0] * len(tree)
     for i, p in enumerate(tree.parents):
         depth[i] = 1 if p < 0 else depth[p] + 1
@@ -178,8 +196,10 @@ def sampled_drafter(m, **cfg):
     return d, calls
 
 
-@pytest.mark.parametrize("delay,branches,rollout,budget,max_blocks",
-                         [(0, 2, 4, 16, 8), (2, 3, 2, 16, 8), (3, 2, 4, 8, 8), (5, 2, 3, 4, 8), (1, 4, 6, 32, 2)])
+@pytest.mark.parametrize(
+    "delay,branches,rollout,budget,max_blocks",
+    [(0, 2, 4, 16, 8), (2, 3, 2, 16, 8), (3, 2, 4, 8, 8), (5, 2, 3, 4, 8), (1, 4, 6, 32, 2)],
+)
 def test_sampled_trees_have_the_delayed_expansion_shape(delay, branches, rollout, budget, max_blocks):
     m = model()
     d, calls = sampled_drafter(m, delay=delay, branches=branches, rollout=rollout, max_blocks=max_blocks)
@@ -238,7 +258,7 @@ def test_a_token_conditioned_drafter_needs_no_hidden_states():
     d = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     first = d.draft(VerifierUpdate(prompt, None, 8, 200))
-    assert first is not None and d.cache.length == 8   # every prompt token but the newest is context
+    assert first is not None and d.cache.length == 8  # every prompt token but the newest is context
     assert d.draft(VerifierUpdate([5, 6], None, 8, 200)) is not None and d.cache.length == 10
     # and drafting from hidden states it ignores gives the same tree
     d2 = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
@@ -252,8 +272,10 @@ def test_a_session_recomputes_its_context_when_the_weights_change_under_it(condi
     m = model(conditioning=conditioning)
     m.version = 0  # as an online learner sets it
     rng = random.Random(0)
-    ups = [VerifierUpdate([rng.randrange(200) for _ in range(n)], None, 8, 200, torch.randn(h, 64))
-           for n, h in ((10, 9), (3, 3), (2, 2))]
+    ups = [
+        VerifierUpdate([rng.randrange(200) for _ in range(n)], None, 8, 200, torch.randn(h, 64))
+        for n, h in ((10, 9), (3, 3), (2, 2))
+    ]
     live = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
     for up in ups[:2]:
         live.draft(up)
@@ -266,7 +288,7 @@ def test_a_session_recomputes_its_context_when_the_weights_change_under_it(condi
         fresh.draft(up)
     stale_keys = live.cache.keys[0].clone()
     assert live.draft(ups[2]) == fresh.draft(ups[2])
-    assert not torch.equal(live.cache.keys[0][:, :stale_keys.shape[1]], stale_keys)  # it did recompute
+    assert not torch.equal(live.cache.keys[0][:, : stale_keys.shape[1]], stale_keys)  # it did recompute
     frozen = SpecBlockDrafter(model(conditioning=conditioning), SpecBlockDraftConfig(max_blocks=2, max_branch=3))
     frozen.draft(ups[0])
     assert frozen.feats == [] and (live.feats != []) == (conditioning == "features")  # kept only where weights change
@@ -286,17 +308,43 @@ def test_short_training_run_lowers_the_loss(tmp_path, conditioning):
         nxt = torch.cat([toks[1:], table[toks[-1:]]])
         probs = torch.tensor([0.9, 0.05, 0.03, 0.02]).repeat(48, 1).half()
         ids = torch.stack([nxt, (nxt + 1) % 200, (nxt + 2) % 200, (nxt + 3) % 200], 1).int()
-        convs.append({"tokens": toks.int(), "loss_mask": torch.ones(48, dtype=torch.uint8),
-                      "hidden": torch.randn(48, 64, generator=g).bfloat16(), "topk_ids": ids, "topk_probs": probs})
+        convs.append(
+            {
+                "tokens": toks.int(),
+                "loss_mask": torch.ones(48, dtype=torch.uint8),
+                "hidden": torch.randn(48, 64, generator=g).bfloat16(),
+                "topk_ids": ids,
+                "topk_probs": probs,
+            }
+        )
     shard = {k: torch.cat([c[k] for c in convs]) for k in convs[0]}
     shard["offsets"] = torch.arange(0, 8 * 48 + 1, 48)
     save_file(shard, tmp_path / "train-00000.safetensors")
-    save_file({**{k: v[:48] for k, v in shard.items() if k != "offsets"}, "offsets": torch.tensor([0, 48])},
-              tmp_path / "heldout-00001.safetensors")
-    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [
-        {"file": "train-00000.safetensors", "split": "train"}, {"file": "heldout-00001.safetensors", "split": "heldout"}]}))
-    cfg = TrainConfig(data_dir=str(tmp_path), out=str(tmp_path / "ck"), model=replace(CFG, conditioning=conditioning), steps=40, conversations_per_step=2,
-                      lr=3e-3, warmup=5, eval_every=40, max_positions=48)
+    save_file(
+        {**{k: v[:48] for k, v in shard.items() if k != "offsets"}, "offsets": torch.tensor([0, 48])},
+        tmp_path / "heldout-00001.safetensors",
+    )
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "shards": [
+                    {"file": "train-00000.safetensors", "split": "train"},
+                    {"file": "heldout-00001.safetensors", "split": "heldout"},
+                ]
+            }
+        )
+    )
+    cfg = TrainConfig(
+        data_dir=str(tmp_path),
+        out=str(tmp_path / "ck"),
+        model=replace(CFG, conditioning=conditioning),
+        steps=40,
+        conversations_per_step=2,
+        lr=3e-3,
+        warmup=5,
+        eval_every=40,
+        max_positions=48,
+    )
     torch.manual_seed(0)
     first = []
     emb = torch.randn(200, 64)

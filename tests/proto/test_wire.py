@@ -1,5 +1,6 @@
 """The wire format: tensors and updates survive a round trip exactly, and the committed generated
 code is what grpcio-tools makes from drafter.proto today."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafter.interface import Feedback, SamplingParams, VerifierUpdate
+from proto.interface import Feedback, SamplingParams, VerifierUpdate
 from proto.wire import msg_to_tensor, msg_to_update, tensor_to_msg, update_to_msg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +22,14 @@ def test_tensor_round_trip_is_bit_exact(dtype):
 
 
 def test_update_round_trip():
-    up = VerifierUpdate([5, 6, 7], Feedback([0, 2], {0: 0.5, 1: 0.25}, {-1: ([5, 9], [0.75, 0.125])}), 12, 100,
-                        torch.randn(3, 8), SamplingParams(0.5, 4, 0.875))
+    up = VerifierUpdate(
+        [5, 6, 7],
+        Feedback([0, 2], {0: 0.5, 1: 0.25}, {-1: ([5, 9], [0.75, 0.125])}),
+        12,
+        100,
+        torch.randn(3, 8),
+        SamplingParams(0.5, 4, 0.875),
+    )
     prev_parents = (-1, -1, 0)
     got = msg_to_update(update_to_msg(up, 3, first=True, label="x"), 100, 8, prev_parents, max_nodes=64, first=True)
     assert (got.new_tokens, got.feedback, got.max_nodes, got.vocab_size) == (up.new_tokens, up.feedback, 12, 100)
@@ -33,9 +40,21 @@ def test_update_round_trip():
 
 
 def test_generated_code_is_up_to_date(tmp_path):
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT), f"--python_out={tmp_path}",
-                    f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", str(ROOT / "proto" / "drafter.proto")],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(ROOT),
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(ROOT / "proto" / "drafter.proto"),
+        ],
+        check=True,
+    )
     for name in ("drafter_pb2.py", "drafter_pb2_grpc.py", "drafter_pb2.pyi"):
-        assert (tmp_path / "proto" / name).read_text() == (ROOT / "proto" / name).read_text(), \
+        assert (tmp_path / "proto" / name).read_text() == (ROOT / "proto" / name).read_text(), (
             f"proto/{name} is stale: run `make proto`"
+        )

@@ -1,14 +1,15 @@
 """The decode loop on the real target at temperature 0: speculative output equals plain greedy
 decoding token for token, whatever the drafter proposes."""
+
 import inspect
 import random
 
 import pytest
 import torch
 
+from drafter.data import chat_prompt
 from drafter.ngram import NgramConfig, NgramDrafter
-from drafter.tree import DraftTree
-from verifier.assets import chat_prompt
+from proto.tree import DraftTree
 from verifier.engine import generate
 from verifier.rules import SamplingParams
 
@@ -32,11 +33,11 @@ class OracleDrafter:
 
     def draft(self, update):
         self.n += len(update.new_tokens)
-        nxt = self.ref[self.n:self.n + self.depth]
+        nxt = self.ref[self.n : self.n + self.depth]
         if not nxt:
             return None
         tokens, parents, last = [], [], -1
-        for tok in nxt[:update.max_nodes // 2]:
+        for tok in nxt[: update.max_nodes // 2]:
             tokens += [(tok + 1 + self.rng.randrange(100)) % update.vocab_size, tok]  # wrong sibling first
             parents += [last, last]
             last = len(tokens) - 1
@@ -54,8 +55,12 @@ class GarbageDrafter:
 
     def draft(self, update):
         n = update.max_nodes
-        return DraftTree([self.rng.randrange(update.vocab_size) for _ in range(n)],
-                         [-1] + [self.rng.randrange(-1, i) for i in range(1, n)], update.vocab_size, n)
+        return DraftTree(
+            [self.rng.randrange(update.vocab_size) for _ in range(n)],
+            [-1] + [self.rng.randrange(-1, i) for i in range(1, n)],
+            update.vocab_size,
+            n,
+        )
 
     def close(self):
         pass
@@ -80,16 +85,24 @@ def untrained_specblock(target):
     from drafter.specblock import SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter
 
     torch.manual_seed(0)
-    model = SpecBlock(SpecBlockConfig(n_layers=1, draft_vocab=4096), target.model.args,
-                      target.model.tok_embeddings.weight, torch.arange(4096)).eval()
+    model = SpecBlock(
+        SpecBlockConfig(n_layers=1, draft_vocab=4096),
+        target.model.args,
+        target.model.tok_embeddings.weight,
+        torch.arange(4096),
+    ).eval()
     return SpecBlockDrafter(model, SpecBlockDraftConfig(max_blocks=3))
 
 
 @pytest.mark.parametrize("kind", ["ngram", "oracle", "garbage", "specblock"])
 def test_greedy_speculative_equals_ar_token_for_token(kind, target_fp32, prompts_and_ar):
     for ids, ar in prompts_and_ar[:1] if kind == "specblock" else prompts_and_ar:  # specblock: slow untrained
-        drafter = {"ngram": lambda: NgramDrafter(NgramConfig()), "oracle": lambda: OracleDrafter(ids + ar),
-                   "garbage": GarbageDrafter, "specblock": lambda: untrained_specblock(target_fp32)}[kind]()
+        drafter = {
+            "ngram": lambda: NgramDrafter(NgramConfig()),
+            "oracle": lambda: OracleDrafter(ids + ar),
+            "garbage": GarbageDrafter,
+            "specblock": lambda: untrained_specblock(target_fp32),
+        }[kind]()
         assert run(target_fp32, ids, drafter) == ar
 
 
@@ -103,7 +116,7 @@ def test_oracle_drafts_are_accepted_in_long_runs(target_fp32, prompts_and_ar):
 def test_stop_token_inside_an_accepted_path_ends_generation_like_ar(target_fp32, prompts_and_ar):
     ids, ar = prompts_and_ar[1]
     stop = ar[10]  # a token the oracle will draft mid-chain
-    expected = ar[:ar.index(stop) + 1]
+    expected = ar[: ar.index(stop) + 1]
     assert run(target_fp32, ids, None, stops={stop}) == expected
     assert run(target_fp32, ids, OracleDrafter(ids + ar), stops={stop}) == expected
 
@@ -137,7 +150,7 @@ def test_drafter_receives_hidden_states_of_every_committed_token_but_the_newest(
     out = run(target_fp32, ids, rec, max_new=24)
     hidden = [u.hidden for u in rec.updates]
     tokens = [t for u in rec.updates for t in u.new_tokens]
-    assert tokens == (ids + out)[:len(tokens)]
+    assert tokens == (ids + out)[: len(tokens)]
     assert sum(h.shape[0] for h in hidden) == len(tokens) - 1  # every token but the newest
     assert all(h.shape[0] == len(u.new_tokens) - (i == 0) for i, (h, u) in enumerate(zip(hidden, rec.updates)))
     seq = tokens[:-1]

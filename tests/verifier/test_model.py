@@ -1,13 +1,14 @@
 """The torch target on the real SmolLM2-135M-Instruct weights: equal to transformers, and tree
 forwards equal to sequential decoding of every root-to-node path."""
+
 import random
 
 import pytest
 import torch
 
-from drafter.tree import DraftTree
-from verifier.assets import load_transformer
 from drafter.synthetic import random_tree
+from proto.tree import DraftTree
+from specdraft.assets import load_transformer
 from verifier.target import TorchTarget
 
 pytestmark = pytest.mark.model

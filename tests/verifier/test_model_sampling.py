@@ -10,17 +10,18 @@ every drafted root, i.e. emits the drafter's q instead of p, fails the same test
 
 Target rows are cached per token path (the tree's rows are the target's distributions after each path),
 so a step costs one drafter call plus the rule, not a tree forward."""
+
 import functools
 from pathlib import Path
 
 import pytest
 import torch
 
-from drafter.interface import SamplingParams, VerifierUpdate
+from drafter.data import chat_prompt
 from drafter.specblock import SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
-from drafter.tree import DraftTree
+from proto.interface import SamplingParams, VerifierUpdate
+from proto.tree import DraftTree
 from tests.verifier.test_rules import chi_square_p_value
-from verifier.assets import chat_prompt
 from verifier.rules import SAMPLED_TREE_RULES, Verdict, target_probs, verify
 
 pytestmark = pytest.mark.model
@@ -41,7 +42,7 @@ def setting(target_fp32, tokenizer):
     first = drafter.draft(VerifierUpdate(ids + [pending], None, 3, target.vocab_size, states, PARAMS))
     assert first is not None and first.draft_probs is not None
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def logits_after(path: tuple) -> torch.Tensor:
         """Target logits [V] after the committed context, the pending token and `path`."""
         tree = DraftTree(path, tuple(range(-1, len(path) - 1)), target.vocab_size, len(path)) if path else None

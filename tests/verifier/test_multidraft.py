@@ -9,22 +9,40 @@ accepts at least as often as single draft. Traversal is not a per-node plan (it 
 its trees are enumerated whole, and for each tree every run of its coins (j rejections, then an
 acceptance) with its probability; on chains it keeps at least as many tokens as token-level SpecInfer.
 Statistical: the real decode loop with a fake sampled drafter."""
+
 import itertools
 import math
 
 import pytest
 import torch
 
-from drafter.tree import DraftTree
+from proto.tree import DraftTree
 from tests.fakes import FakeSampledDrafter, FakeTarget, fake_draft_probs
-from tests.verifier.test_rules import (GEN, PROMPT, TRIALS, V, chi_square_p_value, exact_distribution, probs_after,
-                                       seq_prob)
+from tests.verifier.test_rules import (
+    GEN,
+    PROMPT,
+    TRIALS,
+    V,
+    chi_square_p_value,
+    exact_distribution,
+    probs_after,
+    seq_prob,
+)
 from verifier.engine import generate
-from verifier.rules import (MULTI_DRAFT_RULES, SAMPLED_TREE_RULES, SamplingParams, multi_draft_plan, spectr_rho,
-                            traverse, verify)
+from verifier.rules import (
+    SAMPLED_TREE_RULES,
+    SamplingParams,
+    multi_draft_plan,
+    spectr_rho,
+    traverse,
+    verify,
+)
+
 
 def T(values):
     return torch.tensor(values, dtype=torch.float64)
+
+
 CASES = {
     "generic": (T([0.5, 0.3, 0.15, 0.05]), T([0.1, 0.2, 0.3, 0.4])),
     "disjoint": (T([0.6, 0.4, 0.0, 0.0]), T([0.0, 0.0, 0.7, 0.3])),
@@ -191,8 +209,9 @@ def tree_output(context, branching, rule, params):
 
 @pytest.mark.parametrize("rule", SAMPLED_TREE_RULES)
 @pytest.mark.parametrize("branching", [[2, 2], [3, 1], [1, 3], [2, 1, 2], [1, 1, 1]], ids=str)
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2)],
-                         ids=["T1", "T0.7-k2"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2)], ids=["T1", "T0.7-k2"]
+)
 def test_sampled_tree_step_is_exactly_lossless(rule, branching, params):
     context = [1, 0]
     D = len(branching) + 2
@@ -213,22 +232,26 @@ def test_decode_loop_with_sampled_trees_matches_target_distribution(rule):
     for seed in range(TRIALS):
         p = SamplingParams(params.temperature, params.top_k, params.top_p, seed)
         drafter = FakeSampledDrafter([2, 2], seed=10**6 + seed)
-        toks = tuple(t for s in generate(target, PROMPT, p, GEN, set(), drafter, max_nodes=8, rule=rule)
-                     for t in s.tokens)
+        toks = tuple(
+            t for s in generate(target, PROMPT, p, GEN, set(), drafter, max_nodes=8, rule=rule) for t in s.tokens
+        )
         counts[toks] = counts.get(toks, 0) + 1
     # the same test and threshold as the per-node rule's (its power is shown by the control there)
     assert chi_square_p_value(counts, exact_distribution(params)) > 1e-4
 
 
 @pytest.mark.parametrize("depth", [2, 3])
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2)],
-                         ids=["T1", "T0.7-k2"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2)], ids=["T1", "T0.7-k2"]
+)
 def test_traversal_keeps_at_least_as_many_tokens_as_token_level_on_chains(depth, params):
     """Traversal's claim for a single drafted path: it is the optimal chain rule, so its expected number
     of emitted tokens is at least token-level rejection sampling's (SpecInfer with k = 1)."""
     for context in ([1, 0], [2], [0, 0, 1]):
-        mean = {rule: sum(len(seq) * pr for seq, pr in tree_output(context, [1] * depth, rule, params).items())
-                for rule in ("specinfer", "traversal")}
+        mean = {
+            rule: sum(len(seq) * pr for seq, pr in tree_output(context, [1] * depth, rule, params).items())
+            for rule in ("specinfer", "traversal")
+        }
         assert mean["traversal"] >= mean["specinfer"] - 1e-12, (context, mean)
 
 

@@ -1,5 +1,6 @@
 """RemoteDrafter, the verifier's side of the sidecar: lossless whatever the sidecar does (late, garbage,
 killed), reconnects when it comes back, TLS, and `specdraft eval` through it gives the in-process tau."""
+
 import socket
 import subprocess
 import time
@@ -9,13 +10,12 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from drafter.build import RemoteConfig
-from drafter.interface import VerifierUpdate
 from drafter.ngram import NgramConfig, NgramDrafter
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
+from proto.interface import VerifierUpdate
 from tests.sidecar import TOKEN_ENV, VOCAB, Sidecar
-from verifier.remote import RemoteDrafter, connect, server_info
+from verifier.remote import RemoteConfig, RemoteDrafter, connect, server_info
 
 PROMPT = [7, 8, 9, 10] * 5
 
@@ -39,7 +39,7 @@ def test_late_trees_fall_back_and_are_dropped_on_arrival(remote_cfg):
     for up in updates[:3]:
         want = ref.draft(up)
         got = d.draft(up)  # no time to answer, unless the reply was already queued when the wait began
-        if got is None:    # (it is, now and then, on a loaded machine: then it must be this round's tree)
+        if got is None:  # (it is, now and then, on a loaded machine: then it must be this round's tree)
             late += 1
         else:
             assert (got.tokens, got.parents) == (want.tokens, want.parents)
@@ -52,8 +52,9 @@ def test_late_trees_fall_back_and_are_dropped_on_arrival(remote_cfg):
 
 
 def test_unreachable_sidecar_costs_no_wait_and_backs_off():
-    d = RemoteDrafter(connect(RemoteConfig(address=f"127.0.0.1:{free_port()}", timeout_ms=2000, max_backoff_s=1.0)),
-                      "down")
+    d = RemoteDrafter(
+        connect(RemoteConfig(address=f"127.0.0.1:{free_port()}", timeout_ms=2000, max_backoff_s=1.0)), "down"
+    )
     t0 = time.monotonic()
     assert d.draft(VerifierUpdate(PROMPT, None, 8, VOCAB)) is None
     assert d.draft(VerifierUpdate([7], None, 8, VOCAB)) is None  # inside the backoff: no attempt at all
@@ -86,6 +87,7 @@ def test_a_sidecar_back_after_a_long_outage_is_drafting_again_within_our_backoff
 
 class FakeGarbageDrafter(pb_grpc.DrafterServicer):
     """A broken sidecar for the test: answers every update with an invalid tree."""
+
     TREES = [([VOCAB + 1], [-1]), ([1, 2], [-1, 1]), ([1] * 100, [-1] * 100), ([1, 2], [-1])]
 
     def Session(self, request_iterator, context):
@@ -109,9 +111,28 @@ def test_garbage_trees_are_rejected_by_the_client():
 
 def test_tls_and_token(tmp_path, monkeypatch):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     s = Sidecar(tmp_path, f"tls_cert: {cert}, tls_key: {key}, token_env: {TOKEN_ENV}")
     monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
     cfg = RemoteConfig(address=s.address, tls_ca=str(cert), token_env=TOKEN_ENV, timeout_ms=2000)
@@ -128,14 +149,16 @@ def test_tls_and_token(tmp_path, monkeypatch):
 
 @pytest.mark.model
 def test_sidecar_killed_mid_generation_output_equals_ar_and_speculation_resumes(tmp_path, target_fp32, tokenizer):
-    from verifier.assets import chat_prompt
+    from drafter.data import chat_prompt
     from verifier.engine import generate
     from verifier.rules import SamplingParams
 
     port = free_port()
     s = Sidecar(tmp_path, "", address=f"127.0.0.1:{port}")
     cfg = RemoteConfig(address=s.address, timeout_ms=2000, max_backoff_s=0.2)
-    prompt = chat_prompt(tokenizer, "Write a Python function that checks whether a number is prime, then write five unit tests for it.")
+    prompt = chat_prompt(
+        tokenizer, "Write a Python function that checks whether a number is prime, then write five unit tests for it."
+    )
     stops = {tokenizer.eos_token_id}
     ar = [t for st in generate(target_fp32, prompt, SamplingParams(), 80, stops) for t in st.tokens]
     d = RemoteDrafter(connect(cfg), "kill-test")
@@ -159,8 +182,8 @@ def test_sidecar_killed_mid_generation_output_equals_ar_and_speculation_resumes(
 
 @pytest.mark.model
 def test_eval_through_the_sidecar_gives_the_inprocess_tau(sidecar, remote_cfg, tmp_path):
-    from verifier.config import Config
-    from verifier.evaluate import run_eval
+    from specdraft.config import Config
+    from specdraft.evaluate import run_eval
 
     base = Config()
     base.eval.num_prompts, base.eval.max_new_tokens, base.eval.baseline = 1, 48, False
@@ -177,9 +200,9 @@ def test_eval_through_the_sidecar_gives_the_inprocess_tau(sidecar, remote_cfg, t
 
 
 def test_eval_with_no_sidecar_is_a_config_error():
-    from verifier.config import ConfigError
-    from verifier.evaluate import drafter_factory
-    from drafter.build import DrafterConfig
+    from specdraft.build import DrafterConfig
+    from specdraft.config import ConfigError
+    from specdraft.evaluate import drafter_factory
 
     cfg = DrafterConfig(mode="grpc", grpc=RemoteConfig(address=f"127.0.0.1:{free_port()}"))
     with pytest.raises(ConfigError, match="drafter.grpc.address: no specdraft drafter at 127.0.0.1:"):

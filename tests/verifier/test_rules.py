@@ -5,6 +5,7 @@ choice is an independent draw from its own target distribution, which is what `v
 the walk, complete the sequence with plain sampling, and require the distribution of the first D tokens
 to equal the target's to 1e-12. Statistical test: the full decode loop on a fake target, many seeded
 runs, chi-square against the exact target distribution; a deliberately biased rule must fail it."""
+
 import functools
 import itertools
 import math
@@ -12,7 +13,7 @@ import math
 import pytest
 import torch
 
-from drafter.tree import DraftTree
+from proto.tree import DraftTree
 from tests.fakes import FakeTarget, FixedTreeDrafter, fake_logits
 from verifier.engine import generate
 from verifier.rules import SamplingParams, Verdict, follow, target_probs, verify, walk
@@ -20,7 +21,7 @@ from verifier.rules import SamplingParams, Verdict, follow, target_probs, verify
 V = 3
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probs(context: tuple, params_key: tuple) -> tuple[float, ...]:
     p = target_probs(fake_logits(context, V)[None], SamplingParams(*params_key))[0].double()
     return tuple((p / p.sum()).tolist())  # renormalised in float64 so the sums below are exact to ~1e-15
@@ -41,11 +42,14 @@ def seq_prob(context, seq, params):
 TREES = [
     ([0], [-1]),
     ([0, 1, 2, 0], [-1, -1, 0, 1]),
-    ([1, 1, 0, 2, 1], [-1, -1, 0, 1, 2]),       # duplicate root tokens: the first one must be taken
-    ([2, 0, 1, 1, 0], [-1, 0, 1, 2, 3]),         # a chain of depth 5
+    ([1, 1, 0, 2, 1], [-1, -1, 0, 1, 2]),  # duplicate root tokens: the first one must be taken
+    ([2, 0, 1, 1, 0], [-1, 0, 1, 2, 3]),  # a chain of depth 5
 ]
-PARAMS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=2),
-          SamplingParams(temperature=1.3, top_p=0.6)]
+PARAMS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=2),
+    SamplingParams(temperature=1.3, top_p=0.6),
+]
 
 
 @pytest.mark.parametrize("tokens,parents", TREES)
@@ -126,7 +130,9 @@ def empirical(drafter_factory, params):
     target = FakeTarget(V)
     for seed in range(TRIALS):
         p = SamplingParams(params.temperature, params.top_k, params.top_p, seed)
-        toks = tuple(t for s in generate(target, PROMPT, p, GEN, set(), drafter_factory(), max_nodes=8) for t in s.tokens)
+        toks = tuple(
+            t for s in generate(target, PROMPT, p, GEN, set(), drafter_factory(), max_nodes=8) for t in s.tokens
+        )
         counts[toks] = counts.get(toks, 0) + 1
     return counts
 
@@ -153,8 +159,9 @@ def chi_square_p_value(counts, exact):
 TREE_TOKENS, TREE_PARENTS = [0, 0, 1, 2, 1, 0], [-1, -1, 0, 0, 2, 4]
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)],
-                         ids=["T1", "T0.8-p0.9"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)], ids=["T1", "T0.8-p0.9"]
+)
 def test_decode_loop_sampling_matches_target_distribution(params):
     counts = empirical(lambda: FixedTreeDrafter(TREE_TOKENS, TREE_PARENTS), params)
     # 81 cells, 12k runs: a shift of 0.02 in total variation gives chi-square far above this threshold

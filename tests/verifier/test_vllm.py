@@ -1,5 +1,6 @@
 """vLLM as the verifier. Unit tests drive SpecdraftProposer the way vLLM's model runner calls it (with a
 fake vllm_config) against a real sidecar; the integration test runs a real vllm.LLM on SmolLM2-135M."""
+
 import os
 import signal
 import threading
@@ -9,11 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from drafter.interface import VerifierUpdate
 from drafter.ngram import NgramConfig, NgramDrafter
-from drafter.tree import DraftTree
+from proto.interface import VerifierUpdate
+from proto.tree import DraftTree
+from specdraft.vllm import ADDRESS_ENV, CONFIG_ENV, PROPOSER, SpecdraftProposer
 from tests.sidecar import TOKEN, TOKEN_ENV, VOCAB, Sidecar
-from verifier.vllm_backend import ADDRESS_ENV, CONFIG_ENV, PROPOSER, SpecdraftProposer, first_path
+from verifier.vllm_backend import first_path
 
 K = 4
 
@@ -28,8 +30,10 @@ def test_first_path_takes_the_first_listed_child_at_each_level():
 
 def fake_vllm_config(max_model_len=2048):
     """A stand-in for vllm.config.VllmConfig with the three fields the proposer reads."""
-    return SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=K),
-                           model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB, max_model_len=max_model_len))
+    return SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=K),
+        model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB, max_model_len=max_model_len),
+    )
 
 
 class Batch:
@@ -42,8 +46,8 @@ class Batch:
     def call(self, proposer, sampled):
         ids = np.zeros((8, 256), np.int32)
         for i, r in enumerate(self.rows):
-            ids[i, :len(r)] = r
-            ids[i, len(r):len(r) + K] = 999  # stale draft slots past num_tokens_no_spec must be ignored
+            ids[i, : len(r)] = r
+            ids[i, len(r) : len(r) + K] = 999  # stale draft slots past num_tokens_no_spec must be ignored
         return proposer.propose(sampled, np.array([len(r) for r in self.rows]), ids)
 
 
@@ -96,7 +100,7 @@ def test_rows_follow_their_requests_through_reorders_arrivals_and_departures(pro
     batch.rows = [b + [40, 41], c]
     assert batch.call(proposer, [[41], [72]]) == [reference_path(ref["b"], [41]), reference_path(ref["c"], c)]
     stats = sidecar.stats()
-    assert stats.sessions_total - opened == 3            # a, b, c: one stream each, b's kept across rows
+    assert stats.sessions_total - opened == 3  # a, b, c: one stream each, b's kept across rows
     deadline = time.monotonic() + 5
     while sidecar.stats().sessions_open > 2 and time.monotonic() < deadline:  # a's stream was closed
         time.sleep(0.02)
@@ -119,9 +123,11 @@ def test_an_unreachable_sidecar_proposes_nothing(monkeypatch, tmp_path):
 
 # ---- a real vllm.LLM on SmolLM2-135M ----
 
-PROMPTS = ["List the numbers from 1 to 20, separated by commas.",
-           "Write a Python function that returns the sum of a list, then the same function with a docstring.",
-           "Repeat this sentence three times: the quick brown fox jumps over the lazy dog."]
+PROMPTS = [
+    "List the numbers from 1 to 20, separated by commas.",
+    "Write a Python function that returns the sum of a list, then the same function with a docstring.",
+    "Repeat this sentence three times: the quick brown fox jumps over the lazy dog.",
+]
 
 
 @pytest.mark.model
@@ -130,7 +136,7 @@ def test_vllm_with_the_sidecar_decodes_exactly_like_vllm_and_survives_losing_it(
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from verifier.assets import chat_prompt
+    from drafter.data import chat_prompt
 
     prompts = [TokensPrompt(prompt_token_ids=chat_prompt(tokenizer, p)) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=64)
@@ -138,8 +144,15 @@ def test_vllm_with_the_sidecar_decodes_exactly_like_vllm_and_survives_losing_it(
     def engine(spec):
         # an explicit KV cache size: vLLM's CPU worker otherwise sizes it as memory fraction minus its own
         # RSS, which a worker forked from this grown test process can exceed (CI failed so once)
-        return LLM(model=str(model_path), dtype="float32", max_model_len=1024, enforce_eager=True,
-                   kv_cache_memory_bytes=512 * 2**20, speculative_config=spec, seed=0)
+        return LLM(
+            model=str(model_path),
+            dtype="float32",
+            max_model_len=1024,
+            enforce_eager=True,
+            kv_cache_memory_bytes=512 * 2**20,
+            speculative_config=spec,
+            seed=0,
+        )
 
     def run(llm, ps):
         return [list(o.outputs[0].token_ids) for o in llm.generate(ps, params, use_tqdm=False)]
@@ -179,10 +192,8 @@ def test_vllm_with_the_sidecar_decodes_exactly_like_vllm_and_survives_losing_it(
 def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
     """run_vllm_eval's bookkeeping with vLLM faked (named fake: run_vllm_variant replaced): one sidecar
     spawned per sidecar row and pointed at through the environment, which is left as the caller had it."""
-    import drafter.server
-    import verifier.assets
-    from verifier import vllm_backend as vb
-    from verifier.config import Config
+    from specdraft import vllm as vb
+    from specdraft.config import Config
 
     monkeypatch.setenv(CONFIG_ENV, "callers.yaml")
     monkeypatch.delenv(ADDRESS_ENV, raising=False)
@@ -195,26 +206,43 @@ def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
         def wait(self):
             return 0
 
-    monkeypatch.setattr(drafter.server, "spawn", lambda path: (FakeProcess(), "127.0.0.1:1"))
-    monkeypatch.setattr(verifier.assets, "model_dir", lambda name: "/model")
+    monkeypatch.setattr(vb, "spawn", lambda path: (FakeProcess(), "127.0.0.1:1"))
+    monkeypatch.setattr(vb, "model_dir", lambda name: "/model")
     seen = []
 
     def fake_variant(cfg, model_path, spec, dtype, prompts, stops, progress):
         seen.append((spec and spec["method"], dtype, os.environ.get(CONFIG_ENV), os.environ.get(ADDRESS_ENV)))
-        speed = {None: 10.0 if dtype == "float32" else 12.5, "ngram": 12.0, "custom_class": 15.0}[spec and spec["method"]]
+        speed = {None: 10.0 if dtype == "float32" else 12.5, "ngram": 12.0, "custom_class": 15.0}[
+            spec and spec["method"]
+        ]
         tokens = [1, 2, 3] if spec is None or spec["method"] == "custom_class" else [1, 2, 4]
-        return {ds: {"tokens": 3, "wall_s": 3 / speed, "tokens_per_s": speed, "mean_accepted_length": 2.0 if spec else None,
-                     "outputs": [{"tokens": tokens}]} for ds in prompts}
+        return {
+            ds: {
+                "tokens": 3,
+                "wall_s": 3 / speed,
+                "tokens_per_s": speed,
+                "mean_accepted_length": 2.0 if spec else None,
+                "outputs": [{"tokens": tokens}],
+            }
+            for ds in prompts
+        }
 
     monkeypatch.setattr(vb, "run_vllm_variant", fake_variant)
     cfg = Config()
     cfg.verifier.vllm.sidecars = ["configs/sidecar.yaml"]
     cfg.verifier.vllm.plain_dtypes = ["bfloat16"]
-    report = vb.run_vllm_eval(cfg, [("mt_bench", "q1", [5, 6])], set(),
-                              {"datasets": {"mt_bench": {"tau": 1.5, "tokens": 3, "spec_tokens_per_s": 5.0}}})
-    assert seen == [(None, "float32", "callers.yaml", None), ("ngram", "float32", "callers.yaml", None),
-                    ("custom_class", "float32", "configs/sidecar.yaml", "127.0.0.1:1"),
-                    (None, "bfloat16", "callers.yaml", None)]
+    report = vb.run_vllm_eval(
+        cfg,
+        [("mt_bench", "q1", [5, 6])],
+        set(),
+        {"datasets": {"mt_bench": {"tau": 1.5, "tokens": 3, "spec_tokens_per_s": 5.0}}},
+    )
+    assert seen == [
+        (None, "float32", "callers.yaml", None),
+        ("ngram", "float32", "callers.yaml", None),
+        ("custom_class", "float32", "configs/sidecar.yaml", "127.0.0.1:1"),
+        (None, "bfloat16", "callers.yaml", None),
+    ]
     assert os.environ[CONFIG_ENV] == "callers.yaml" and ADDRESS_ENV not in os.environ and stopped == [1]
     rows = report["datasets"]["mt_bench"]
     assert rows["vLLM ngram"]["speedup"] == pytest.approx(1.2) and rows["vLLM ngram"]["equal_to_plain"] is False
@@ -245,10 +273,33 @@ def test_vllm_serve_drafts_through_the_sidecar(model_path, tmp_path):
     log_path = tmp_path / "vllm-serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-             "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-             "--kv-cache-memory-bytes", str(512 * 2**20), "--host", "127.0.0.1", "--port", str(port),
-             "--speculative-config", spec], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(model_path),
+                "--served-model-name",
+                "smollm2",
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "1024",
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(512 * 2**20),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--speculative-config",
+                spec,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -261,8 +312,14 @@ def test_vllm_serve_drafts_through_the_sidecar(model_path, tmp_path):
             except OSError:
                 time.sleep(1)
         for n, prompt in enumerate(PROMPTS[:2], 1):
-            body = json.dumps({"model": "smollm2", "max_tokens": 48, "temperature": 0,
-                               "messages": [{"role": "user", "content": prompt}]}).encode()
+            body = json.dumps(
+                {
+                    "model": "smollm2",
+                    "max_tokens": 48,
+                    "temperature": 0,
+                    "messages": [{"role": "user", "content": prompt}],
+                }
+            ).encode()
             req = urllib.request.Request(f"{base}/v1/chat/completions", body, {"content-type": "application/json"})
             reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
             assert reply["choices"][0]["message"]["content"].strip() and reply["usage"]["completion_tokens"] > 8, reply

@@ -1,0 +1,63 @@
+"""Layers the target and the drafters share: the Llama shape (ModelArgs), RMSNorm and rotary position
+embeddings (RoPE) in the rotate-half layout of Hugging Face weights."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 49152
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    rope_theta: float = 100000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        rope = cfg.get("rope_parameters") or {}
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg["num_key_value_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"],
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            norm_eps=float(cfg["rms_norm_eps"]),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in fp32, as the reference implementation does, also under bf16
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim], rotate-half layout (HF weights)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [1, H, T, D]; cos/sin: [T, D]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -1,0 +1,65 @@
+"""The sidecar as the application starts it: the drafter a config names, its GetInfo, the online learner
+when the bandit is on, and `spawn` (a sidecar child process, for benchmarks, the vLLM rows and tests)."""
+
+import asyncio
+import os
+import subprocess
+import sys
+
+from bandit.online import OnlineAdapter
+from drafter.server import DrafterInfo, serve
+from specdraft.assets import model_dir, target_embedding, use_threads
+from specdraft.build import DrafterConfig, load_drafter_model, make_drafter
+from specdraft.config import Config
+
+TREE_BUILDERS = {
+    "ngram": "prompt-lookup trie (deterministic)",
+    "random": "random trees of the full budget (benchmark)",
+    "specblock": "block-iterative expansion, rank-head branching (deterministic)",
+}
+
+
+def tree_builder(cfg: DrafterConfig) -> str:
+    """ServerInfo.tree_builders' entry for a drafter config."""
+    if cfg.kind == "specblock" and cfg.specblock.tree == "sampled":  # the wire carries no draft distributions
+        return "block-iterative delayed expansion, i.i.d. sampled groups (q not sent: verify with rule walk)"
+    return TREE_BUILDERS[cfg.kind]
+
+
+def serve_drafter(cfg: Config, ready=None) -> None:
+    """Serve cfg.drafter under cfg.server until SIGTERM/SIGINT (drafter.server.serve)."""
+    use_threads(cfg.target)
+    targs, embedding = target_embedding(model_dir(cfg.target.model))
+    model = load_drafter_model(cfg.drafter, targs, embedding)
+    # model-free drafters and token-conditioned SpecBlocks take no hidden states
+    hidden_dim = 0 if model is None or model.cfg.conditioning == "tokens" else targs.dim
+    draft_vocab = targs.vocab_size if model is None else int(model.draft_ids.shape[0])
+    info = DrafterInfo(
+        kind=cfg.drafter.kind,
+        model=cfg.target.model,
+        vocab_size=targs.vocab_size,
+        draft_vocab_size=draft_vocab,
+        hidden_dim=hidden_dim,
+        tree_builder=tree_builder(cfg.drafter),
+    )
+    adapter = OnlineAdapter(model, cfg.drafter.bandit) if cfg.drafter.bandit.enabled and model is not None else None
+    asyncio.run(serve(cfg.server, lambda: make_drafter(cfg.drafter, model), info, adapter, ready))
+
+
+def spawn(
+    config: str, address: str = "127.0.0.1:0", env: dict | None = None, stderr=None
+) -> tuple[subprocess.Popen, str]:
+    """Start `specdraft serve-drafter` as a child process; returns it and its bound host:port once it
+    listens (for benchmarks and tests)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdraft.cli", "serve-drafter", "--config", config, "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    line = proc.stdout.readline()  # "listening on HOST:PORT", or EOF if it died
+    if not line.startswith("listening on"):
+        proc.kill()
+        raise RuntimeError(f"serve-drafter --config {config} did not start (exit {proc.wait()})")
+    return proc, line.split()[-1]
