@@ -1,6 +1,7 @@
 """Real sidecar processes on loopback for tests: `specdraft serve-drafter` started as a subprocess."""
 
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -13,6 +14,13 @@ from specdraft.serve import spawn
 TOKEN_ENV, TOKEN = "SPECDRAFT_TEST_TOKEN", "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 VOCAB = 49152
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a sidecar to bind, or for a client to find unreachable)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Sidecar:

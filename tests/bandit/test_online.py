@@ -9,7 +9,7 @@ import torch
 
 from bandit.online import BanditConfig, CostAwareBandit, FeedbackBuffer, OnlineAdapter, paired_gain, restore, snapshot
 from proto.interface import Feedback, VerifierUpdate
-from tests.drafter.test_specblock import model as tiny_specblock
+from tests.tiny import tiny_specblock
 
 D, V = 64, 200
 
@@ -149,15 +149,22 @@ def test_ucb_statistics_follow_the_discounted_formulas():
 
 @pytest.mark.parametrize("algorithm", ["ucb", "thompson"])
 def test_the_bandit_is_deterministic_for_a_seed(algorithm):
-    def run():
-        b, rng, picks = CostAwareBandit([0, 4, 16], algorithm, seed=3), random.Random(0), []
+    """Arms close enough (3 tok/s apart, noise 10) that both algorithms keep choosing among them: the
+    same seed repeats the choices exactly, and Thompson's draws come from its seed."""
+
+    def run(seed):
+        b, rng, picks = CostAwareBandit([0, 4, 16], algorithm, exploration=1.0, seed=seed), random.Random(0), []
         for _ in range(60):
             arm = b.choose()
             picks.append(arm)
-            b.record(arm, 100 - 10 * arm + rng.gauss(0, 5))
+            b.record(arm, 100 - 3 * arm + rng.gauss(0, 10))
         return picks
 
-    assert run() == run()
+    picks = run(3)
+    assert picks == run(3)
+    assert picks[:3] == [0, 1, 2] and len(set(picks[3:])) >= 2, picks  # not one arm after the first tries
+    if algorithm == "thompson":
+        assert run(4) != picks
 
 
 class SimulatedDeployment:

@@ -12,7 +12,7 @@ from drafter.selector import SelectorTrainConfig, load_selector, step_features, 
 from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
 from proto.interface import Feedback, SamplingParams, VerifierUpdate
 from specdraft.cli import main
-from tests.drafter.test_specblock import ARGS, model
+from tests.tiny import ARGS, tiny_specblock
 
 
 def test_features_summarise_the_block_and_the_history():
@@ -60,7 +60,7 @@ def test_training_refuses_traces_without_a_choice(tmp_path):
 
 
 def test_the_drafter_traces_random_delays_and_follows_the_selector(tmp_path, monkeypatch):
-    m = model()
+    m = tiny_specblock()
     d = SpecBlockDrafter(
         m, SpecBlockDraftConfig(tree="sampled", select="random", delays=[0, 2], branches=2, rollout=1, max_blocks=8)
     )
@@ -96,7 +96,7 @@ def test_train_command_fits_a_selector_and_names_a_missing_trace(tmp_path, capsy
     traces.write_text("".join(json.dumps(r) + "\n" for r in synthetic_traces(200)))
     cfg = tmp_path / "sel.yaml"
     cfg.write_text(f"train: {{kind: selector, selector: {{traces: [{traces}], out: {tmp_path / 'sel'}, steps: 50}}}}\n")
-    assert main(["train", "--config", str(cfg)]) in (0, None)
+    assert main(["train", "--config", str(cfg)]) == 0
     assert (tmp_path / "sel" / "selector.safetensors").is_file()
     assert "heldout_mse" in capsys.readouterr().out
     cfg.write_text(f"train: {{kind: selector, selector: {{traces: [{tmp_path / 'none.jsonl'}]}}}}\n")

@@ -316,9 +316,8 @@ def test_fuzzed_updates_get_a_tree_or_a_precise_status(sidecar, messages):
         for r in replies:
             assert len(r.tokens) == len(r.parents) <= 64
             assert all(0 <= t < VOCAB for t in r.tokens) and all(-1 <= p < i for i, p in enumerate(r.parents))
-
-
-def test_server_survived_the_fuzz_without_internal_errors(sidecar):
+    # after every example: the server still serves, and has counted no internal error (the statuses other
+    # tests provoke on the shared sidecar are all client errors)
     round_trip_ok(sidecar)
     errors = dict(sidecar.stats().errors)
     assert set(errors) <= {

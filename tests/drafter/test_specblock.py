@@ -15,32 +15,18 @@ from safetensors.torch import save_file
 from drafter.specblock import (
     ContextCache,
     SpecBlock,
-    SpecBlockConfig,
     SpecBlockDraftConfig,
     SpecBlockDrafter,
     grow_pool,
 )
 from drafter.train import TrainConfig, evaluate_checkpoint, train, valid_prefix
-from kernels.layers import ModelArgs
 from proto.interface import SamplingParams, VerifierUpdate
-from tests.verifier.test_rules import chi_square_p_value
-
-ARGS = ModelArgs(vocab_size=200, dim=64, n_heads=4, n_kv_heads=2, head_dim=16)
-CFG = SpecBlockConfig(block_size=4, n_layers=2, n_heads=4, head_dim=16, intermediate_size=128, draft_vocab=120)
-
-
-def model(seed=0, conditioning="features", shift=True) -> SpecBlock:
-    torch.manual_seed(seed)
-    m = SpecBlock(
-        replace(CFG, conditioning=conditioning, shift=shift), ARGS, torch.randn(200, 64), torch.arange(40, 160)
-    )
-    for layer in m.layers if shift else []:  # the shift starts at zero in training; make it matter here
-        torch.nn.init.normal_(layer.shift.weight, std=0.2)
-    return m.eval()
+from tests.stats import chi_square_p_value
+from tests.tiny import ARGS, CFG, tiny_specblock
 
 
 def test_no_block_position_sees_a_later_one():
-    m = model()
+    m = tiny_specblock()
     feats, toks = torch.randn(10, 64), torch.randint(0, 200, (10,))
     with torch.no_grad():
         base = m.forward_train(feats, toks)
@@ -58,7 +44,7 @@ def test_no_block_position_sees_a_later_one():
 
 
 def test_without_the_shift_block_positions_are_independent_parallel_heads():
-    m = model(shift=False)
+    m = tiny_specblock(shift=False)
     feats, toks = torch.randn(10, 64), torch.randint(0, 200, (10,))
     assert not any(name.endswith("shift.weight") for name in m.state_dict())
     with torch.no_grad():
@@ -75,7 +61,7 @@ def test_without_the_shift_block_positions_are_independent_parallel_heads():
 
 @pytest.mark.parametrize("conditioning", ["features", "tokens"])
 def test_incremental_inference_equals_the_training_forward(conditioning):
-    m = model(conditioning=conditioning)
+    m = tiny_specblock(conditioning=conditioning)
     feats, toks = torch.randn(12, 64), torch.randint(0, 200, (12,))
     with torch.no_grad():
         ref = m.forward_train(feats, toks)  # [K, 11, D]
@@ -113,7 +99,7 @@ def test_valid_prefix_mask_stops_at_the_first_miss():
 @pytest.mark.parametrize("tree", ["best_first", "frontier"])
 @pytest.mark.parametrize("budget,max_blocks", [(1, 1), (8, 1), (16, 3), (40, 6)])
 def test_trees_respect_budget_and_block_limit(budget, max_blocks, tree):
-    m = model()
+    m = tiny_specblock()
     calls = []
     original = m.draft_blocks
     m.draft_blocks = lambda *a, **k: calls.append(1) or original(*a, **k)
@@ -128,7 +114,7 @@ def test_trees_respect_budget_and_block_limit(budget, max_blocks, tree):
 
 
 def test_min_prob_keeps_exactly_the_nodes_above_it(monkeypatch):
-    m = model()
+    m = tiny_specblock()
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     hidden = torch.randn(8, 64)
     probs = []  # path probability of each node, in the order the best-first builder takes them
@@ -159,7 +145,7 @@ def test_drafter_lookup_puts_the_prompt_lookup_chain_before_the_specblock_tree()
         ngram=NgramConfig(max_depth=3, max_matches=1),
         specblock=SpecBlockDraftConfig(max_blocks=1, max_branch=1),
     )
-    m = model(conditioning="tokens")
+    m = tiny_specblock(conditioning="tokens")
     prompt = [50, 51, 52, 53, 54, 50, 51]  # (50, 51) occurred before, followed by 52 53 54
     tree = make_drafter(cfg, m).draft(VerifierUpdate(prompt, None, 8, 200))
     alone = SpecBlockDrafter(m, cfg.specblock).draft(VerifierUpdate(prompt, None, 8, 200))
@@ -201,7 +187,7 @@ def sampled_drafter(m, **cfg):
     [(0, 2, 4, 16, 8), (2, 3, 2, 16, 8), (3, 2, 4, 8, 8), (5, 2, 3, 4, 8), (1, 4, 6, 32, 2)],
 )
 def test_sampled_trees_have_the_delayed_expansion_shape(delay, branches, rollout, budget, max_blocks):
-    m = model()
+    m = tiny_specblock()
     d, calls = sampled_drafter(m, delay=delay, branches=branches, rollout=rollout, max_blocks=max_blocks)
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     for new, hidden in ((prompt, torch.randn(8, 64)), ([5, 6], torch.randn(2, 64))):
@@ -235,7 +221,7 @@ def test_a_sampled_sibling_group_is_iid_from_the_q_it_carries(temperature):
     """The multi-draft rules are exact only if each sibling group really is i.i.d. from its row: 3000
     groups of 2 roots from one context, chi-square against the carried row 0 (the drafter's q at the
     verifier's temperature); the same counts against q at 0.75x that temperature must fail (the test's power)."""
-    m = model()
+    m = tiny_specblock()
     d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", delay=0, branches=2, rollout=1))
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     params = SamplingParams(temperature=temperature)
@@ -254,7 +240,7 @@ def test_a_sampled_sibling_group_is_iid_from_the_q_it_carries(temperature):
 
 
 def test_a_token_conditioned_drafter_needs_no_hidden_states():
-    m = model(conditioning="tokens")
+    m = tiny_specblock(conditioning="tokens")
     d = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     first = d.draft(VerifierUpdate(prompt, None, 8, 200))
@@ -269,7 +255,7 @@ def test_a_token_conditioned_drafter_needs_no_hidden_states():
 def test_a_session_recomputes_its_context_when_the_weights_change_under_it(conditioning):
     """An online update (bandit) changes the shared weights between rounds: a live session's next tree
     must equal that of a session that saw the same history with the new weights only."""
-    m = model(conditioning=conditioning)
+    m = tiny_specblock(conditioning=conditioning)
     m.version = 0  # as an online learner sets it
     rng = random.Random(0)
     ups = [
@@ -289,7 +275,9 @@ def test_a_session_recomputes_its_context_when_the_weights_change_under_it(condi
     stale_keys = live.cache.keys[0].clone()
     assert live.draft(ups[2]) == fresh.draft(ups[2])
     assert not torch.equal(live.cache.keys[0][:, : stale_keys.shape[1]], stale_keys)  # it did recompute
-    frozen = SpecBlockDrafter(model(conditioning=conditioning), SpecBlockDraftConfig(max_blocks=2, max_branch=3))
+    frozen = SpecBlockDrafter(
+        tiny_specblock(conditioning=conditioning), SpecBlockDraftConfig(max_blocks=2, max_branch=3)
+    )
     frozen.draft(ups[0])
     assert frozen.feats == [] and (live.feats != []) == (conditioning == "features")  # kept only where weights change
 

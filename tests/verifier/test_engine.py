@@ -9,6 +9,7 @@ import torch
 
 from drafter.data import chat_prompt
 from drafter.ngram import NgramConfig, NgramDrafter
+from drafter.synthetic import RandomDrafter
 from proto.tree import DraftTree
 from verifier.engine import generate
 from verifier.rules import SamplingParams
@@ -47,25 +48,6 @@ class OracleDrafter:
         pass
 
 
-class GarbageDrafter:
-    """Fake drafter proposing random tokens: everything is rejected, output must not change."""
-
-    def __init__(self):
-        self.rng = random.Random(1)
-
-    def draft(self, update):
-        n = update.max_nodes
-        return DraftTree(
-            [self.rng.randrange(update.vocab_size) for _ in range(n)],
-            [-1] + [self.rng.randrange(-1, i) for i in range(1, n)],
-            update.vocab_size,
-            n,
-        )
-
-    def close(self):
-        pass
-
-
 def run(target, prompt, drafter, max_new=48, stops=frozenset({2}), max_nodes=12):
     return [t for s in generate(target, prompt, GREEDY, max_new, set(stops), drafter, max_nodes) for t in s.tokens]
 
@@ -94,13 +76,13 @@ def untrained_specblock(target):
     return SpecBlockDrafter(model, SpecBlockDraftConfig(max_blocks=3))
 
 
-@pytest.mark.parametrize("kind", ["ngram", "oracle", "garbage", "specblock"])
+@pytest.mark.parametrize("kind", ["ngram", "oracle", "random", "specblock"])
 def test_greedy_speculative_equals_ar_token_for_token(kind, target_fp32, prompts_and_ar):
     for ids, ar in prompts_and_ar[:1] if kind == "specblock" else prompts_and_ar:  # specblock: slow untrained
         drafter = {
             "ngram": lambda: NgramDrafter(NgramConfig()),
             "oracle": lambda: OracleDrafter(ids + ar),
-            "garbage": GarbageDrafter,
+            "random": lambda: RandomDrafter(seed=1),  # random trees: nearly all rejected, output unchanged
             "specblock": lambda: untrained_specblock(target_fp32),
         }[kind]()
         assert run(target_fp32, ids, drafter) == ar

@@ -21,7 +21,7 @@ from drafter.data import chat_prompt
 from drafter.specblock import SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
 from proto.interface import SamplingParams, VerifierUpdate
 from proto.tree import DraftTree
-from tests.verifier.test_rules import chi_square_p_value
+from tests.stats import chi_square_p_value
 from verifier.rules import SAMPLED_TREE_RULES, Verdict, target_probs, verify
 
 pytestmark = pytest.mark.model

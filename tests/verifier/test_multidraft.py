@@ -17,18 +17,8 @@ import pytest
 import torch
 
 from proto.tree import DraftTree
-from tests.fakes import FakeSampledDrafter, FakeTarget, fake_draft_probs
-from tests.verifier.test_rules import (
-    GEN,
-    PROMPT,
-    TRIALS,
-    V,
-    chi_square_p_value,
-    exact_distribution,
-    probs_after,
-    seq_prob,
-)
-from verifier.engine import generate
+from tests.fakes import FakeSampledDrafter, fake_draft_probs
+from tests.stats import V, chi_square_p_value, empirical, exact_distribution, probs_after, seq_prob
 from verifier.rules import (
     SAMPLED_TREE_RULES,
     SamplingParams,
@@ -227,15 +217,7 @@ def test_sampled_tree_step_is_exactly_lossless(rule, branching, params):
 @pytest.mark.parametrize("rule", SAMPLED_TREE_RULES)
 def test_decode_loop_with_sampled_trees_matches_target_distribution(rule):
     params = SamplingParams(temperature=1.0)
-    counts: dict[tuple, int] = {}
-    target = FakeTarget(V)
-    for seed in range(TRIALS):
-        p = SamplingParams(params.temperature, params.top_k, params.top_p, seed)
-        drafter = FakeSampledDrafter([2, 2], seed=10**6 + seed)
-        toks = tuple(
-            t for s in generate(target, PROMPT, p, GEN, set(), drafter, max_nodes=8, rule=rule) for t in s.tokens
-        )
-        counts[toks] = counts.get(toks, 0) + 1
+    counts = empirical(lambda seed: FakeSampledDrafter([2, 2], seed=10**6 + seed), params, rule=rule)
     # the same test and threshold as the per-node rule's (its power is shown by the control there)
     assert chi_square_p_value(counts, exact_distribution(params)) > 1e-4
 

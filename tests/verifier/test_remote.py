@@ -1,7 +1,6 @@
 """RemoteDrafter, the verifier's side of the sidecar: lossless whatever the sidecar does (late, garbage,
 killed), reconnects when it comes back, TLS, and `specdraft eval` through it gives the in-process tau."""
 
-import socket
 import subprocess
 import time
 from concurrent import futures
@@ -14,16 +13,10 @@ from drafter.ngram import NgramConfig, NgramDrafter
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
 from proto.interface import VerifierUpdate
-from tests.sidecar import TOKEN_ENV, VOCAB, Sidecar
+from tests.sidecar import TOKEN_ENV, VOCAB, Sidecar, free_port
 from verifier.remote import RemoteConfig, RemoteDrafter, connect, server_info
 
 PROMPT = [7, 8, 9, 10] * 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -86,7 +79,9 @@ def test_a_sidecar_back_after_a_long_outage_is_drafting_again_within_our_backoff
 
 
 class FakeGarbageDrafter(pb_grpc.DrafterServicer):
-    """A broken sidecar for the test: answers every update with an invalid tree."""
+    """A broken sidecar for the test: answers every update with a tree that breaks the wire contract (a
+    token outside the vocabulary, a node that is its own parent, more nodes than asked, tokens and parents of
+    different lengths). Not drafter.synthetic.RandomDrafter, whose random trees are valid."""
 
     TREES = [([VOCAB + 1], [-1]), ([1, 2], [-1, 1]), ([1] * 100, [-1] * 100), ([1, 2], [-1])]
 

@@ -6,7 +6,6 @@ the walk, complete the sequence with plain sampling, and require the distributio
 to equal the target's to 1e-12. Statistical test: the full decode loop on a fake target, many seeded
 runs, chi-square against the exact target distribution; a deliberately biased rule must fail it."""
 
-import functools
 import itertools
 import math
 
@@ -14,30 +13,10 @@ import pytest
 import torch
 
 from proto.tree import DraftTree
-from tests.fakes import FakeTarget, FixedTreeDrafter, fake_logits
+from tests.fakes import FakeTarget, FixedTreeDrafter
+from tests.stats import PROMPT, V, chi_square_p_value, empirical, exact_distribution, probs_after, seq_prob
 from verifier.engine import generate
 from verifier.rules import SamplingParams, Verdict, follow, target_probs, verify, walk
-
-V = 3
-
-
-@functools.cache
-def _probs(context: tuple, params_key: tuple) -> tuple[float, ...]:
-    p = target_probs(fake_logits(context, V)[None], SamplingParams(*params_key))[0].double()
-    return tuple((p / p.sum()).tolist())  # renormalised in float64 so the sums below are exact to ~1e-15
-
-
-def probs_after(context, params):
-    return _probs(tuple(context), (params.temperature, params.top_k, params.top_p))
-
-
-def seq_prob(context, seq, params):
-    p, ctx = 1.0, list(context)
-    for tok in seq:
-        p *= probs_after(ctx, params)[tok]
-        ctx.append(tok)
-    return p
-
 
 TREES = [
     ([0], [-1]),
@@ -116,45 +95,6 @@ def test_top_k_top_p_match_plain_sampling_filters():
 
 # ---- statistical test of the whole decode loop --------------------------------------------------
 
-PROMPT = [1, 2, 0]
-GEN = 4
-TRIALS = 12_000
-
-
-def exact_distribution(params):
-    return {seq: seq_prob(PROMPT, seq, params) for seq in itertools.product(range(V), repeat=GEN)}
-
-
-def empirical(drafter_factory, params):
-    counts: dict[tuple, int] = {}
-    target = FakeTarget(V)
-    for seed in range(TRIALS):
-        p = SamplingParams(params.temperature, params.top_k, params.top_p, seed)
-        toks = tuple(
-            t for s in generate(target, PROMPT, p, GEN, set(), drafter_factory(), max_nodes=8) for t in s.tokens
-        )
-        counts[toks] = counts.get(toks, 0) + 1
-    return counts
-
-
-def chi_square_p_value(counts, exact):
-    """Pearson chi-square with cells of expected count < 5 pooled; p-value from the Wilson-Hilferty
-    normal approximation (accurate to ~1e-3 at these degrees of freedom, ample for a 1e-4 threshold).
-    counts: {cell: observed}; exact: {cell: probability}, covering every observed cell."""
-    n = sum(counts.values())
-    cells = sorted(exact, key=exact.get)
-    stat, pool_o, pool_e, df = 0.0, 0, 0.0, -1
-    for seq in cells:
-        pool_o += counts.get(seq, 0)
-        pool_e += exact[seq] * n
-        if pool_e >= 5:
-            stat += (pool_o - pool_e) ** 2 / pool_e
-            pool_o, pool_e, df = 0, 0.0, df + 1
-    assert set(counts) <= set(exact)
-    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 # node 0 and 1 are duplicate roots, so the test also covers the first-match rule inside the loop
 TREE_TOKENS, TREE_PARENTS = [0, 0, 1, 2, 1, 0], [-1, -1, 0, 0, 2, 4]
 
@@ -163,7 +103,7 @@ TREE_TOKENS, TREE_PARENTS = [0, 0, 1, 2, 1, 0], [-1, -1, 0, 0, 2, 4]
     "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)], ids=["T1", "T0.8-p0.9"]
 )
 def test_decode_loop_sampling_matches_target_distribution(params):
-    counts = empirical(lambda: FixedTreeDrafter(TREE_TOKENS, TREE_PARENTS), params)
+    counts = empirical(lambda seed: FixedTreeDrafter(TREE_TOKENS, TREE_PARENTS), params)
     # 81 cells, 12k runs: a shift of 0.02 in total variation gives chi-square far above this threshold
     assert chi_square_p_value(counts, exact_distribution(params)) > 1e-4
 
@@ -181,7 +121,7 @@ def test_statistical_test_has_power_against_a_biased_rule(monkeypatch):
 
     monkeypatch.setattr(engine, "verify", biased)
     params = SamplingParams(temperature=1.0)
-    counts = empirical(lambda: FixedTreeDrafter(TREE_TOKENS, TREE_PARENTS), params)
+    counts = empirical(lambda seed: FixedTreeDrafter(TREE_TOKENS, TREE_PARENTS), params)
     assert chi_square_p_value(counts, exact_distribution(params)) < 1e-6
 
 

@@ -14,7 +14,7 @@ from drafter.ngram import NgramConfig, NgramDrafter
 from proto.interface import VerifierUpdate
 from proto.tree import DraftTree
 from specdraft.vllm import ADDRESS_ENV, CONFIG_ENV, PROPOSER, SpecdraftProposer
-from tests.sidecar import TOKEN, TOKEN_ENV, VOCAB, Sidecar
+from tests.sidecar import TOKEN, TOKEN_ENV, VOCAB, Sidecar, free_port
 from verifier.vllm_backend import first_path
 
 K = 4
@@ -108,8 +108,6 @@ def test_rows_follow_their_requests_through_reorders_arrivals_and_departures(pro
 
 
 def test_an_unreachable_sidecar_proposes_nothing(monkeypatch, tmp_path):
-    from tests.verifier.test_remote import free_port
-
     monkeypatch.delenv(CONFIG_ENV, raising=False)
     monkeypatch.setenv(ADDRESS_ENV, f"127.0.0.1:{free_port()}")
     p = SpecdraftProposer(fake_vllm_config())
@@ -263,8 +261,6 @@ def test_vllm_serve_drafts_through_the_sidecar(model_path, tmp_path):
     import subprocess
     import sys
     import urllib.request
-
-    from tests.verifier.test_remote import free_port
 
     side = Sidecar(tmp_path, "max_sessions: 8")
     port = free_port()
