@@ -1,4 +1,5 @@
-"""Training data for learned drafters: ShareGPT conversations teacher-forced through the target once
+"""Training data for learned drafters: chat conversations (the packaged ShareGPT set, or the user's own
+file read by specdraft.datasets) teacher-forced through the target once
 (one prefill per conversation, far cheaper than generating), with the target's final hidden states and
 top-k next-token distributions cached to disk in shards.
 
@@ -9,13 +10,16 @@ assistant turn (what a drafter is asked to predict at serving time).
 
 With `replies: target` a conversation is instead a record's first user turn and the *target's own* greedy
 reply to it (self-distillation: the text a drafter meets at temperature 0 is the target's, not ChatGPT's),
-generated in batches by a `Replies` function (vLLM's batched engine, see `specdraft prepare-data`)."""
+generated in batches by a `Replies` function (vLLM's batched engine, see `specdraft prepare-data`).
+
+The held-out conversations are also written as chat messages to heldout.jsonl, so `specdraft eval` can
+measure a drafter on exactly the conversations its training never saw."""
 
 import json
 import logging
 import typing
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +45,9 @@ ROLES = {
 
 @dataclass
 class DataConfig:
-    out_dir: str = "data/sharegpt-smollm2"  # shards and manifest.json
+    source: str = "sharegpt"  # the packaged ShareGPT set, or a .jsonl / .json file of conversations
+    strict: bool = False  # a bad record in the source file is an error, not a skip
+    out_dir: str = "data/sharegpt-smollm2"  # shards, manifest.json and heldout.jsonl
     first_record: int = 0  # skip this many records first (a held-out set after the training ones)
     max_conversations: int = 1000  # records read after those; 0 = all complete records
     max_tokens: int = 1024  # per conversation (longer ones are cut)
@@ -55,6 +61,10 @@ class DataConfig:
     reply_batch: int = 64
 
     def validate(self) -> None:
+        if self.source != "sharegpt" and not self.source.endswith((".jsonl", ".json")):
+            raise ValueError(f"source: {self.source!r} is neither sharegpt nor a .jsonl / .json file")
+        if self.source != "sharegpt":
+            checks.existing_file(self, "source")
         checks.nonneg(self, "max_conversations", "first_record")
         checks.positive(self, "max_tokens", "topk", "shard_tokens", "reply_tokens", "reply_batch")
         checks.fraction(self, "heldout_fraction")
@@ -80,16 +90,30 @@ def read_sharegpt(path: Path) -> Iterator[dict]:
 
 
 def to_messages(record: dict) -> list[dict] | None:
-    """Chat messages of a ShareGPT record (leading assistant turns dropped), or None when it has no user
-    turn followed by an assistant turn (empty, unknown roles only, or not a conversation)."""
+    """Trainable chat messages of a packaged ShareGPT record, read leniently (turns of unknown roles
+    dropped), or None (see trainable)."""
     turns = record.get("conversations")
     if not isinstance(turns, list):
         return None
-    msgs = [
-        {"role": ROLES[t["from"]], "content": t["value"]}
-        for t in turns
-        if isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str) and t["value"].strip()
-    ]
+    return trainable(
+        [
+            {"role": ROLES[t["from"]], "content": t["value"]}
+            for t in turns
+            if isinstance(t, dict) and t.get("from") in ROLES and isinstance(t.get("value"), str)
+        ]
+    )
+
+
+def sharegpt_conversations(records: Iterable[dict]) -> Iterator[tuple[str, list[dict] | None]]:
+    """(id, to_messages) of each packaged ShareGPT record: build_cache's input."""
+    for n, record in enumerate(records, start=1):
+        yield str(record.get("id", n)), to_messages(record)
+
+
+def trainable(msgs: list[dict]) -> list[dict] | None:
+    """The messages without empty turns and leading assistant turns, or None when no user turn is
+    followed by an assistant turn (nothing to learn a reply from)."""
+    msgs = [m for m in msgs if m["content"].strip()]
     while msgs and msgs[0]["role"] == "assistant":  # a reply to nothing: the chat template needs a prompt first
         msgs.pop(0)
     roles = [m["role"] for m in msgs]
@@ -119,13 +143,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_tokens: int) -> t
     return ids, in_reply[1 : len(ids)] + [False]  # position t predicts token t+1
 
 
-def chat_prompt(tokenizer, message: str) -> list[int]:
-    """Token ids of one user message in the model's chat template, ready for the assistant's answer."""
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-    )
+def chat_prompt(tokenizer, messages: str | list[dict]) -> list[int]:
+    """Token ids of a conversation ending in a user turn (or of one user message) in the model's chat
+    template, ready for the assistant's answer."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
 def first_turn(tokenizer, messages: list[dict], max_tokens: int) -> list[int] | None:
@@ -162,7 +185,7 @@ def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 25
 
 
 def build_cache(
-    records: Iterator[dict],
+    conversations: Iterator[tuple[str, list[dict] | None]],
     tokenizer,
     features: Features,
     cfg: DataConfig,
@@ -170,7 +193,8 @@ def build_cache(
     progress=None,
     replies: Replies | None = None,
 ) -> dict:
-    """Teacher-force conversations into shards under cfg.out_dir; returns the manifest. Resumable: a
+    """Teacher-force conversations, (id, chat messages or None for a record that cannot train), into
+    shards under cfg.out_dir; returns the manifest. Resumable: a
     shard is written whole (temporary name, then renamed) and the manifest records, per split, the last
     record on disk, so a rerun skips exactly the conversations already in shards. `replies` generates the
     target's replies when cfg.replies is "target"."""
@@ -182,11 +206,16 @@ def build_cache(
         if manifest_path.is_file()
         else {"model": model, "config": asdict(cfg), "shards": [], "done": {"train": 0, "heldout": 0}}
     )
-    built = (manifest["model"], manifest["config"]["topk"], manifest["config"].get("replies", "dataset"))
-    if built != (model, cfg.topk, cfg.replies):
+    built = (
+        manifest["model"],
+        manifest["config"]["topk"],
+        manifest["config"].get("replies", "dataset"),
+        manifest["config"].get("source", "sharegpt"),
+    )
+    if built != (model, cfg.topk, cfg.replies, cfg.source):
         raise ValueError(
-            f"{manifest_path}: built for {built[0]} with topk {built[1]}, replies {built[2]}; "
-            f"use another data.out_dir for {model} with topk {cfg.topk}, replies {cfg.replies}"
+            f"{manifest_path}: built for {built[0]} with topk {built[1]}, replies {built[2]} from {built[3]}; "
+            f"use another data.out_dir for {model} with topk {cfg.topk}, replies {cfg.replies} from {cfg.source}"
         )
     pending = {"train": [], "heldout": []}
     n_read = 0
@@ -206,15 +235,20 @@ def build_cache(
         manifest["shards"].append(
             {"file": name, "split": split, "conversations": len(convs), "tokens": int(shard["offsets"][-1])}
         )
+        if split == "heldout":
+            with open(out / "heldout.jsonl", "a") as f:
+                f.writelines(json.dumps({"id": c["id"], "messages": c["messages"]}) + "\n" for c in convs)
         manifest["done"][split] = convs[-1]["record"]  # this split's records up to here are on disk
         pending[split] = []
         manifest_path.write_text(json.dumps(manifest, indent=2))
 
-    def add(n: int, split: str, ids: list[int], mask: list[bool]) -> None:
+    def add(n: int, split: str, conv_id: str, msgs: list[dict], ids: list[int], mask: list[bool]) -> None:
         if len(ids) < 2 or not any(mask):
             return
         conv = {
             "record": n,
+            "id": conv_id,
+            "messages": msgs,
             "tokens": torch.tensor(ids, dtype=torch.int32),
             "loss_mask": torch.tensor(mask, dtype=torch.uint8),
             **teacher_force(features, ids, cfg.topk),
@@ -225,31 +259,30 @@ def build_cache(
         if sum(len(c["tokens"]) for c in pending[split]) >= cfg.shard_tokens:
             flush(split)
 
-    prompts: list[tuple[int, str, list[int]]] = []  # waiting for their replies
+    prompts: list[tuple[int, str, str, list[dict], list[int]]] = []  # waiting for their replies
 
     def reply_all() -> None:
-        for (n, split, ids), reply in zip(prompts, replies([p[2] for p in prompts]) if prompts else []):
-            add(n, split, *with_reply(ids, reply, cfg.max_tokens))
+        for (n, split, cid, msgs, ids), reply in zip(prompts, replies([p[-1] for p in prompts]) if prompts else []):
+            add(n, split, cid, msgs, *with_reply(ids, reply, cfg.max_tokens))
         prompts.clear()
 
-    for n_read, record in enumerate(records, start=1):
+    for n_read, (conv_id, msgs) in enumerate(conversations, start=1):
         if n_read <= cfg.first_record:
             continue
         if cfg.max_conversations and n_read > cfg.first_record + cfg.max_conversations:
             n_read -= 1
             break
-        split = "heldout" if is_heldout(str(record.get("id", n_read)), cfg.heldout_fraction) else "train"
-        if n_read <= manifest["done"][split]:  # already in a shard of its split
-            continue
-        msgs = to_messages(record)
-        if msgs is None:
+        split = "heldout" if is_heldout(conv_id, cfg.heldout_fraction) else "train"
+        if n_read <= manifest["done"][split] or msgs is None:  # already in a shard of its split, or unusable
             continue
         if cfg.replies == "dataset":
-            add(n_read, split, *tokenize_conversation(tokenizer, msgs, cfg.max_tokens))
+            msgs = trainable(msgs)
+            if msgs is not None:
+                add(n_read, split, conv_id, msgs, *tokenize_conversation(tokenizer, msgs, cfg.max_tokens))
             continue
         ids = first_turn(tokenizer, msgs, cfg.max_tokens)
         if ids is not None:
-            prompts.append((n_read, split, ids))
+            prompts.append((n_read, split, conv_id, msgs, ids))
         if len(prompts) == cfg.reply_batch:
             reply_all()
     reply_all()

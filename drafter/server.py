@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from drafter.metrics import Metrics
 from proto import checks
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
@@ -47,6 +48,7 @@ class ServerConfig:
     tls_cert: str = ""  # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""
     token_env: str = ""  # environment variable holding the shared-secret token; "" = none
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on the address's host at this port; 0 = off
 
     def validate(self) -> None:
         checks.host_port(self, "address")
@@ -58,6 +60,8 @@ class ServerConfig:
         checks.existing_file(self, "tls_cert")
         checks.existing_file(self, "tls_key")
         checks.token_set(self, "token_env")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: must be a port number (0 = off), got {self.metrics_port}")
 
 
 def percentile(values, q: float) -> float:
@@ -119,6 +123,7 @@ class DrafterService(pb_grpc.DrafterServicer):
         self.token = checks.env_token(cfg.token_env)
         self.sessions: dict[str, Session] = {}
         self.stats = Stats()
+        self.metrics = Metrics(lambda: len(self.sessions), adapter)
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft") if cfg.workers else None
         self.closing = False
         # online learning (bandit.online.OnlineAdapter): observes every round and may update the shared
@@ -132,6 +137,7 @@ class DrafterService(pb_grpc.DrafterServicer):
 
     async def _fail(self, context, code: grpc.StatusCode, message: str):
         self.stats.errors[code.name] += 1
+        self.metrics.errors.labels(code.name).inc()
         log.warning("%s: %s", code.name, message)
         await context.abort(code, message)
 
@@ -159,6 +165,7 @@ class DrafterService(pb_grpc.DrafterServicer):
         sess = Session(uuid.uuid4().hex[:16], self.new_drafter())
         self.sessions[sess.id] = sess
         self.stats.sessions_total += 1
+        self.metrics.sessions.inc()
         loop = asyncio.get_running_loop()
         requests = request_iterator.__aiter__()
         ended = "client closed"
@@ -221,6 +228,8 @@ class DrafterService(pb_grpc.DrafterServicer):
                 sess.prev_tree = tree
                 ms = 1000 * (time.perf_counter() - t0)
                 self.stats.add_round(n, ms)
+                accepted = None if update.feedback is None else len(update.feedback.accepted)
+                self.metrics.round(ms / 1000, update.max_nodes > 0, n, accepted)
                 yield pb.DraftTree(
                     session_id=sess.id,
                     round=msg.round,
@@ -366,6 +375,12 @@ async def serve(
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.address.rsplit(":", 1)[0]
+    if cfg.metrics_port:
+        try:
+            service.metrics.serve(host.strip("[]"), cfg.metrics_port)
+        except OSError as e:
+            raise OSError(f"server.metrics_port: cannot listen on {host}:{cfg.metrics_port} ({e})") from None
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, cfg.metrics_port)
     log.info(
         "specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s",
         info.kind,

@@ -49,6 +49,8 @@ def cmd_eval(args) -> None:
             cfg.eval.datasets = [d for d in args.datasets.split(",") if d.strip()]
         if args.no_baseline:
             cfg.eval.baseline = False
+        if args.strict:
+            cfg.eval.strict = True
 
     cfg = config_for(args, "eval", override)
     report = run_eval(cfg)
@@ -112,6 +114,8 @@ def cmd_bench(args) -> None:
 
 
 def cmd_serve_drafter(args) -> None:
+    import os
+
     from specdraft.serve import serve_drafter
 
     def override(cfg):
@@ -121,6 +125,11 @@ def cmd_serve_drafter(args) -> None:
     serve_drafter(
         config_for(args, "serve-drafter", override), ready=lambda address: print(f"listening on {address}", flush=True)
     )
+    # stopped and drained: skip the interpreter's teardown (torch's alone takes ~1 s), so the process exits
+    # within drain_s + 1 s of SIGTERM
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def cmd_bench_sidecar(args) -> None:
@@ -132,18 +141,26 @@ def cmd_bench_sidecar(args) -> None:
 def cmd_prepare_data(args) -> None:
     from tqdm import tqdm
 
-    from drafter.data import SHAREGPT, build_cache, read_sharegpt
+    from drafter.data import SHAREGPT, build_cache, read_sharegpt, sharegpt_conversations
     from specdraft.assets import load_target, package_file
     from specdraft.config import ConfigError
+    from specdraft.datasets import read_file
 
     def override(cfg):
         if args.max_conversations is not None:
             cfg.data.max_conversations = args.max_conversations
         if args.out_dir:
             cfg.data.out_dir = args.out_dir
+        if args.source:
+            cfg.data.source = args.source
+        if args.strict:
+            cfg.data.strict = True
 
     cfg = config_for(args, "prepare-data", override)
-    source = package_file(*SHAREGPT)
+    if cfg.data.source == "sharegpt":
+        conversations = sharegpt_conversations(read_sharegpt(package_file(*SHAREGPT)))
+    else:  # read whole before the target loads: a bad record under --strict is one line, at once
+        conversations = iter([(c.id, c.messages) for c in read_file(cfg.data.source, cfg.data.strict)])
     target, tokenizer, stops = load_target(cfg.target)
     replies = None
     if cfg.data.replies == "target":
@@ -161,9 +178,7 @@ def cmd_prepare_data(args) -> None:
         return target.prefill(ids), target.logits
 
     with tqdm(desc="teacher forcing", unit="tok") as bar:
-        manifest = build_cache(
-            read_sharegpt(source), tokenizer, features, cfg.data, cfg.target.model, bar.update, replies
-        )
+        manifest = build_cache(conversations, tokenizer, features, cfg.data, cfg.target.model, bar.update, replies)
     for split in ("train", "heldout"):
         shards = [s for s in manifest["shards"] if s["split"] == split]
         print(
@@ -171,6 +186,8 @@ def cmd_prepare_data(args) -> None:
             f"{sum(s['tokens'] for s in shards)} tokens in {len(shards)} shards"
         )
     print(f"data: {cfg.data.out_dir}")
+    if any(s["split"] == "heldout" for s in manifest["shards"]):
+        print(f"held-out conversations (for specdraft eval --datasets): {cfg.data.out_dir}/heldout.jsonl")
 
 
 def cmd_train(args) -> None:
@@ -265,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
-        help="offline acceptance-rate evaluation on MT-Bench and HumanEval",
+        help="offline acceptance-rate evaluation on MT-Bench, HumanEval or your own conversations",
         description="Decode each prompt plainly (AR) and speculatively with the same target in one run; "
         "print tau, acceptance per depth, drafting/verify ms, tokens/s, speedup and, at "
         "temperature 0, whether the outputs equal AR exactly. Writes a JSON report.",
@@ -275,9 +292,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--num-prompts", type=int, help="prompts per dataset (overrides eval.num_prompts; 0 = all)")
     e.add_argument("--full", action="store_true", help="every prompt of every dataset (80 MT-Bench + 164 HumanEval)")
     e.add_argument("--max-new-tokens", type=int, help="overrides eval.max_new_tokens")
-    e.add_argument("--datasets", help="comma-separated subset of mt_bench,humaneval")
+    e.add_argument(
+        "--datasets",
+        help="comma-separated: mt_bench (both turns), mt_bench:1 (first turns), humaneval, or .jsonl / .json "
+        "files of conversations (OpenAI messages, ShareGPT or {prompt})",
+    )
     e.add_argument("--output", help="JSON report path (overrides eval.output)")
     e.add_argument("--no-baseline", action="store_true", help="skip the AR baseline (no speedup or exact match)")
+    e.add_argument("--strict", action="store_true", help="a bad record in a dataset file is an error (exit 2)")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser(
@@ -347,8 +369,9 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "prepare-data",
-        help="teacher-force ShareGPT through the target into drafter training shards",
-        description="Read the complete records of the packaged ShareGPT file, apply the chat template, run "
+        help="teacher-force ShareGPT (or your own conversations) through the target into drafter training shards",
+        description="Read the complete records of the packaged ShareGPT file (or data.source, a JSONL / JSON "
+        "file of conversations), apply the chat template, run "
         "each conversation through the target once and cache its final hidden states and "
         "top-k next-token distributions in safetensors shards (train / held-out split by "
         "conversation id). Resumable: a rerun continues after the last written shard.",
@@ -359,6 +382,8 @@ def parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--max-conversations", type=int, help="overrides data.max_conversations (0 = all)")
     d.add_argument("--out-dir", help="overrides data.out_dir")
+    d.add_argument("--source", help="overrides data.source: sharegpt, or a .jsonl / .json file of conversations")
+    d.add_argument("--strict", action="store_true", help="a bad record in the source file is an error (exit 2)")
     d.set_defaults(func=cmd_prepare_data)
 
     t = sub.add_parser(

@@ -24,7 +24,17 @@ from proto.interface import SamplingParams
 from specdraft.build import DrafterConfig
 from verifier.rules import SAMPLED_TREE_RULES
 
-DATASETS = ("mt_bench", "humaneval")
+DATASETS = ("mt_bench", "mt_bench:1", "humaneval")  # built in; a .jsonl / .json path is a dataset too
+
+
+def check_dataset(key: str, name: str) -> None:
+    """A dataset name is a built-in one or an existing JSONL / JSON file (specdraft.datasets reads it)."""
+    if name in DATASETS:
+        return
+    if not name.endswith((".jsonl", ".json")):
+        raise ValueError(f"{key}: {name!r} is not one of {', '.join(DATASETS)}, nor a .jsonl / .json file")
+    if not Path(name).is_file():
+        raise ValueError(f"{key}: {name}: file not found")
 
 
 class ConfigError(ValueError):
@@ -127,11 +137,12 @@ class MatrixConfig:
 
 @dataclass
 class EvalConfig:
-    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    datasets: list[str] = field(default_factory=lambda: ["mt_bench", "humaneval"])  # names or file paths
     num_prompts: int = 6  # per dataset; 0 = all
     first_prompt: int = 0  # skip this many per dataset (e.g. trace on prompts the eval won't use)
     max_new_tokens: int = 96
     output: str = "reports/eval.json"
+    strict: bool = False  # a bad record in a dataset file is an error, not a skip
     baseline: bool = True  # also run plain AR decoding for speedup and exact match
     trace: str = ""  # JSONL of the drafter's per-step selector records (select: random)
     matrix: MatrixConfig = field(default_factory=MatrixConfig)
@@ -145,8 +156,7 @@ class EvalConfig:
         if not self.datasets:
             raise ValueError("datasets: empty; name at least one of " + ", ".join(DATASETS))
         for i, name in enumerate(self.datasets):
-            if name not in DATASETS:
-                raise ValueError(f"datasets[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
+            check_dataset(f"datasets[{i}]", name)
         if self.compare and self.matrix.rules:
             raise ValueError("compare: not with eval.matrix (the matrix varies one sampled-tree drafter)")
 
@@ -162,8 +172,7 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         for i, name in enumerate(self.stream):
-            if name not in DATASETS:
-                raise ValueError(f"stream[{i}]: {name!r} is not one of {', '.join(DATASETS)}")
+            check_dataset(f"stream[{i}]", name)
         for i, name in enumerate(self.policies):
             if name not in ("never", "always", "bandit"):
                 raise ValueError(f"policies[{i}]: {name!r} is not one of never, always, bandit")

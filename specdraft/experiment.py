@@ -19,7 +19,8 @@ from bandit.online import OnlineAdapter
 from drafter.data import chat_prompt
 from specdraft.assets import load_target
 from specdraft.build import load_drafter_model, make_drafter
-from specdraft.evaluate import load_prompts, run_prompt
+from specdraft.datasets import first_turns, load_dataset
+from specdraft.evaluate import run_prompt
 from specdraft.report import print_columns
 from verifier.engine import tau
 
@@ -168,7 +169,7 @@ def run_experiment(cfg, progress=None) -> dict:
     jobs = [
         (s, pid, chat_prompt(tokenizer, text))
         for s, n in zip(ex.stream, ex.prompts_per_segment)
-        for pid, text in load_prompts(s)[:n]
+        for pid, text in first_turns(load_dataset(s)[:n])
     ]
     runs = run_policies(cfg, target, stops, jobs, progress)
     out = Path(ex.output)

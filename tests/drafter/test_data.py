@@ -14,6 +14,7 @@ from drafter.data import (
     build_cache,
     is_heldout,
     read_sharegpt,
+    sharegpt_conversations,
     to_messages,
     tokenize_conversation,
 )
@@ -83,10 +84,10 @@ def test_shards_hold_the_targets_features_and_resume(tmp_path, target_fp32, toke
         return target_fp32.prefill(ids), target_fp32.logits
 
     cfg = DataConfig(out_dir=str(tmp_path / "d"), max_conversations=3, topk=4, heldout_fraction=0.0, shard_tokens=80)
-    m = build_cache(iter(records), tokenizer, features, cfg, "smollm2")
+    m = build_cache(sharegpt_conversations(records), tokenizer, features, cfg, "smollm2")
     assert m["done"]["train"] == 3 and sum(s["conversations"] for s in m["shards"]) == 3 and len(m["shards"]) >= 2
     cfg.max_conversations = 0
-    m = build_cache(iter(records), tokenizer, features, cfg, "smollm2")  # resumes after record 3
+    m = build_cache(sharegpt_conversations(records), tokenizer, features, cfg, "smollm2")  # resumes after record 3
     shards = [load_file(tmp_path / "d" / s["file"]) for s in m["shards"]]
     assert m["complete"] and m["done"]["train"] == 5 and sum(s["conversations"] for s in m["shards"]) == 5
 
@@ -126,8 +127,8 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(t
             yield r
 
     with pytest.raises(KeyboardInterrupt):
-        build_cache(crash_after(23), Tok(), features, cfg, "m")
-    m = build_cache(iter(records), Tok(), features, cfg, "m")
+        build_cache(sharegpt_conversations(crash_after(23)), Tok(), features, cfg, "m")
+    m = build_cache(sharegpt_conversations(records), Tok(), features, cfg, "m")
     per_split = {"train": 0, "heldout": 0}
     for s in m["shards"]:
         per_split[s["split"]] += s["conversations"]
@@ -135,7 +136,7 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(t
 
     # a held-out set of its own, after the training records: first_record skips, fraction 1 holds out all
     cfg = DataConfig(out_dir=str(tmp_path / "h"), topk=2, first_record=30, max_conversations=5, heldout_fraction=1.0)
-    m = build_cache(iter(records), Tok(), features, cfg, "m")
+    m = build_cache(sharegpt_conversations(records), Tok(), features, cfg, "m")
     assert [s["split"] for s in m["shards"]] == ["heldout"] and m["shards"][0]["conversations"] == 5
     assert m["done"]["heldout"] == 35
 
@@ -164,7 +165,7 @@ def test_target_replies_replace_the_records_replies_and_only_they_are_scored(tmp
     cfg = DataConfig(
         out_dir=str(tmp_path / "d"), topk=2, heldout_fraction=0.0, replies="target", reply_batch=2, max_tokens=16
     )
-    m = build_cache(iter(records), Tok(), features, cfg, "m", replies=replies)
+    m = build_cache(sharegpt_conversations(records), Tok(), features, cfg, "m", replies=replies)
     assert batches == [2, 2, 1] and m["config"]["replies"] == "target"
     sh = load_file(tmp_path / "d" / m["shards"][0]["file"])
     off = sh["offsets"].tolist()
@@ -173,4 +174,6 @@ def test_target_replies_replace_the_records_replies_and_only_they_are_scored(tmp
         assert sh["tokens"][a:b].tolist() == [i, i, i, 7] + reply
         assert sh["loss_mask"][a:b].tolist() == [0, 0, 0] + [1] * len(reply) + [0]
     with pytest.raises(ValueError, match="replies dataset"):  # the folder holds another kind of data
-        build_cache(iter(records), Tok(), features, DataConfig(out_dir=str(tmp_path / "d"), topk=2), "m")
+        build_cache(
+            sharegpt_conversations(records), Tok(), features, DataConfig(out_dir=str(tmp_path / "d"), topk=2), "m"
+        )

@@ -1,0 +1,178 @@
+"""The user's own conversations: the three record formats read from JSONL and JSON files, a bad record
+is one line naming file, line and problem (skipped and counted, or exit 2 under --strict), multi-turn
+prompts carry the target's own answers and never the file's, and a drafter trains end to end from a
+user JSONL at toy size (its held-out conversations written back for `specdraft eval`)."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from drafter.data import DataConfig, build_cache
+from drafter.train import TrainConfig, evaluate_checkpoint, train
+from kernels.layers import ModelArgs
+from specdraft.cli import main
+from specdraft.config import Config, ConfigError
+from specdraft.datasets import Conversation, first_turns, load_dataset, read_file
+from specdraft.evaluate import answered, turn_prompts
+from verifier.model import Transformer
+from verifier.target import TorchTarget
+
+HERE = Path(__file__).parent / "datasets"
+
+
+def test_each_format_reads_to_chat_messages():
+    openai = read_file(str(HERE / "chats-openai.jsonl"), strict=True)
+    assert [c.id for c in openai] == ["trip", "chats-openai.jsonl:2"]
+    assert [m["role"] for m in openai[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+    sharegpt = read_file(str(HERE / "chats-sharegpt.json"), strict=True)
+    assert [c.id for c in sharegpt] == ["sg-1", "chats-sharegpt.json:10"]  # a JSON file's records by line too
+    assert sharegpt[1].messages == [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    prompts = load_dataset(str(HERE / "prompts.jsonl"), strict=True)  # the blank line is no record
+    assert [(c.id, c.messages) for c in prompts] == [
+        ("prompts.jsonl:1", [{"role": "user", "content": "List three prime numbers."}]),
+        ("hola", [{"role": "user", "content": "Say hello in Spanish."}]),
+    ]
+
+
+def test_builtin_mt_bench_has_both_turns_and_mt_bench_1_the_first():
+    both, first = load_dataset("mt_bench"), load_dataset("mt_bench:1")
+    assert len(both) == len(first) == 80
+    assert all(len(c.messages) == 2 for c in both) and all(len(c.messages) == 1 for c in first)
+    assert first_turns(both) == first_turns(first)
+
+
+def test_a_bad_record_is_one_line_naming_file_line_and_problem(caplog):
+    path = str(HERE / "bad.jsonl")
+    with caplog.at_level(logging.WARNING, logger="specdraft.datasets"):
+        convs = read_file(path, strict=False)
+    assert [c.id for c in convs] == ["bad.jsonl:1", "bad.jsonl:6"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"{path}:2: not valid JSON (Expecting ',' delimiter); skipped",
+        f"{path}:3: messages[0]: unknown role 'robot' (expected one of system, user, assistant); skipped",
+        f"{path}:4: no user turn; skipped",
+        f"{path}:5: no 'messages', 'conversations' or 'prompt' field; skipped",
+        f"{path}: 4 records skipped, 2 read (--strict makes a bad record an error)",
+    ]
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: not valid JSON"):
+        read_file(path, strict=True)
+
+
+def test_a_json_file_reports_the_line_of_its_bad_record(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('[\n  {"prompt": "ok"},\n  {"conversations": [{"from": "bot", "value": "x"}]}\n]\n')
+    with pytest.raises(ConfigError, match=r"c.json:3: conversations\[0\]: unknown from 'bot' \(expected one of human"):
+        read_file(str(path), strict=True)
+    path.write_text('[\n  {"prompt": "ok"},\n  {"prompt": \n]\n')
+    with pytest.raises(ConfigError, match=r"c.json:4: not valid JSON"):  # spoils the whole file, strict or not
+        read_file(str(path), strict=False)
+
+
+def test_strict_eval_exits_2_on_a_bad_record_before_loading_a_model(capsys):
+    assert main(["eval", "--datasets", str(HERE / "bad.jsonl"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"specdraft eval: error: {HERE / 'bad.jsonl'}:2: not valid JSON (Expecting ',' delimiter)"]
+    assert main(["eval", "--datasets", "mt_bench,/nope/chats.jsonl"]) == 2
+    assert "eval.datasets[1]: /nope/chats.jsonl: file not found" in capsys.readouterr().err
+
+
+class CharTokenizer:
+    """A chat template at toy size: per message a role token, its characters, an end token (vocab 128)."""
+
+    ROLE = {"system": 1, "user": 2, "assistant": 3}
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, return_dict=True):
+        ids = [t for m in messages for t in [self.ROLE[m["role"]], *(4 + ord(c) % 124 for c in m["content"]), 0]]
+        return {"input_ids": ids + [3] * add_generation_prompt}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i - 4) for i in ids if i >= 4)
+
+
+def test_each_turn_sees_the_targets_own_answers_never_the_files():
+    tok = CharTokenizer()
+    conv = read_file(str(HERE / "chats-openai.jsonl"), strict=True)[0]
+    seen = []
+    for turn, ids, context in turn_prompts(Config(), tok, conv):
+        seen.append((turn, [m["role"] for m in context], ids))
+        answered(context, tok, [4 + ord(c) for c in f"own answer {turn}"])
+    assert [(t, roles) for t, roles, _ in seen] == [
+        (1, ["system", "user"]),
+        (2, ["system", "user", "assistant", "user"]),
+    ]
+    text = tok.decode(seen[1][2])
+    assert "own answer 1" in text and "FILE ANSWER" not in text
+    # a turn that leaves no room in the KV cache ends the conversation there
+    long = Conversation("long", [{"role": "user", "content": "hi"}, {"role": "user", "content": "x" * 3000}])
+    assert [t for t, _, _ in turn_prompts(Config(), tok, long)] == [1]
+
+
+def test_a_drafter_trains_end_to_end_from_a_user_jsonl(tmp_path):
+    """User JSONL (mixed formats) -> build_cache through a toy target -> train -> the held-out
+    conversations, written back as heldout.jsonl, read as an eval dataset and scored."""
+    lines, questions = [], {}
+    for i in range(40):
+        a = i % 7
+        q, r = f"Count from {a} to {a + 5}.", " ".join(str(a + k) for k in range(6))
+        questions[f"c{i}"] = q
+        if i % 2:
+            lines.append(
+                {"id": f"c{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}
+            )
+        else:
+            lines.append({"id": f"c{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": r}]})
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"messages": []}\n')  # one bad record, skipped
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128)
+    target = TorchTarget(Transformer(args, 256).finalize())
+
+    def features(ids):
+        return target.prefill(ids), target.logits
+
+    data = DataConfig(source=str(src), out_dir=str(tmp_path / "d"), topk=4, heldout_fraction=0.2, max_conversations=0)
+    data.validate()
+    convs = [(c.id, c.messages) for c in read_file(data.source, data.strict)]
+    m = build_cache(iter(convs), CharTokenizer(), features, data, "toy")
+    held = load_dataset(str(tmp_path / "d" / "heldout.jsonl"), strict=True)
+    n_held = sum(s["conversations"] for s in m["shards"] if s["split"] == "heldout")
+    assert len(held) == n_held > 0 and sum(s["conversations"] for s in m["shards"]) == 40
+    assert all(c.messages[0] == {"role": "user", "content": questions[c.id]} for c in held)
+
+    cfg = TrainConfig(data_dir=data.out_dir, out=str(tmp_path / "ck"), steps=20, conversations_per_step=2)
+    cfg.model.n_heads, cfg.model.head_dim, cfg.model.intermediate_size, cfg.model.draft_vocab = 4, 16, 128, 64
+    losses = []
+    metrics = train(cfg, args, target.model.tok_embeddings.weight, lambda m: losses.append(m["train_loss"]))
+    assert metrics["train_loss"] < losses[0]
+    assert (tmp_path / "ck" / "drafter.safetensors").is_file()
+    assert (
+        evaluate_checkpoint(tmp_path / "ck", cfg, args, target.model.tok_embeddings.weight)["conversations"] == n_held
+    )
+
+
+@pytest.mark.model
+def test_eval_on_files_and_both_mt_bench_turns_equals_plain_decoding(tmp_path, capsys):
+    """T=0, one conversation per dataset: every turn's output equals plain decoding's; multi-turn
+    datasets get per-turn rows in the table and per-turn summaries in the JSON."""
+    files = [str(HERE / f) for f in ("chats-openai.jsonl", "prompts.jsonl")]
+    out = tmp_path / "eval.json"
+    args = ["eval", "--datasets", ",".join(["mt_bench", *files]), "--num-prompts", "1", "--max-new-tokens", "16"]
+    assert main([*args, "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    mt = report["datasets"]["mt_bench"]
+    assert mt["exact_match"] and set(mt["turns"]) == {"1", "2"} and all(t["exact_match"] for t in mt["turns"].values())
+    assert [o["turn"] for o in report["outputs"]["mt_bench"]] == [1, 2]
+    assert set(report["datasets"][files[0]]["turns"]) == {"1", "2"} and "turns" not in report["datasets"][files[1]]
+    assert all(s["exact_match"] for s in report["datasets"].values())
+    rows = [line.split() for line in table.splitlines()]
+    turn_rows = [r for r in rows if r[1:4] == ["mt_bench", "turn", "2"]]
+    assert len(turn_rows) == 1 and turn_rows[0][-1] == "yes"
