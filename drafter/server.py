@@ -3,12 +3,16 @@ session, each with its own drafter state, on an asyncio server. Drafting runs in
 slow drafter never blocks the other streams, or inline on the event loop for cheap drafters
 (workers: 0). The standard health and reflection services ride along.
 
-A bad update ends its own stream with a precise status; every other session goes on."""
+A bad update ends its own stream with a precise status; every other session goes on. Each session is
+bounded in tokens, in drafting time per round and in how long a reply may wait for its client to read
+it, and all sessions together in tokens held (README, "Run as a sidecar")."""
 
 import asyncio
 import bisect
 import collections
+import contextlib
 import hmac
+import inspect
 import logging
 import signal
 import threading
@@ -20,8 +24,10 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from drafter.metrics import Metrics
 from proto import checks
@@ -29,10 +35,12 @@ from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
 from proto.interface import Drafter
 from proto.tree import DraftTree
-from proto.wire import API_VERSION, WireError, msg_to_update
+from proto.wire import API_VERSION, WireError, msg_to_update, quote
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "specdraft.v1.Drafter"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+LABEL_CHARS = 100  # a client_label is kept (and logged, escaped) up to this many characters
 
 
 @dataclass
@@ -42,6 +50,10 @@ class ServerConfig:
     max_nodes: int = 256  # cap on the node budget of any tree
     max_message_mb: float = 16.0  # larger messages get RESOURCE_EXHAUSTED
     session_ttl_s: float = 300.0  # a session idle this long is evicted
+    max_session_tokens: int = 65536  # committed tokens one session may hold; an update past it: RESOURCE_EXHAUSTED
+    max_total_tokens: int = 1048576  # committed tokens all open sessions hold together; past it: RESOURCE_EXHAUSTED
+    reply_timeout_s: float = 10.0  # a reply its client leaves unread this long ends the session: RESOURCE_EXHAUSTED
+    max_draft_s: float = 10.0  # a round drafting longer ends its session: DEADLINE_EXCEEDED
     drain_s: float = 5.0  # on SIGTERM/SIGINT, open streams get this long to finish
     workers: int = 0  # drafting threads; 0 = draft on the event loop itself, the
     # fastest for cheap drafters (ngram); a neural drafter wants >= 1
@@ -52,13 +64,26 @@ class ServerConfig:
 
     def validate(self) -> None:
         checks.host_port(self, "address")
-        checks.positive(self, "max_sessions", "max_nodes", "max_message_mb", "session_ttl_s")
+        checks.positive(
+            self,
+            "max_sessions",
+            "max_nodes",
+            "max_message_mb",
+            "session_ttl_s",
+            "max_session_tokens",
+            "max_total_tokens",
+            "reply_timeout_s",
+            "max_draft_s",
+        )
         checks.nonneg(self, "drain_s", "workers")
+        if self.max_message_mb >= 2048:  # grpc takes the byte limit as an int32
+            raise ValueError(f"max_message_mb: must be < 2048, got {self.max_message_mb}")
         if bool(self.tls_cert) != bool(self.tls_key):
             key, other = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             raise ValueError(f"{key}: give server.{other} too (TLS needs both) or neither")
         checks.existing_file(self, "tls_cert")
         checks.existing_file(self, "tls_key")
+        checks.pem_pair(self, "tls_cert", "tls_key")
         checks.token_set(self, "token_env")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: must be a port number (0 = off), got {self.metrics_port}")
@@ -88,6 +113,9 @@ class Session:
         self.rounds = self.tokens = self.nodes = self.accepted = self.feedback_rounds = 0
         self.last_seen = time.monotonic()
         self.prev_tree: DraftTree | None = None  # the last tree sent, to check feedback against
+        self.task = asyncio.current_task()  # its handler: the drain's end cancels it
+        self.drafting: asyncio.Future | None = None  # a draft running on a worker thread
+        self.ended = "aborted"  # why it ended, for the log; every ending but a status of ours says
 
 
 class Stats:
@@ -125,7 +153,9 @@ class DrafterService(pb_grpc.DrafterServicer):
         self.stats = Stats()
         self.metrics = Metrics(lambda: len(self.sessions), adapter)
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft") if cfg.workers else None
-        self.closing = False
+        self.closing = False  # draining: new sessions are refused
+        self.cutting = False  # the drain is over: open sessions are being cut
+        self.tokens_held = 0  # committed tokens of all open sessions (cfg.max_total_tokens)
         # online learning (bandit.online.OnlineAdapter): observes every round and may update the shared
         # drafter model between rounds
         self.adapter = adapter
@@ -136,10 +166,17 @@ class DrafterService(pb_grpc.DrafterServicer):
             return drafter.draft(update)
 
     async def _fail(self, context, code: grpc.StatusCode, message: str):
+        self._status(context, code, message)
+        await context.abort(code, message)
+
+    def _status(self, context, code: grpc.StatusCode, message: str) -> None:
+        """Count, log and set the status the call ends with once its handler returns. Unlike abort this
+        waits for nothing: a status can wait behind replies the client has not read."""
         self.stats.errors[code.name] += 1
         self.metrics.errors.labels(code.name).inc()
         log.warning("%s: %s", code.name, message)
-        await context.abort(code, message)
+        context.set_code(code)
+        context.set_details(message)
 
     async def _authorize(self, context) -> None:
         if not self.token:
@@ -166,19 +203,18 @@ class DrafterService(pb_grpc.DrafterServicer):
         self.sessions[sess.id] = sess
         self.stats.sessions_total += 1
         self.metrics.sessions.inc()
-        loop = asyncio.get_running_loop()
         requests = request_iterator.__aiter__()
-        ended = "client closed"
         try:
             while True:
                 try:
                     async with asyncio.timeout(self.cfg.session_ttl_s):
                         msg = await anext(requests)
                 except StopAsyncIteration:
+                    sess.ended = "client closed"
                     break
                 except TimeoutError:
                     self.stats.sessions_evicted += 1
-                    ended = "evicted"
+                    sess.ended = "evicted"
                     await self._fail(
                         context,
                         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -186,37 +222,30 @@ class DrafterService(pb_grpc.DrafterServicer):
                     )
                 t0 = time.perf_counter()
                 first = sess.rounds == 0
+                await self._check_tokens(context, sess, len(msg.new_tokens))
                 try:
                     prev_parents = sess.prev_tree.parents if sess.prev_tree else None
                     update = msg_to_update(
                         msg, self.info.vocab_size, self.info.hidden_dim, prev_parents, self.cfg.max_nodes, first
                     )
                 except WireError as e:
-                    ended = "bad update"
+                    sess.ended = "bad update"
                     await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
                 if first:
-                    sess.label = msg.client_label
+                    sess.label = msg.client_label[:LABEL_CHARS]
                     log.info(
                         "session %s opened (%s, %d prompt tokens)",
                         sess.id,
-                        sess.label or "no label",
+                        quote(sess.label) if sess.label else "no label",
                         len(update.new_tokens),
                     )
-                tree: DraftTree | None = None
-                try:
-                    if update.max_nodes > 0 and self.pool is None:
-                        tree = sess.drafter.draft(update)
-                    elif update.max_nodes > 0:
-                        tree = await loop.run_in_executor(self.pool, self._draft, sess.drafter, update)
-                except Exception as e:  # a drafter bug ends this session only, with its traceback in the log
-                    log.exception("session %s: drafter failed", sess.id)
-                    ended = "drafter failed"
-                    await self._fail(context, grpc.StatusCode.INTERNAL, f"session {sess.id}: drafter failed: {e!r}")
+                tree = await self._draft_round(context, sess, update) if update.max_nodes > 0 else None
                 if self.adapter is not None:  # may run an online update: between rounds, under the model lock
                     with self.model_lock:
                         self.adapter.observe(sess.id, update, first, sess.prev_tree)
                 sess.rounds += 1
                 sess.tokens += len(update.new_tokens)
+                self.tokens_held += len(update.new_tokens)
                 sess.last_seen = time.monotonic()
                 if update.feedback is not None:
                     sess.feedback_rounds += 1
@@ -230,29 +259,110 @@ class DrafterService(pb_grpc.DrafterServicer):
                 self.stats.add_round(n, ms)
                 accepted = None if update.feedback is None else len(update.feedback.accepted)
                 self.metrics.round(ms / 1000, update.max_nodes > 0, n, accepted)
-                yield pb.DraftTree(
+                reply = pb.DraftTree(
                     session_id=sess.id,
                     round=msg.round,
                     tokens=tree.tokens if tree else (),
                     parents=tree.parents if tree else (),
                     draft_ms=ms,
                 )
+                if not await self._send(context, sess, reply):
+                    return
         except asyncio.CancelledError:
-            ended = "client cancelled"
-            raise
+            if not self.cutting:
+                sess.ended = "client cancelled"
+                raise
+            sess.ended = "cut at the end of the drain"
+            asyncio.current_task().uncancel()
+            self._status(
+                context, grpc.StatusCode.UNAVAILABLE, f"session {sess.id}: server shut down after {self.cfg.drain_s} s"
+            )
         finally:
             del self.sessions[sess.id]
+            self.tokens_held -= sess.tokens
             if self.adapter is not None:
                 self.adapter.buffer.end(sess.id)
-            sess.drafter.close()
+            if sess.drafting is not None and not sess.drafting.done():  # close once the worker lets go
+                sess.drafting.add_done_callback(lambda _, drafter=sess.drafter: drafter.close())
+            else:
+                sess.drafter.close()
             log.info(
                 "session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree",
                 sess.id,
-                ended,
+                sess.ended,
                 sess.rounds,
                 sess.tokens,
                 sess.nodes / max(sess.rounds, 1),
             )
+
+    async def _check_tokens(self, context, sess: Session, n: int) -> None:
+        """RESOURCE_EXHAUSTED for an update whose n new tokens would pass the session's or the server's
+        bound (checked before anything reads them)."""
+        cfg, why = self.cfg, ""
+        if sess.tokens + n > cfg.max_session_tokens:
+            why = f"{n} more would make {sess.tokens + n}, a session holds at most {cfg.max_session_tokens}"
+        elif self.tokens_held + n > cfg.max_total_tokens:
+            why = f"{n} more would make {self.tokens_held + n} over all sessions, the server holds at most "
+            why += f"{cfg.max_total_tokens}"
+        if why:
+            sess.ended = "too many tokens"
+            await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"session {sess.id}: new_tokens: {why}")
+
+    async def _draft_round(self, context, sess: Session, update) -> DraftTree | None:
+        """This round's tree, on the event loop or a worker thread; a drafter error or a round slower than
+        cfg.max_draft_s ends the session (a worker's draft is then left to finish on its own)."""
+        t0 = time.perf_counter()
+        try:
+            if self.pool is None:
+                tree = sess.drafter.draft(update)
+            else:
+                sess.drafting = asyncio.get_running_loop().run_in_executor(self.pool, self._draft, sess.drafter, update)
+                tree = None
+                with contextlib.suppress(TimeoutError):  # failed below
+                    async with asyncio.timeout(self.cfg.max_draft_s):
+                        tree = await asyncio.shield(sess.drafting)
+        except Exception as e:  # a drafter bug ends this session only, with its traceback in the log
+            log.exception("session %s: drafter failed", sess.id)
+            sess.ended = "drafter failed"
+            await self._fail(context, grpc.StatusCode.INTERNAL, f"session {sess.id}: drafter failed: {e!r}")
+        if time.perf_counter() - t0 > self.cfg.max_draft_s:
+            sess.ended = "drafting too slow"
+            await self._fail(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"session {sess.id}: drafting a round took more than max_draft_s {self.cfg.max_draft_s} s",
+            )
+        return tree
+
+    async def _send(self, context, sess: Session, reply: pb.DraftTree) -> bool:
+        """Write a reply. A client that leaves it unread (its receive window full) for cfg.reply_timeout_s
+        loses the session (False: the caller returns), so it cannot hold a slot by not reading."""
+        try:
+            async with asyncio.timeout(self.cfg.reply_timeout_s):
+                await context.write(reply)
+            return True
+        except TimeoutError:
+            sess.ended = "client not reading"
+            self._status(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"session {sess.id}: a reply stayed unread for {self.cfg.reply_timeout_s} s (reply_timeout_s); "
+                "read the replies",
+            )
+            return False
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for the open sessions to end, then cut the rest with UNAVAILABLE."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while self.sessions and loop.time() < end:
+            await asyncio.sleep(0.05)
+        self.cutting = True
+        for sess in list(self.sessions.values()):
+            sess.task.cancel()
+        end = loop.time() + 0.5
+        while self.sessions and loop.time() < end:
+            await asyncio.sleep(0.01)
 
     async def GetInfo(self, request, context):
         await self._authorize(context)
@@ -308,7 +418,7 @@ class DrafterService(pb_grpc.DrafterServicer):
         sess = self.sessions.get(request.session_id)
         if sess is None:
             await self._fail(
-                context, grpc.StatusCode.NOT_FOUND, f"session {request.session_id!r}: no such open session"
+                context, grpc.StatusCode.NOT_FOUND, f"session {quote(request.session_id)}: no such open session"
             )
         return pb.SessionStats(
             session_id=sess.id,
@@ -319,6 +429,100 @@ class DrafterService(pb_grpc.DrafterServicer):
             mean_accepted=sess.accepted / max(sess.feedback_rounds, 1),
             idle_s=time.monotonic() - sess.last_seen,
         )
+
+
+class Undecodable:
+    """What a request parser returns for bytes that are no valid message."""
+
+    def __init__(self, size: int, error: DecodeError):
+        self.size, self.error = size, error
+
+
+def lenient(parse: Callable):
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Undecodable(len(data), e)
+
+    return deserialize
+
+
+class RejectUndecodable(grpc.aio.ServerInterceptor):
+    """Bytes that are no valid request message, sent to any method, get INVALID_ARGUMENT through `fail`
+    (counted, one log line) instead of grpc's UNKNOWN and a traceback: every handler's parser is made
+    lenient, and its behaviour checks each request before the method sees it."""
+
+    def __init__(self, fail: Callable):
+        self.fail = fail
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = details.method
+
+        async def check(request, context):
+            if isinstance(request, Undecodable):
+                await self.fail(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{method}: a request of {request.size} bytes is not a valid message ({quote(str(request.error))})",
+                )
+            return request
+
+        async def check_stream(requests, context):
+            async def checked():
+                async for request in requests:
+                    yield await check(request, context)
+
+            return checked()
+
+        prepare = check_stream if handler.request_streaming else check
+        streams = (handler.request_streaming, handler.response_streaming)
+        kind = "_".join("stream" if streaming else "unary" for streaming in streams)  # unary_stream, ...
+        inner = getattr(handler, kind)
+        if inspect.isasyncgenfunction(inner):
+
+            async def behaviour(request, context):
+                async for reply in inner(await prepare(request, context), context):
+                    yield reply
+        else:
+
+            async def behaviour(request, context):
+                return await inner(await prepare(request, context), context)
+
+        return handler._replace(request_deserializer=lenient(handler.request_deserializer), **{kind: behaviour})
+
+
+def enable_reflection(server, services: list[str]) -> None:
+    """Server reflection as grpc.reflection.v1 and v1alpha. grpcio-reflection ships v1alpha only; v1 has
+    the same messages under another package, so v1alpha's servicer answers both, and v1's descriptor
+    (v1alpha's, renamed) joins the pool so that clients can resolve it too."""
+    fd = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    fd.name, fd.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    for m in fd.message_type:
+        for f in m.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(".v1alpha.", ".v1.")
+    for method in fd.service[0].method:
+        method.input_type = method.input_type.replace(".v1alpha.", ".v1.")
+        method.output_type = method.output_type.replace(".v1alpha.", ".v1.")
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(fd.name)
+    except KeyError:  # not there yet (a second server in this process finds it)
+        pool.AddSerializedFile(fd.SerializeToString())
+    servicer = reflection.aio.ReflectionServicer([*services, reflection.SERVICE_NAME, REFLECTION_V1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info}),)
+    )
 
 
 STATS_LOG_S = 60.0
@@ -348,21 +552,23 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
 async def serve(
     cfg: ServerConfig, new_drafter: Callable[[], Drafter], info: DrafterInfo, adapter=None, ready=None
 ) -> None:
-    """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions are refused and
-    open streams get cfg.drain_s to finish. ready("host:port") is called once the port is bound."""
+    """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions get UNAVAILABLE, the
+    port stays open while open streams get cfg.drain_s to finish, and those still open then are cut with
+    UNAVAILABLE. ready("host:port") is called once the port is bound."""
     limit = int(cfg.max_message_mb * 2**20)
+    service = DrafterService(cfg, new_drafter, info, adapter)
     server = grpc.aio.server(
+        interceptors=[RejectUndecodable(service._fail)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
-    service = DrafterService(cfg, new_drafter, info, adapter)
     pb_grpc.add_DrafterServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection(server, [SERVICE, health.SERVICE_NAME])
     try:
         if cfg.tls_cert:
             with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
@@ -404,7 +610,8 @@ async def serve(
     log.info("shutting down: draining %d open sessions for up to %.1f s", len(service.sessions), cfg.drain_s)
     service.closing = True
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(cfg.drain_s)
+    await service.drain(cfg.drain_s)
+    await server.stop(0.2)
     if service.pool is not None:
         service.pool.shutdown(wait=False, cancel_futures=True)
     log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)

@@ -21,7 +21,7 @@ Shapes: K = block_size, T = positions, D = dim, Vd = draft vocabulary size."""
 import heapq
 import json
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -264,6 +264,9 @@ def load_specblock(folder: Path, target_args: ModelArgs, embedding: torch.Tensor
     return model.eval()
 
 
+EXTEND_CHUNK = 512  # context positions encoded per forward: bounds attention's scores for a long prompt
+
+
 class SpecBlockDrafter:
     """The Drafter interface over a SpecBlock model, one session per object. Needs the target's hidden
     states in every update (VerifierUpdate.hidden).
@@ -278,8 +281,11 @@ class SpecBlockDrafter:
         self.model, self.cfg = model, cfg
         self.cache = ContextCache(model)
         self.version = model.version  # the weights the cache was computed with
+        # the session's tokens and target features from the context's first position on: a session longer
+        # than the model's positions slides (see _slide), so both stay within max_seq_len
         self.tokens: list[int] = []
-        self.feats: list[torch.Tensor] = []  # the target's features so far [n, D] chunks, kept while weights may change
+        self.feats: list[torch.Tensor] = []  # [n, D] chunks, one row per context position (features conditioning)
+        self.dropped = 0  # committed tokens slid out of the context
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
         self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
         self.selector = cached_selector(cfg.selector) if cfg.tree == "sampled" and cfg.select == "neural" else None
@@ -311,6 +317,8 @@ class SpecBlockDrafter:
     @torch.no_grad()
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
         m = self.model
+        if update.max_nodes > m.cfg.max_seq_len // 2:  # a tree's depth must fit in the positions after the context
+            update = replace(update, max_nodes=m.cfg.max_seq_len // 2)
         self.tokens += update.new_tokens
         if update.feedback is not None:
             self.recent.append(len(update.feedback.accepted))
@@ -328,12 +336,15 @@ class SpecBlockDrafter:
             )
         else:
             n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
-        if update.hidden is not None and m.cfg.conditioning != "tokens" and m.version is not None:
+        if update.hidden is not None and m.cfg.conditioning != "tokens":
             self.feats.append(update.hidden)
-        if n_f > start:
+        if n_f + update.max_nodes > m.cfg.max_seq_len:  # a tree would run past the model's positions
+            n_f = self._slide(n_f)
+        elif n_f > start:
             toks = torch.tensor(self.tokens[start : n_f + 1])
             u = m.inputs(update.hidden, toks[:-1], toks[1:])
-            m.extend(self.cache, u)
+            for i in range(0, len(u), EXTEND_CHUNK):
+                m.extend(self.cache, u[i : i + EXTEND_CHUNK])
             self.last_u = u[-1]
         if self.last_u is None or update.max_nodes <= 0:
             return None
@@ -349,6 +360,23 @@ class SpecBlockDrafter:
         if self.cfg.tree == "frontier":
             return self._frontier_tree(states, t, n_f, update.max_nodes, update.vocab_size)
         return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
+
+    def _slide(self, n_f: int) -> int:
+        """Sliding context: keep the newest max_seq_len / 2 of the n_f context positions (a tree of at most
+        that many nodes fits after them), re-encoded from position 0 with the current weights, in chunks
+        that bound attention's memory. Returns the new context length."""
+        m = self.model
+        keep = m.cfg.max_seq_len // 2
+        drop = n_f - keep
+        self.tokens, self.dropped = self.tokens[drop:], self.dropped + drop
+        self.feats = [torch.cat(self.feats)[-keep:]] if self.feats else []
+        self.cache, self.version = ContextCache(m), m.version
+        toks = torch.tensor(self.tokens[: keep + 1])
+        u = m.inputs(self.feats[0] if self.feats else None, toks[:-1], toks[1:])
+        for i in range(0, keep, EXTEND_CHUNK):
+            m.extend(self.cache, u[i : i + EXTEND_CHUNK])
+        self.last_u = u[-1]
+        return keep
 
     def _recompute(self) -> None:
         """The context cache again from the session's tokens and features, with the current weights."""
@@ -486,7 +514,7 @@ class SpecBlockDrafter:
         cfg = self.cfg
         if cfg.select == "fixed":
             return cfg.delay
-        feats = step_features(q, self.recent, len(self.tokens))
+        feats = step_features(q, self.recent, self.dropped + len(self.tokens))
         if cfg.select == "neural":
             d = self.selector.choose(feats)
         else:

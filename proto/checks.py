@@ -3,6 +3,7 @@ ValueError naming the field relative to its section; specdraft.config prefixes t
 user reads one line such as `drafter.ngram.max_depth: must be > 0, got 0`."""
 
 import os
+import ssl
 from pathlib import Path
 
 
@@ -42,6 +43,21 @@ def existing_file(section, name: str) -> None:
     path = getattr(section, name)
     if path and not Path(path).is_file():
         raise ValueError(f"{name}: {path}: file not found")
+
+
+def pem_pair(section, cert_name: str, key_name: str) -> None:
+    """A TLS certificate chain and its private key, both PEM, that belong together (when set)."""
+    cert, key = getattr(section, cert_name), getattr(section, key_name)
+    if not cert or not key:
+        return
+    if b"-----BEGIN CERTIFICATE-----" not in Path(cert).read_bytes():
+        raise ValueError(f"{cert_name}: {cert}: no PEM certificate in it")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise ValueError(
+            f"{key_name}: {key}: not a PEM private key for the certificate {cert} ({e.reason or e})"
+        ) from None
 
 
 def env_token(var: str) -> str:

@@ -14,8 +14,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+MAX_DIMS = 8  # a tensor's dimensions at most (hidden states have 2)
+QUOTE = 100  # characters of client input an error message quotes at most
+
+
 class WireError(ValueError):
     """A message field that breaks the contract; the text names the field and the bad value."""
+
+
+def quote(value) -> str:
+    """repr(value) cut to QUOTE characters: an error or a log line never echoes a client's whole input,
+    and the escapes keep a newline in it from forging a log line."""
+    text = repr(value)
+    return text if len(text) <= QUOTE else f"{text[:QUOTE]}... ({len(text)} characters)"
 
 
 def tensor_to_msg(t: torch.Tensor) -> pb.Tensor:
@@ -27,10 +38,12 @@ def tensor_to_msg(t: torch.Tensor) -> pb.Tensor:
 
 def msg_to_tensor(msg: pb.Tensor, field: str) -> torch.Tensor:
     if msg.dtype not in DTYPES:
-        raise WireError(f"{field}.dtype: {msg.dtype!r} is not one of {', '.join(DTYPES)}")
+        raise WireError(f"{field}.dtype: {quote(msg.dtype)} is not one of {', '.join(DTYPES)}")
+    if len(msg.shape) > MAX_DIMS:
+        raise WireError(f"{field}.shape: {len(msg.shape)} dimensions, at most {MAX_DIMS}")
     shape = list(msg.shape)
-    if any(d < 0 for d in shape):
-        raise WireError(f"{field}.shape: negative size in {shape}")
+    if any(not 0 <= d < 2**31 for d in shape):  # also keeps torch's size arithmetic from overflowing
+        raise WireError(f"{field}.shape: {shape}: every size must be in [0, 2**31)")
     dtype = DTYPES[msg.dtype]
     want = math.prod(shape) * dtype.itemsize
     if len(msg.data) != want:
@@ -82,8 +95,12 @@ def msg_to_update(
     first: bool,
 ) -> VerifierUpdate:
     """Check an update against the session: vocab is the server's vocabulary, hidden_dim the width the
-    drafter expects (0 = any), prev_parents the parents of the tree last sent (None if none), max_nodes
-    the server's cap on the budget."""
+    drafter expects (0 = it takes none: any hidden is ignored), prev_parents the parents of the tree last
+    sent (None if none), max_nodes the server's cap on the budget.
+
+    A drafter that takes hidden states needs one finite row per committed token whose next token is
+    known: len(new_tokens) - 1 rows on the first update (the newest token's successor is pending), then
+    len(new_tokens) rows (the previously pending token's and each new one's but the newest)."""
     if first and msg.vocab_size != vocab:
         raise WireError(
             f"vocab_size: {msg.vocab_size} on the first update, but this drafter serves a vocabulary of {vocab}"
@@ -99,14 +116,25 @@ def msg_to_update(
         raise WireError(f"max_nodes: {msg.max_nodes} is negative")
 
     hidden = None
+    rows = len(tokens) - first
+    if hidden_dim and not msg.HasField("hidden"):
+        raise WireError(f"hidden: missing; this drafter takes the target's hidden states [{rows}, {hidden_dim}] here")
     if msg.HasField("hidden"):
+        if len(msg.hidden.shape) != 2:
+            raise WireError(f"hidden.shape: {quote(list(msg.hidden.shape))} is not [rows, hidden_dim]")
         hidden = msg_to_tensor(msg.hidden, "hidden")
-        if hidden.dim() != 2:
-            raise WireError(f"hidden.shape: {list(hidden.shape)} is not [rows, hidden_dim]")
         if hidden_dim and hidden.shape[1] != hidden_dim:
             raise WireError(f"hidden.shape: width {hidden.shape[1]}, this drafter expects {hidden_dim}")
         if hidden.shape[0] > len(tokens):
             raise WireError(f"hidden.shape: {hidden.shape[0]} rows for {len(tokens)} new tokens")
+        if hidden_dim and hidden.shape[0] != rows:
+            raise WireError(
+                f"hidden.shape: {hidden.shape[0]} rows for {len(tokens)} new tokens; this drafter needs {rows} "
+                "(one per committed token whose next token is known: all new tokens, but the newest on the "
+                "first update)"
+            )
+        if hidden_dim and not torch.isfinite(hidden).all():
+            raise WireError("hidden.data: NaN or infinite values")
 
     sampling = None
     if msg.HasField("sampling"):
@@ -130,7 +158,7 @@ def msg_to_update(
             if not 0 <= node < n or prev_parents[node] != last:
                 raise WireError(
                     f"feedback.accepted[{i}]: node {node} does not continue the path "
-                    f"{list(fb.accepted[:i])} in the previous tree of {n} nodes"
+                    f"{quote(list(fb.accepted[:i]))} in the previous tree of {n} nodes"
                 )
             last = node
         if len(fb.prob_nodes) != len(fb.probs):

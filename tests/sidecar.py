@@ -24,9 +24,11 @@ def free_port() -> int:
 
 
 class Sidecar:
-    def __init__(self, tmp: Path, server_yaml: str, address: str = "127.0.0.1:0"):
+    def __init__(
+        self, tmp: Path, server_yaml: str, address: str = "127.0.0.1:0", other_yaml: str = "drafter: {kind: ngram}"
+    ):
         cfg = tmp / f"sidecar-{time.monotonic_ns()}.yaml"
-        cfg.write_text(f"drafter: {{kind: ngram}}\nserver: {{{server_yaml}}}\n")
+        cfg.write_text(f"{other_yaml}\nserver: {{{server_yaml}}}\n")
         self.log_path = tmp / f"{cfg.stem}.log"
         self.log = open(self.log_path, "w")
         try:

@@ -36,6 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
         ("server: {tls_cert: /x.pem}\n", "server.tls_cert: give server.tls_key too"),
         ("server: {token_env: SPECDRAFT_SURELY_UNSET}\n", "environment variable SPECDRAFT_SURELY_UNSET is not set"),
         ("server: {workers: -1}\n", "server.workers: must be >= 0"),
+        ("server: {max_message_mb: .nan}\n", "server.max_message_mb: must be a finite number, got nan"),
+        ("server: {max_message_mb: .inf}\n", "server.max_message_mb: must be a finite number, got inf"),
+        ("server: {max_message_mb: 4096}\n", "server.max_message_mb: must be < 2048"),
+        ("server: {drain_s: .nan}\n", "server.drain_s: must be a finite number"),
+        ("server: {session_ttl_s: .nan}\n", "server.session_ttl_s: must be a finite number"),
+        ("server: {max_nodes: 1099511627776}\n", "server.max_nodes: 1099511627776 is out of range"),
+        ("server: {reply_timeout_s: 0}\n", "server.reply_timeout_s: must be > 0"),
+        ("server: {max_session_tokens: 0}\n", "server.max_session_tokens: must be > 0"),
         ("train: {steps: 0}\n", "train.steps: must be > 0"),
         ("train: {model: {block_size: 0}}\n", "train.model.block_size: must be > 0"),
         ("drafter: {kind: specblock, specblock: {max_blocks: 0}}\n", "drafter.specblock.max_blocks: must be > 0"),
@@ -95,6 +103,16 @@ def test_serve_drafter_bad_config_and_busy_port_exit_2(tmp_path, capsys):
         assert main(["serve-drafter", "--config", str(cfg), "--address", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"server.address: cannot listen on 127.0.0.1:{port}" in err, err
+
+
+def test_non_pem_tls_files_exit_2_naming_the_file(tmp_path, capsys):
+    cert, key, cfg = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "c.yaml"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    cfg.write_text(f"server: {{tls_cert: {cert}, tls_key: {key}}}\n")
+    assert main(["serve-drafter", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"server.tls_cert: {cert}: no PEM certificate in it" in err, err
 
 
 def test_missing_specblock_checkpoint_exits_2_naming_it(tmp_path, capsys):

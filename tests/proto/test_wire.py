@@ -27,7 +27,7 @@ def test_update_round_trip():
         Feedback([0, 2], {0: 0.5, 1: 0.25}, {-1: ([5, 9], [0.75, 0.125])}),
         12,
         100,
-        torch.randn(3, 8),
+        torch.randn(2, 8),  # the first update: a row per token but the newest
         SamplingParams(0.5, 4, 0.875),
     )
     prev_parents = (-1, -1, 0)
