@@ -1,7 +1,6 @@
 """The sidecar's Prometheus endpoint (server.metrics_port), scraped from a real sidecar process after a
 few rounds: every counter and histogram holds exactly what the rounds sent and received."""
 
-import socket
 import urllib.request
 from types import SimpleNamespace
 
@@ -15,13 +14,7 @@ from drafter.ngram import NgramConfig, NgramDrafter
 from proto import drafter_pb2 as pb
 from proto.interface import Feedback, VerifierUpdate
 from proto.wire import update_to_msg
-from tests.sidecar import VOCAB, Sidecar, session
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.sidecar import VOCAB, Sidecar, free_port, session
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
