@@ -1,0 +1,55 @@
+"""`specdraft bench` on a tiny random Llama folder: a result and a printed row for every dtype, a cost for
+every tree size, and the printed ratios consistent with the printed milliseconds. No timed assertions
+(these machines are noisy): only the report's structure and its arithmetic."""
+
+import re
+
+import pytest
+
+from specdraft.assets import DTYPES
+from specdraft.bench import print_bench, run_bench
+from tests.tiny import tiny_llama_folder
+
+SIZES = [4, 16]
+PREFIX = 16
+NUMBER = r"(-?\d+(?:\.\d+)?)"
+
+
+def half_unit(printed: str) -> float:
+    """Half the last printed digit's unit: how far the printed number may be from the one it rounds."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return 0.5 * 10**-decimals
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    path = tiny_llama_folder(tmp_path_factory.mktemp("tiny") / "llama")
+    return run_bench(path, prefix_len=PREFIX, tree_sizes=SIZES, reps=3, gen_tokens=16)
+
+
+def test_every_dtype_has_a_positive_cost_for_decode_and_every_tree_size(bench):
+    assert set(bench) == set(DTYPES)
+    for r in bench.values():
+        assert r["decode_ms"] > 0
+        for n in SIZES:
+            assert r[f"tree{n}_ms"] > 0
+            assert r[f"tree{n}_over_decode"] == pytest.approx(r[f"tree{n}_ms"] / r["decode_ms"])
+        assert r["ours_generate_ms_per_token"] > 0 and r["hf_generate_ms_per_token"] > 0 and r["ours_over_hf"] > 0
+
+
+def test_the_printed_table_has_a_row_per_dtype_whose_ratios_match_its_milliseconds(bench, capsys):
+    print_bench(bench, SIZES, PREFIX)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in DTYPES}
+    assert set(rows) == set(DTYPES), lines
+    for dtype, line in rows.items():
+        decode = line.split()[1]  # the decode column follows the dtype
+        assert float(decode) == pytest.approx(bench[dtype]["decode_ms"], abs=half_unit(decode))
+        trees = re.findall(rf"{NUMBER} \({NUMBER}\)", line)  # "ms (x decode)", one per tree size
+        assert len(trees) == len(SIZES), line
+        for n, (ms, ratio) in zip(SIZES, trees):
+            assert float(ms) == pytest.approx(bench[dtype][f"tree{n}_ms"], abs=half_unit(ms))
+            # the ratio lies within what the printed (rounded) milliseconds allow
+            lo = (float(ms) - half_unit(ms)) / (float(decode) + half_unit(decode))
+            hi = (float(ms) + half_unit(ms)) / max(float(decode) - half_unit(decode), 1e-9)
+            assert lo - half_unit(ratio) <= float(ratio) <= hi + half_unit(ratio), line
