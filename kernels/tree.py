@@ -1,32 +1,25 @@
 import torch
 
 
-def tree_attention_mask(parents: torch.Tensor) -> torch.Tensor:
+def tree_attention_mask(parents) -> torch.Tensor:
     """Ancestor mask of a tree in topological order.
 
-    parents: [N] int64, parents[i] < i, -1 for a root. Returns [N, N] bool, mask[i, j] = j is i or an
-    ancestor of i. Pointer jumping: one vectorised pass per tree level, not per node."""
-    n = parents.shape[0]
-    rows = torch.arange(n, device=parents.device)
-    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
-    cur = parents.clone()
-    while bool((cur >= 0).any()):
-        live = cur >= 0
-        mask[rows[live], cur[live]] = True
-        cur = torch.where(live, parents[cur.clamp(min=0)], cur)
-    return mask
+    parents: N ints, parents[i] < i, -1 for a root. Returns [N, N] bool, mask[i, j] = j is i or an
+    ancestor of i. Built row by row on the host (each row is its parent's plus itself): no tensor op per
+    level and no device sync."""
+    rows: list[list[bool]] = []
+    n = len(parents)
+    for i, p in enumerate(parents):
+        row = list(rows[p]) if p >= 0 else [False] * n
+        row[i] = True
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool).view(n, n)
 
 
-def verify_attention_mask(prefix_len: int, parents: torch.Tensor) -> torch.Tensor:
-    """Mask for one verification forward: the pending token followed by the N draft nodes.
-
-    Row 0 is the pending (last committed, not yet cached) token; draft roots (parent -1) are its
-    children. Every row sees the whole committed prefix plus its own ancestors.
-    parents: [N] int64. Returns [N+1, prefix_len+N+1] bool."""
-    ext = torch.cat([parents.new_full((1,), -1), parents + 1])  # roots -> the pending token at 0
-    anc = tree_attention_mask(ext)
-    prefix = torch.ones(ext.shape[0], prefix_len, dtype=torch.bool, device=parents.device)
-    return torch.cat([prefix, anc], dim=1)
+def verify_ancestors(parents) -> torch.Tensor:
+    """Ancestor mask of one verification forward's rows: the pending token (row 0, the parent of the
+    draft roots), then the N draft nodes. parents: N ints. Returns [N+1, N+1] bool."""
+    return tree_attention_mask([-1] + [p + 1 for p in parents])
 
 
 def compact_kv(kv: torch.Tensor, src: torch.Tensor, dst_start: int) -> None:

@@ -69,3 +69,14 @@ class DraftTree:
 
     def path_tokens(self, nodes: list[int]) -> list[int]:
         return [self.tokens[i] for i in nodes]
+
+    def within_depth(self, depth: int) -> tuple["DraftTree | None", list[int]]:
+        """The nodes of depth <= depth (None if none), and for each kept node its id in this tree. Whole
+        sibling groups stay or go together, so a sampled tree stays a sampled tree."""
+        kept = [i for i, d in enumerate(self.depths) if d <= depth]
+        if not kept:
+            return None, []
+        new = {old: j for j, old in enumerate(kept)}
+        parents = [new[self.parents[i]] if self.parents[i] >= 0 else -1 for i in kept]
+        probs = None if self.draft_probs is None else self.draft_probs[[0] + [i + 1 for i in kept]]
+        return DraftTree([self.tokens[i] for i in kept], parents, self.vocab_size, self.max_nodes, probs), kept

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kernels.layers import ModelArgs
+from kernels.linear import cpu_flags, fast_bf16
 from specdraft.config import TargetConfig
 from verifier.model import Transformer
 from verifier.target import TorchTarget
@@ -86,7 +87,23 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def auto_dtype() -> tuple[str, str]:
+    """`target.dtype: auto`: the dtype of the fastest exact path on this CPU, and why."""
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items())
+    if fast_bf16():
+        return "bfloat16", f"bf16 dot-product units ({flags}): oneDNN bf16 kernels, row-invariant (exact at T=0)"
+    return "float32", f"no bf16 dot-product units ({flags}): bf16 would take slow paths; float32 is not row-invariant"
+
+
+def resolved_dtype(dtype: str) -> str:
+    """target.dtype with auto resolved for this CPU."""
+    return auto_dtype()[0] if dtype == "auto" else dtype
+
+
 def load_transformer(path: Path, dtype: str, max_seq_len: int) -> Transformer:
+    if dtype == "auto":
+        dtype, why = auto_dtype()
+        log.info("target.dtype auto: %s (%s)", dtype, why)
     cfg = json.loads((path / "config.json").read_text())
     model = Transformer(ModelArgs.from_hf_config(cfg), max_seq_len)
     model.load_hf_state_dict(load_file(path / "model.safetensors"))

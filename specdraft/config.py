@@ -44,7 +44,8 @@ class ConfigError(ValueError):
 @dataclass
 class TargetConfig:
     model: str = "smollm2-135m-instruct"  # an embedded model's name or a safetensors model folder
-    dtype: typing.Literal["float32", "bfloat16"] = "float32"
+    # auto: bfloat16 where the CPU has bf16 dot-product units (exact at T=0 and fastest there), else float32
+    dtype: typing.Literal["auto", "float32", "bfloat16"] = "auto"
     max_seq_len: int = 2048  # KV cache slots: prompt + generated + one tree
     threads: int = 0  # torch CPU threads; 0 = torch's default
 

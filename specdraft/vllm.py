@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from specdraft.assets import model_dir
+from specdraft.assets import model_dir, resolved_dtype
 from specdraft.build import DrafterConfig
 from specdraft.config import load_config
 from specdraft.report import print_columns
@@ -68,7 +68,7 @@ def reply_generator(cfg, stops: set[int]):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = engine(cfg, str(model_dir(cfg.target.model)), cfg.target.dtype, cfg.data.max_tokens)
+    llm = engine(cfg, str(model_dir(cfg.target.model)), resolved_dtype(cfg.target.dtype), cfg.data.max_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=cfg.data.reply_tokens, stop_token_ids=sorted(stops))
 
     def replies(prompts: list[list[int]]) -> list[list[int]]:
@@ -224,7 +224,7 @@ def run_vllm_eval(cfg, jobs: list[tuple[str, str, list[int]]], stops: set[int], 
                 ]
         own = torch_report["datasets"].get(ds)
         if own is not None:
-            rows[f"specdraft tree verifier ({cfg.target.dtype})"] = {
+            rows[f"specdraft tree verifier ({resolved_dtype(cfg.target.dtype)})"] = {
                 "tau": own["tau"],
                 "tokens": own["tokens"],
                 "tokens_per_s": own["spec_tokens_per_s"],

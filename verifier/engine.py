@@ -54,9 +54,11 @@ def generate(
         t0 = time.perf_counter()
         # never draft past the generation budget or the KV cache
         budget = min(max_nodes, max_new_tokens - produced - 1, target.max_seq_len - target.length - 1)
-        tree = None
+        tree, kept = None, None
         if drafter is not None and budget > 0:
             tree = drafter.draft(VerifierUpdate(new_tokens, feedback, budget, target.vocab_size, hidden, params))
+        if tree is not None and tree.depth > target.max_tree_depth:  # deeper rows would not be exact
+            tree, kept = tree.within_depth(target.max_tree_depth)
         t1 = time.perf_counter()
         states = target.verify_forward(pending, tree)
         verdict = verify(lambda row: target.logits(states[row : row + 1])[0], tree, params, generator, rule)
@@ -78,5 +80,11 @@ def generate(
                 top = dist.topk(min(feedback_topk, dist.shape[-1]))
                 topk[row - 1] = (top.indices.tolist(), top.values.tolist())
             feedback = Feedback(verdict.accepted, verdict.target_probs, topk)
+            if kept is not None:  # in the drafter's node ids
+                feedback = Feedback(
+                    [kept[i] for i in feedback.accepted],
+                    {kept[i]: p for i, p in feedback.target_probs.items()},
+                    {kept[i] if i >= 0 else -1: top for i, top in feedback.target_topk.items()},
+                )
         hidden = states[[0] + [i + 1 for i in verdict.accepted]]  # rows of pending + accepted nodes
         yield Step(tokens, len(verdict.accepted), len(tree) if tree else 0, tree.depth if tree else 0, t1 - t0, t2 - t1)

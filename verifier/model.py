@@ -1,13 +1,16 @@
 """Llama-family target model in plain torch (gpt-fast style): fused projections, one preallocated KV
-cache for all layers, and a forward that takes explicit cache slots, RoPE positions and an attention
-mask, so prefill, plain decoding and tree verification are the same call. The LM head is separate
+cache for all layers, and a forward that takes explicit cache slots, RoPE positions and the rows'
+ancestors, so plain decoding and tree verification are the same call (kernels.attention makes them agree
+bit for bit). The LM head is separate
 (`lm_head`): verification needs logits only at the tree nodes it visits."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import tail_slots, tree_attention
 from kernels.layers import ModelArgs, RMSNorm, apply_rope, rope_tables
+from kernels.linear import PackedLinear, pack_linears
 
 
 class Attention(nn.Module):
@@ -18,8 +21,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
-    def forward(self, x, cos, sin, kv, start: int, mask):
-        # x: [1, T, dim]; kv: [2, 1, H_kv, S, D] this layer's cache; mask: [T, start+T] bool or None
+    def forward(self, x, cos, sin, kv, start: int, tail):
+        # x: [1, T, dim]; kv: [2, 1, H_kv, S, D] this layer's cache; tail: kernels.attention.tail_slots'
+        # (index, valid) for a decoding / verification forward, None for a causal prefill from slot 0
         a = self.args
         t = x.shape[1]
         q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
@@ -27,8 +31,11 @@ class Attention(nn.Module):
         k = apply_rope(k.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
         kv[0, :, :, start : start + t] = k
         kv[1, :, :, start : start + t] = v.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        keys, values = kv[0, :, :, : start + t], kv[1, :, :, : start + t]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if tail is None:
+            keys, values = kv[0, :, :, :t], kv[1, :, :, :t]
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        else:
+            y = tree_attention(q[0], kv[0, 0], kv[1, 0], start, *tail)[None]
         return self.wo(y.transpose(1, 2).reshape(1, t, a.n_heads * a.head_dim))
 
 
@@ -75,37 +82,37 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor | None
+        self, tokens: torch.Tensor, positions: torch.Tensor, start: int, ancestors: torch.Tensor | None
     ) -> torch.Tensor:
         """tokens, positions: [T] int64; the T new entries are written to cache slots start..start+T-1.
-        mask: [T, start+T] bool (True = may attend) or None, which means causal over the new tokens
-        and full view of the cache before them. Returns the final (normed) hidden states [T, dim]."""
+        ancestors: [T, T] bool (row r attends to row c iff c is r or an ancestor of r; rows in topological
+        order, positions = start + depth) for decoding and verification, after `start` committed tokens;
+        None for a prefill (start 0, causal). Returns the final (normed) hidden states [T, dim]."""
         t = tokens.shape[0]
-        if mask is None and t > 1:
-            mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
-        mask = None if mask is None else mask.to(self.kv.device)
+        tail = None
+        if ancestors is not None:  # the attention's per-row key windows, once per forward (kernels.attention)
+            tail = tail_slots(start, start + torch.arange(t), positions - start, ancestors)
+        elif start != 0:
+            raise ValueError("a prefill starts at slot 0; later forwards give their ancestors")
         x = self.tok_embeddings(tokens).unsqueeze(0)  # [1, T, dim]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, self.kv[i], start, mask)
+            x = layer(x, cos, sin, self.kv[i], start, tail)
         return self.norm(x)[0]
 
     @torch.no_grad()
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """h: [M, dim] -> logits [M, V] float32."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h.reshape(-1, self.args.dim), weight).float()
+        return self.head(h.reshape(-1, self.args.dim)).float()
 
     def finalize(self) -> "Transformer":
-        """Call once the weights are loaded and cast. Keeps the RoPE tables in fp32, and stores fp32
-        weight matrices column-major (same shape and values, W^T contiguous): on CPU the fp32
-        single-row products of decoding run ~2x faster that way in the LM head and ~12% faster over
-        the whole step, at no cost for tree forwards. bf16 stays row-major, where it is fast (and
-        ~35x slower column-major)."""
+        """Call once the weights are loaded and cast: keeps the RoPE tables in fp32 and prepacks every
+        linear layer and the LM head for this CPU (kernels.linear: fast, and row-invariant so that
+        tree rows equal plain decoding's)."""
         self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dtype == torch.float32:
-                m.weight.data = m.weight.data.t().contiguous().t()
+        head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        self.head = PackedLinear(head)
+        pack_linears(self.layers)
         return self.eval()
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:

@@ -9,7 +9,8 @@ from typing import Protocol
 
 import torch
 
-from kernels import compact_kv, verify_attention_mask
+from kernels import compact_kv, verify_ancestors
+from kernels.attention import max_tree_depth
 from proto.tree import DraftTree
 from verifier.model import Transformer
 
@@ -18,6 +19,7 @@ class Target(Protocol):
     vocab_size: int
     max_seq_len: int
     length: int  # committed tokens in the KV cache
+    max_tree_depth: int  # the deepest draft node the next verify_forward may take (deeper: prune first)
 
     def prefill(self, tokens: list[int]) -> torch.Tensor:
         """Start a new sequence; returns a state row per prompt token [T, ...]."""
@@ -32,12 +34,19 @@ class Target(Protocol):
         """Keep the pending token and the accepted nodes (root to deepest) of the last forward."""
 
 
+ONE_ROW = torch.ones(1, 1, dtype=torch.bool)  # a decoding step's ancestors: the pending token itself
+
+
 class TorchTarget:
     def __init__(self, model: Transformer):
         self.model = model
         self.vocab_size = model.args.vocab_size
         self.max_seq_len = model.max_seq_len
         self.length = 0
+
+    @property
+    def max_tree_depth(self) -> int:
+        return max_tree_depth(self.length)
 
     def prefill(self, tokens: list[int]) -> torch.Tensor:
         n = len(tokens)
@@ -53,11 +62,12 @@ class TorchTarget:
         if start + n + 1 > self.max_seq_len:
             raise ValueError(f"KV cache full: {start} cached + {n + 1} new > {self.max_seq_len}")
         if tree is None:
-            return self.model(torch.tensor([pending]), torch.tensor([start]), start, None)
+            return self.model(torch.tensor([pending]), torch.tensor([start]), start, ONE_ROW)
+        if tree.depth > self.max_tree_depth:
+            raise ValueError(f"draft tree of depth {tree.depth} at length {start}: prune it to max_tree_depth first")
         tokens = torch.tensor((pending,) + tree.tokens)
         positions = start + torch.tensor((0,) + tree.depths)  # depth along the path, as sequential decoding
-        mask = verify_attention_mask(start, torch.tensor(tree.parents))
-        return self.model(tokens, positions, start, mask)
+        return self.model(tokens, positions, start, verify_ancestors(tree.parents))
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(rows)

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from kernels import compact_kv, sample_per_node, tree_attention_mask, verify_attention_mask
+from kernels import compact_kv, sample_per_node, tree_attention_mask, verify_ancestors
 
 
 def random_parents(n, rng):
@@ -34,16 +34,13 @@ def test_chain_mask_is_causal():
     assert torch.equal(tree_attention_mask(parents), torch.ones(10, 10, dtype=torch.bool).tril())
 
 
-def test_verify_mask_sees_prefix_pending_and_ancestors():
-    parents = [-1, -1, 0, 2]
-    m = verify_attention_mask(5, torch.tensor(parents))
-    assert m.shape == (5, 10)
-    assert m[:, :5].all()  # committed prefix visible to all
-    # row 0 = pending token; node rows see the pending token (column 5) and their ancestors
-    assert m[:, 5].all()
-    assert m[0, 5:].tolist() == [True, False, False, False, False]
-    assert m[4, 5:].tolist() == [True, True, False, True, True]  # node 3: pending, 0, 2, 3
-    assert m[2, 5:].tolist() == [True, False, True, False, False]  # node 1 sees only itself
+def test_verify_ancestors_puts_the_pending_token_above_the_roots():
+    m = verify_ancestors([-1, -1, 0, 2])
+    assert m.shape == (5, 5)
+    assert m[:, 0].all()  # every row sees the pending token
+    assert m[0].tolist() == [True, False, False, False, False]
+    assert m[4].tolist() == [True, True, False, True, True]  # node 3: pending, 0, 2, 3
+    assert m[2].tolist() == [True, False, True, False, False]  # node 1 sees only itself
 
 
 def test_compact_kv_moves_accepted_slots_and_keeps_prefix():

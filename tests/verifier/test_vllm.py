@@ -227,6 +227,7 @@ def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
 
     monkeypatch.setattr(vb, "run_vllm_variant", fake_variant)
     cfg = Config()
+    cfg.target.dtype = "float32"
     cfg.verifier.vllm.sidecars = ["configs/sidecar.yaml"]
     cfg.verifier.vllm.plain_dtypes = ["bfloat16"]
     report = vb.run_vllm_eval(

@@ -1,0 +1,89 @@
+"""Attention for decoding and tree verification that is exact across the two: a tree row computes, bit
+for bit, what plain decoding computes at that position.
+
+Why not one SDPA call: the kernels' result for a query row depends on how many query rows share the
+call (a 1-row product takes another kernel than a 2+ row one) and on where its keys sit among masked
+ones (a node's ancestors are scattered over the tree's slots, a decoded token's are contiguous), so a
+tree row and the same token decoded alone round differently.
+
+So every query row attends to its *logical* key sequence (the committed tokens, then the pending token
+and the node's ancestors in depth order, then itself), split at an absolute position:
+  prefix  keys [0, P) with P = committed length rounded down to BLOCK: read in place from the cache,
+          one matrix product over all query rows (the same P for every row of the step, and for the
+          plain decoding of any of those rows' positions);
+  tail    the rest of the logical sequence, at most BLOCK keys, gathered per row into a fixed-length
+          window (masked padding), one batched product per row.
+Softmax runs over [prefix | tail] as one row. A row whose logical length would cross P + BLOCK has a
+different split than plain decoding there, so verification drafts no deeper than `max_tree_depth`.
+Single query rows run as two (the row twice), as in kernels.linear.
+
+`reference_attention` (plain SDPA with an ancestor mask) is what this is tested against."""
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 64  # tail window: the most keys gathered per row; also the alignment of the prefix split
+
+
+def prefix_split(length: int) -> int:
+    """P for a step whose committed length (tokens in the cache before it) is `length`."""
+    return length // BLOCK * BLOCK
+
+
+def max_tree_depth(length: int) -> int:
+    """Deepest draft node a step from `length` committed tokens can verify exactly: the pending token
+    sits at logical position length, a node of depth d at length + d, and that must stay below P + BLOCK."""
+    return prefix_split(length) + BLOCK - 1 - length
+
+
+def tail_slots(length: int, slots: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor):
+    """Per query row, the cache slots of its logical keys from P on, in a BLOCK-wide window.
+
+    slots [T]: where each new row's own K/V were written; depths [T]: 0 for the pending token, d for a
+    node at depth d; ancestors [T, T] bool: ancestors[r, c] = row c is row r or an ancestor of it (rows
+    in topological order, so an ancestor's depth orders it). Returns (index [T, BLOCK] int64, valid
+    [T, BLOCK] bool)."""
+    p = prefix_split(length)
+    t = slots.shape[0]
+    committed = torch.arange(p, length).expand(t, -1)  # [T, length - P]
+    # row r's path slots in depth order: ancestor c goes to column depths[c]
+    path = torch.zeros(t, t + 1, dtype=torch.long)  # column t collects the non-ancestors
+    path.scatter_(1, depths.expand(t, -1).masked_fill(~ancestors, t), slots.expand(t, -1).contiguous())
+    index = torch.cat([committed, path[:, :t], torch.zeros(t, BLOCK, dtype=torch.long)], 1)[:, :BLOCK]
+    valid = torch.arange(BLOCK) < (length - p + depths + 1)[:, None]
+    return index.masked_fill(~valid, 0), valid
+
+
+def tree_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, index: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """q: [Hq, T, D] (RoPE applied); k, v: [Hkv, S, D] the layer's cache with this step's rows written;
+    length: committed tokens before the step; index, valid: tail_slots(...). Returns [Hq, T, D]."""
+    hq, t, d = q.shape
+    hkv = k.shape[0]
+    g = hq // hkv
+    single = t == 1
+    if single:  # the 2+ row kernels, as for any tree
+        q, index, valid, t = q.expand(hq, 2, d), index.expand(2, -1), valid.expand(2, -1), 2
+    p = prefix_split(length)
+    scale = d**-0.5
+    qg = q.reshape(hkv, g, t, d).transpose(1, 2)  # [Hkv, T, G, D]: query head h reads kv head h // G
+    s_pre = torch.matmul(qg.reshape(hkv, t * g, d), k[:, :p].transpose(1, 2)).view(hkv, t, g, p)
+    k_tail, v_tail = k[:, index], v[:, index]  # [Hkv, T, BLOCK, D]
+    s_tail = torch.matmul(qg, k_tail.transpose(-1, -2))  # [Hkv, T, G, BLOCK]
+    s = torch.cat([s_pre, s_tail], -1).float().mul_(scale)
+    s[..., p:].masked_fill_(~valid[None, :, None, :], float("-inf"))
+    probs = s.softmax(-1).to(q.dtype)
+    out = torch.matmul(probs[..., :p].reshape(hkv, t * g, p), v[:, :p]).view(hkv, t, g, d).float()
+    out += torch.matmul(probs[..., p:], v_tail).float()
+    out = out.to(q.dtype).transpose(1, 2).reshape(hq, t, d)
+    return out[:, :1] if single else out
+
+
+def reference_attention(q, k, v, length: int, slots: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """The same attention by SDPA over all slots with a boolean mask (committed prefix + ancestors)."""
+    t = q.shape[1]
+    mask = torch.zeros(t, k.shape[1], dtype=torch.bool)
+    mask[:, :length] = True
+    mask[:, slots] = ancestors
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]

@@ -1,0 +1,81 @@
+"""The linear layer of the hot path: weights prepacked once for this CPU's fastest kernel, and every
+call row-invariant, so that a row computed inside a tree forward of N+1 rows is bit-identical to the
+same row computed alone by a plain decoding step (exactness at temperature 0 rests on it).
+
+Kernels, by weight dtype:
+  bfloat16  oneDNN (brgemm) with the weight reordered once into its blocked layout. Fast only where
+            the CPU has bf16 dot products (avx512_bf16) or AMX; elsewhere bf16 falls to slow paths.
+  float32   MKL's packed sgemm (the weight packed once).
+Row invariance: with K > 576 (the MLP's down projection, K = 1536) a single-row call takes a
+matrix-vector kernel whose accumulation order differs from the matrix-matrix kernel that 2+ rows take;
+rows of every 2+ row call agree with each other. So single-row bf16 calls run as two rows (the row
+twice; it costs ~nothing: the weight streams once either way). float32 kernels are not row-invariant at
+any padding we can afford (rows of 1-2 and 4+ row calls differ by ~1e-6, and two fp32 rows cost twice
+one), which is why `target.dtype: auto` prefers bf16 where it is fast.
+
+`reference_linear` is the plain torch implementation the fast one is tested against."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The CPU features that decide the kernels (as torch's own dispatcher sees them)."""
+    return {
+        "avx2": torch.cpu._is_avx2_supported(),
+        "avx512": torch.cpu._is_avx512_supported(),
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+        "amx": torch.cpu._is_amx_tile_supported(),
+    }
+
+
+def fast_bf16() -> bool:
+    """bf16 matrix products have hardware support here (avx512_bf16 or AMX)."""
+    flags = cpu_flags()
+    return flags["avx512_bf16"] or flags["amx"]
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W^T (no bias) with W prepacked for this CPU; x: [..., K] -> [..., N], row-invariant."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        w = weight.detach().contiguous()
+        if self.dtype == torch.bfloat16:
+            self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, 1), persistent=False)
+        else:
+            self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(w, 1), persistent=False)
+        self.register_buffer("weight", w, persistent=False)  # the plain layout: for the reference and .weight users
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.dtype != torch.bfloat16:
+            y = torch.ops.mkl._mkl_linear(x2.contiguous(), self.packed, self.weight, None, 1)
+            return y.reshape(*shape[:-1], self.out_features)
+        single = x2.shape[0] == 1
+        if single:
+            x2 = x2.expand(2, -1)  # the matrix-matrix kernel, as for any other row count (see module doc)
+        y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, None, "none", [], "")
+        return (y[:1] if single else y).reshape(*shape[:-1], self.out_features)
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """Replace every bias-free nn.Linear in module (recursively) by a PackedLinear of its weight."""
+    for name, child in module.named_children():
+        if (
+            isinstance(child, nn.Linear)
+            and child.bias is None
+            and child.weight.dtype in (torch.float32, torch.bfloat16)
+        ):
+            setattr(module, name, PackedLinear(child.weight))
+        else:
+            pack_linears(child)
+    return module
