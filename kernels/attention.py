@@ -15,7 +15,8 @@ and the node's ancestors in depth order, then itself), split at an absolute posi
           window (masked padding), one batched product per row.
 Softmax runs over [prefix | tail] as one row. A row whose logical length would cross P + BLOCK has a
 different split than plain decoding there, so verification drafts no deeper than `max_tree_depth`.
-Single query rows run as two (the row twice), as in kernels.linear.
+Every product has 2+ rows (the G query heads that share a kv head), so the kernels do not switch to
+their single-row variants (see kernels.linear).
 
 `reference_attention` (plain SDPA with an ancestor mask) is what this is tested against."""
 
@@ -36,13 +37,14 @@ def max_tree_depth(length: int) -> int:
     return prefix_split(length) + BLOCK - 1 - length
 
 
-def tail_slots(length: int, slots: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor):
+def tail_slots(length: int, slots: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor, kv_shape):
     """Per query row, the cache slots of its logical keys from P on, in a BLOCK-wide window.
 
     slots [T]: where each new row's own K/V were written; depths [T]: 0 for the pending token, d for a
     node at depth d; ancestors [T, T] bool: ancestors[r, c] = row c is row r or an ancestor of it (rows
-    in topological order, so an ancestor's depth orders it). Returns (index [T, BLOCK] int64, valid
-    [T, BLOCK] bool)."""
+    in topological order, so an ancestor's depth orders it); kv_shape: a layer cache's [2, Hkv, S, D].
+    Returns (index [2 * Hkv * T * BLOCK] int64: rows of the cache viewed as [2 * Hkv * S, D], window by
+    window; bias [T, BLOCK] float32: 0 where the window holds a key, -inf past it)."""
     p = prefix_split(length)
     t = slots.shape[0]
     committed = torch.arange(p, length).expand(t, -1)  # [T, length - P]
@@ -51,33 +53,29 @@ def tail_slots(length: int, slots: torch.Tensor, depths: torch.Tensor, ancestors
     path.scatter_(1, depths.expand(t, -1).masked_fill(~ancestors, t), slots.expand(t, -1).contiguous())
     index = torch.cat([committed, path[:, :t], torch.zeros(t, BLOCK, dtype=torch.long)], 1)[:, :BLOCK]
     valid = torch.arange(BLOCK) < (length - p + depths + 1)[:, None]
-    return index.masked_fill(~valid, 0), valid
+    bias = torch.zeros(t, BLOCK).masked_fill_(~valid, float("-inf"))
+    rows = torch.arange(kv_shape[0] * kv_shape[1])[:, None] * kv_shape[2]  # each (K or V, head)'s first row
+    return (rows + index.masked_fill(~valid, 0).view(1, -1)).view(-1), bias
 
 
-def tree_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, index: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """q: [Hq, T, D] (RoPE applied); k, v: [Hkv, S, D] the layer's cache with this step's rows written;
-    length: committed tokens before the step; index, valid: tail_slots(...). Returns [Hq, T, D]."""
+def tree_attention(q: torch.Tensor, kv: torch.Tensor, length: int, index: torch.Tensor, bias: torch.Tensor):
+    """q: [Hq, T, D] (RoPE applied); kv: [2, Hkv, S, D] the layer's cache with this step's rows written;
+    length: committed tokens before the step; index, bias: tail_slots(...). Returns [Hq, T, D].
+    Query head h reads kv head h // G (G = Hq / Hkv >= 2 rows per product: the 2+ row kernels)."""
     hq, t, d = q.shape
-    hkv = k.shape[0]
+    hkv = kv.shape[1]
     g = hq // hkv
-    single = t == 1
-    if single:  # the 2+ row kernels, as for any tree
-        q, index, valid, t = q.expand(hq, 2, d), index.expand(2, -1), valid.expand(2, -1), 2
     p = prefix_split(length)
-    scale = d**-0.5
-    qg = q.reshape(hkv, g, t, d).transpose(1, 2)  # [Hkv, T, G, D]: query head h reads kv head h // G
-    s_pre = torch.matmul(qg.reshape(hkv, t * g, d), k[:, :p].transpose(1, 2)).view(hkv, t, g, p)
-    k_tail, v_tail = k[:, index], v[:, index]  # [Hkv, T, BLOCK, D]
-    s_tail = torch.matmul(qg, k_tail.transpose(-1, -2))  # [Hkv, T, G, BLOCK]
-    s = torch.cat([s_pre, s_tail], -1).float().mul_(scale)
-    s[..., p:].masked_fill_(~valid[None, :, None, :], float("-inf"))
+    qg = q.view(hkv, g, t, d).transpose(1, 2).reshape(hkv, t * g, d)  # [Hkv, T*G, D], row = (t, g)
+    tail = kv.view(-1, d).index_select(0, index).view(2, hkv * t, BLOCK, d)  # [2, Hkv*T, BLOCK, D] windows
+    s_pre = torch.bmm(qg, kv[0, :, :p].transpose(1, 2)).view(hkv, t, g, p)
+    s_tail = torch.bmm(qg.view(hkv * t, g, d), tail[0].transpose(1, 2)).view(hkv, t, g, BLOCK)
+    s = torch.cat([s_pre, s_tail], -1).float().mul_(d**-0.5)
+    s[..., p:] += bias[None, :, None, :]
     probs = s.softmax(-1).to(q.dtype)
-    out = torch.matmul(probs[..., :p].reshape(hkv, t * g, p), v[:, :p]).view(hkv, t, g, d).float()
-    out += torch.matmul(probs[..., p:], v_tail).float()
-    out = out.to(q.dtype).transpose(1, 2).reshape(hq, t, d)
-    return out[:, :1] if single else out
+    out = torch.bmm(probs[..., :p].reshape(hkv, t * g, p), kv[1, :, :p]).float()
+    out += torch.bmm(probs[..., p:].reshape(hkv * t, g, BLOCK), tail[1]).view(hkv, t * g, d).float()
+    return out.to(q.dtype).view(hkv, t, g, d).permute(0, 2, 1, 3).reshape(hq, t, d)
 
 
 def reference_attention(q, k, v, length: int, slots: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from proto.interface import Drafter, Feedback, VerifierUpdate
+from proto.tree import DraftTree
 from verifier.rules import SamplingParams, next_token, verify
 from verifier.target import Target
 
@@ -20,7 +21,37 @@ class Step:
     tree_nodes: int  # 0 for a plain decoding step
     tree_depth: int
     draft_s: float
-    verify_s: float  # target forward + rule + commit
+    verify_s: float  # target forward + LM head + rule + commit, itemised below
+    forward_s: float = 0.0  # the target's forward over the pending token and the tree
+    head_s: float = 0.0  # LM head over the rows the rule read
+    commit_s: float = 0.0  # KV compaction
+
+
+class RowLogits:
+    """Target logits per row for a verification rule: row 0 and the rows of the drafter's first path
+    (first-listed child at each depth: where a walk goes while the drafts are right) in one batched LM
+    head call, any other row on demand. The LM head is row-invariant (kernels.linear), so a row's logits
+    do not depend on which call computed them."""
+
+    def __init__(self, target: Target, states: torch.Tensor, tree: DraftTree | None):
+        t0 = time.perf_counter()
+        self.target, self.states = target, states
+        rows = [0]
+        if tree is not None:
+            parent = -1
+            for i, p in enumerate(tree.parents):
+                if p == parent:  # parents come first, so the first child of `parent` is met first
+                    rows.append(i + 1)
+                    parent = i
+        self.rows = dict(zip(rows, target.logits(states[rows])))  # row -> logits [V] float32
+        self.seconds = time.perf_counter() - t0
+
+    def __call__(self, row: int) -> torch.Tensor:
+        if row not in self.rows:
+            t0 = time.perf_counter()
+            self.rows[row] = self.target.logits(self.states[row : row + 1])[0]
+            self.seconds += time.perf_counter() - t0
+        return self.rows[row]
 
 
 def tau(steps: list[Step]) -> float:
@@ -61,7 +92,10 @@ def generate(
             tree, kept = tree.within_depth(target.max_tree_depth)
         t1 = time.perf_counter()
         states = target.verify_forward(pending, tree)
-        verdict = verify(lambda row: target.logits(states[row : row + 1])[0], tree, params, generator, rule)
+        t_forward = time.perf_counter()
+        logits = RowLogits(target, states, tree)
+        verdict = verify(logits, tree, params, generator, rule)
+        t_rule = time.perf_counter()
         target.commit(verdict.accepted)
         t2 = time.perf_counter()
         tokens = (tree.path_tokens(verdict.accepted) if tree else []) + [verdict.bonus]
@@ -87,4 +121,14 @@ def generate(
                     {kept[i] if i >= 0 else -1: top for i, top in feedback.target_topk.items()},
                 )
         hidden = states[[0] + [i + 1 for i in verdict.accepted]]  # rows of pending + accepted nodes
-        yield Step(tokens, len(verdict.accepted), len(tree) if tree else 0, tree.depth if tree else 0, t1 - t0, t2 - t1)
+        yield Step(
+            tokens,
+            len(verdict.accepted),
+            len(tree) if tree else 0,
+            tree.depth if tree else 0,
+            t1 - t0,
+            t2 - t1,
+            t_forward - t1,
+            logits.seconds,
+            t2 - t_rule,
+        )

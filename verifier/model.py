@@ -35,7 +35,7 @@ class Attention(nn.Module):
             keys, values = kv[0, :, :, :t], kv[1, :, :, :t]
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
-            y = tree_attention(q[0], kv[0, 0], kv[1, 0], start, *tail)[None]
+            y = tree_attention(q[0], kv[:, 0], start, *tail)[None]
         return self.wo(y.transpose(1, 2).reshape(1, t, a.n_heads * a.head_dim))
 
 
@@ -91,7 +91,7 @@ class Transformer(nn.Module):
         t = tokens.shape[0]
         tail = None
         if ancestors is not None:  # the attention's per-row key windows, once per forward (kernels.attention)
-            tail = tail_slots(start, start + torch.arange(t), positions - start, ancestors)
+            tail = tail_slots(start, start + torch.arange(t), positions - start, ancestors, self.kv[0, :, 0].shape)
         elif start != 0:
             raise ValueError("a prefill starts at slot 0; later forwards give their ancestors")
         x = self.tok_embeddings(tokens).unsqueeze(0)  # [1, T, dim]
