@@ -1,11 +1,16 @@
-"""`specdraft bench`: target forward costs from one run (no timed assertions; these machines are noisy).
+"""`specdraft bench`: what a step costs, from one run (no timed assertions; these machines are noisy).
 `specdraft bench-sidecar`: what drafting through the gRPC sidecar adds per round over in-process.
 
-Prints ms per plain decode step and per tree forward for several N in fp32 and bf16, and the ratio of
-our decode step to transformers' `generate` on the same weights, both measured as
-(time for 1 + n tokens - time for 1 token) / n after the same prompt, three interleaved repetitions,
-medians reported. A decode step is forward + LM head; a tree forward is forward + the LM head on one
-row (verification adds one single-row LM head per further visited node, about tau - 1 per step)."""
+`bench` prints, in one run:
+- the CPU's flags that decide the kernels and the dtype `target.dtype: auto` picks;
+- per dtype: ms per plain decode step and per tree forward for several N (forward + the LM head on one
+  row), and our decode step against transformers' `generate` on the same weights, both measured as
+  (time for 1 + n tokens - time for 1 token) / n after the same prompt, three interleaved repetitions,
+  medians reported;
+- per speculative step with real drafters on real prompts (the config's dtype, greedy): drafting, the
+  tree forward, the LM head, the rule and the commit, in ms and as a fraction of a plain decode step
+  measured on the same prompts in the same run, the measured tau, and the speedup ceiling
+  tau * t_decode / (t_draft + t_verify) at tau = 2, 3, 4."""
 
 import random
 import statistics
@@ -15,13 +20,19 @@ import time
 import torch
 from tqdm import tqdm
 
+from drafter.data import chat_prompt
 from drafter.server import percentile
 from drafter.synthetic import RandomDrafter, random_tree
+from kernels.linear import cpu_flags
 from proto.interface import VerifierUpdate
-from specdraft.assets import DTYPES, load_transformer
+from specdraft.assets import DTYPES, auto_dtype, load_target, load_transformer
+from specdraft.build import DrafterConfig
+from specdraft.config import Config
+from specdraft.datasets import first_turns, load_dataset
+from specdraft.evaluate import decode, drafter_factory, drafter_label
 from specdraft.report import print_columns
 from specdraft.serve import spawn
-from verifier.engine import generate
+from verifier.engine import Step, generate, tau
 from verifier.remote import RemoteConfig, RemoteDrafter, connect, server_info
 from verifier.rules import SamplingParams
 from verifier.target import TorchTarget
@@ -121,6 +132,79 @@ def print_bench(results: dict, tree_sizes: list[int], prefix_len: int) -> None:
             for dtype, r in results.items()
         ],
     )
+
+
+def print_cpu() -> None:
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items())
+    dtype, why = auto_dtype()
+    print(f"CPU: {platform_cpu()}; {flags}; {torch.get_num_threads()} threads")
+    print(f"target.dtype auto -> {dtype}: {why}")
+
+
+def platform_cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+STEP_PARTS = ("draft", "forward", "head", "rule", "commit")
+
+
+def step_costs(steps: list[Step]) -> dict[str, float]:
+    """Mean ms per speculative step (the prefill's step excluded) of each part, and their sum."""
+    spec = steps[1:]
+    n = max(len(spec), 1)
+    out = {
+        "draft": sum(s.draft_s for s in spec),
+        "forward": sum(s.forward_s for s in spec),
+        "head": sum(s.head_s for s in spec),
+        "commit": sum(s.commit_s for s in spec),
+        "rule": sum(s.verify_s - s.forward_s - s.head_s - s.commit_s for s in spec),
+    }
+    return {k: 1000 * v / n for k, v in out.items()} | {
+        "step": 1000 * sum(s.draft_s + s.verify_s for s in spec) / n,
+        "nodes": sum(s.tree_nodes for s in spec) / n,
+    }
+
+
+def run_step_bench(cfg: Config, drafters: list[DrafterConfig], prompts: int, max_new_tokens: int) -> dict:
+    """Plain decoding, then each drafter, on the same MT-Bench first turns (greedy, cfg's target and
+    verification); per drafter the mean cost of each part of a speculative step and the measured tau."""
+    target, tokenizer, stops = load_target(cfg.target)
+    ids = [chat_prompt(tokenizer, text) for _, text in first_turns(load_dataset("mt_bench:1"))[:prompts]]
+    runs = [("plain decoding", None)] + [(drafter_label(d), d) for d in drafters]
+    factories = {label: drafter_factory(d, target) if d else None for label, d in runs}
+    steps: dict[str, list[Step]] = {label: [] for label, _ in runs}
+    for prompt in tqdm(ids, desc="step bench", unit="prompt"):
+        for label, d in runs:  # interleaved per prompt: the machine's drift falls on all alike
+            drafter = factories[label](label) if d else None
+            run_cfg = cfg if d is None else Config(target=cfg.target, drafter=d, verify=cfg.verify)
+            steps[label] += list(decode(target, prompt, run_cfg, stops, drafter, max_new_tokens))
+            if drafter is not None:
+                drafter.close()
+    decode_ms = step_costs(steps["plain decoding"])["step"]
+    return {
+        "decode_ms": decode_ms,
+        "rows": {label: step_costs(st) | {"tau": tau(st)} for label, st in steps.items() if label != "plain decoding"},
+    }
+
+
+def print_step_bench(results: dict) -> None:
+    d = results["decode_ms"]
+    print(f"\nper speculative step, ms (x plain decode step = {d:.1f} ms, same prompts and run)")
+    cols = [("drafter", 28), ("nodes", 7)] + [(p, 14) for p in STEP_PARTS] + [("verify", 14), ("tau", 6)]
+    cols += [(f"ceiling t{t}", 11) for t in (2, 3, 4)]
+    rows = []
+    for label, r in results["rows"].items():
+        verify = r["forward"] + r["head"] + r["rule"] + r["commit"]
+        cells = [f"{r[p]:.2f} ({r[p] / d:.2f})" for p in STEP_PARTS] + [f"{verify:.1f} ({verify / d:.2f})"]
+        ceilings = [f"{t * d / r['step']:.2f}" for t in (2, 3, 4)]
+        rows.append([label, f"{r['nodes']:.1f}"] + cells + [f"{r['tau']:.2f}"] + ceilings)
+    print_columns(cols, rows)
 
 
 def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, hidden_dim: int = 576) -> list[dict]:

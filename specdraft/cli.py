@@ -105,10 +105,15 @@ def cmd_generate(args) -> None:
 
 def cmd_bench(args) -> None:
     from specdraft.assets import model_dir, use_threads
-    from specdraft.bench import print_bench, run_bench
+    from specdraft.bench import print_bench, print_cpu, print_step_bench, run_bench, run_step_bench
+    from specdraft.config import load_config
 
     cfg = config_for(args, "bench")
+    drafters = [load_config(path, "generate").drafter for path in args.drafters.split(",") if path.strip()]
     use_threads(cfg.target)
+    print_cpu()
+    if args.step_prompts:
+        print_step_bench(run_step_bench(cfg, drafters, args.step_prompts, args.step_tokens))
     results = run_bench(model_dir(cfg.target.model), args.prefix_len, args.tree_sizes, args.reps, args.gen_tokens)
     print_bench(results, args.tree_sizes, args.prefix_len)
 
@@ -317,9 +322,12 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="target forward costs: decode step, tree forwards, ratio to transformers",
-        description="Measure, in one run, ms per decode step and per tree forward in fp32 and bf16, "
-        "and our decode speed against transformers' generate on the same weights.",
+        help="step costs: CPU flags, per-part speculative step costs with real drafters, target forwards",
+        description="Measure, in one run: the CPU flags that pick the kernels and the dtype auto picks; per "
+        "speculative step with real drafters on MT-Bench prompts, drafting / tree forward / LM head / rule / "
+        "commit in ms and as a fraction of a plain decode step, with tau and the speedup ceiling at tau 2, 3, 4; "
+        "then ms per decode step and per tree forward in fp32 and bf16, and our decode speed against "
+        "transformers' generate on the same weights.",
         epilog=EPILOG,
     )
     b.add_argument("--config", default="configs/default.yaml", help="YAML config for the target (default: %(default)s)")
@@ -337,6 +345,21 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--gen-tokens", type=positive_int, default=32, help="tokens per generate timing (default: %(default)s)"
+    )
+    b.add_argument(
+        "--drafters",
+        default="configs/default.yaml,configs/eval-specblock.yaml,configs/eval-eagle.yaml",
+        help="comma-separated config files whose drafter sections the per-step table times "
+        "(default: n-gram, SpecBlock, EAGLE-style: %(default)s)",
+    )
+    b.add_argument(
+        "--step-prompts",
+        type=int,
+        default=3,
+        help="MT-Bench prompts for the per-step table (0 skips it; default: %(default)s)",
+    )
+    b.add_argument(
+        "--step-tokens", type=positive_int, default=64, help="new tokens per prompt there (default: %(default)s)"
     )
     b.set_defaults(func=cmd_bench)
 

@@ -53,3 +53,17 @@ def test_the_printed_table_has_a_row_per_dtype_whose_ratios_match_its_millisecon
             lo = (float(ms) - half_unit(ms)) / (float(decode) + half_unit(decode))
             hi = (float(ms) + half_unit(ms)) / max(float(decode) - half_unit(decode), 1e-9)
             assert lo - half_unit(ratio) <= float(ratio) <= hi + half_unit(ratio), line
+
+
+def test_the_step_table_prints_each_part_as_a_fraction_of_a_decode_step_and_the_ceilings(capsys):
+    """print_step_bench on made-up costs (a fake result, not a measurement): each part's fraction is its
+    ms over the decode step's, and the ceiling at tau t is t * decode / (draft + verify)."""
+    from specdraft.bench import print_step_bench
+
+    row = {"draft": 2.0, "forward": 30.0, "head": 3.0, "rule": 1.0, "commit": 0.5, "nodes": 12.0, "tau": 2.5}
+    row["step"] = row["draft"] + row["forward"] + row["head"] + row["rule"] + row["commit"]
+    print_step_bench({"decode_ms": 40.0, "rows": {"fake": row}})
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("fake"))
+    assert "2.00 (0.05)" in line and "30.00 (0.75)" in line and "34.5 (0.86)" in line  # verify = 30+3+1+0.5
+    ceilings = [float(x) for x in line.split()[-3:]]
+    assert ceilings == [pytest.approx(t * 40.0 / 36.5, abs=0.005) for t in (2, 3, 4)]
