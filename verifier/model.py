@@ -26,16 +26,17 @@ class Attention(nn.Module):
         # (index, valid) for a decoding / verification forward, None for a causal prefill from slot 0
         a = self.args
         t = x.shape[1]
-        q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
-        q = apply_rope(q.view(1, t, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
-        kv[0, :, :, start : start + t] = k
-        kv[1, :, :, start : start + t] = v.view(1, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        hq, hkv = a.n_heads, a.n_kv_heads
+        qkv = self.wqkv(x).view(1, t, hq + 2 * hkv, a.head_dim).transpose(1, 2)  # [1, Hq + 2 Hkv, T, D]
+        qk = apply_rope(qkv[:, : hq + hkv], cos, sin)  # queries and keys rotated in one call
+        q = qk[:, :hq]
+        kv[0, :, :, start : start + t] = qk[:, hq:]
+        kv[1, :, :, start : start + t] = qkv[:, hq + hkv :]
         if tail is None:
             keys, values = kv[0, :, :, :t], kv[1, :, :, :t]
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
-            y = tree_attention(q[0], kv[:, 0], start, *tail)[None]
+            y = tree_attention(q[0].contiguous(), kv[:, 0], start, *tail)[None]
         return self.wo(y.transpose(1, 2).reshape(1, t, a.n_heads * a.head_dim))
 
 
