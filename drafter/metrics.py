@@ -69,6 +69,13 @@ class Metrics:
         if accepted is not None:
             self.accepted.observe(accepted)
 
-    def serve(self, host: str, port: int) -> None:
-        """/metrics over HTTP on host:port, from a daemon thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int) -> Callable[[], None]:
+        """/metrics over HTTP on host:port, from a daemon thread; returns the function that stops it."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=1)
+
+        return stop

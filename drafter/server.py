@@ -581,9 +581,10 @@ async def serve(
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.address.rsplit(":", 1)[0]
+    stop_metrics = None
     if cfg.metrics_port:
         try:
-            service.metrics.serve(host.strip("[]"), cfg.metrics_port)
+            stop_metrics = service.metrics.serve(host.strip("[]"), cfg.metrics_port)
         except OSError as e:
             raise OSError(f"server.metrics_port: cannot listen on {host}:{cfg.metrics_port} ({e})") from None
         log.info("Prometheus metrics on http://%s:%d/metrics", host, cfg.metrics_port)
@@ -614,4 +615,6 @@ async def serve(
     await server.stop(0.2)
     if service.pool is not None:
         service.pool.shutdown(wait=False, cancel_futures=True)
+    if stop_metrics is not None:
+        stop_metrics()
     log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)

@@ -51,7 +51,10 @@ class TrainConfig:
     def validate(self) -> None:
         checks.positive(self, "steps", "conversations_per_step", "max_positions", "eval_every", "lr")
         if self.init:
-            checks.file_in(self.init, "drafter.safetensors")
+            try:
+                checks.file_in(self.init, "drafter.safetensors")
+            except OSError as e:
+                raise ValueError(f"init: {e}") from None
 
 
 def load_split(data_dir: Path, split: str) -> list[dict[str, torch.Tensor]]:

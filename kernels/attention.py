@@ -65,6 +65,8 @@ def tree_attention(q: torch.Tensor, kv: torch.Tensor, length: int, index: torch.
     hq, t, d = q.shape
     hkv = kv.shape[1]
     g = hq // hkv
+    if g == 1:  # no grouped queries: each head twice (heads 2i, 2i+1 read kv head i), so products keep 2+ rows
+        return tree_attention(q.repeat_interleave(2, 0), kv, length, index, bias)[::2]
     p = prefix_split(length)
     qg = q.view(hkv, g, t, d).transpose(1, 2).reshape(hkv, t * g, d)  # [Hkv, T*G, D], row = (t, g)
     tail = kv.view(-1, d).index_select(0, index).view(2, hkv * t, BLOCK, d)  # [2, Hkv*T, BLOCK, D] windows

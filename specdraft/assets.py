@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kernels.layers import ModelArgs
@@ -113,8 +114,6 @@ def load_transformer(path: Path, dtype: str, max_seq_len: int) -> Transformer:
 def target_embedding(path: Path) -> tuple[ModelArgs, torch.Tensor]:
     """The target's shape and token embedding [V, dim] (shared with learned drafters), without loading
     the rest of the weights."""
-    from safetensors import safe_open
-
     args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()))
     with safe_open(path / "model.safetensors", "pt") as f:
         return args, f.get_tensor("model.embed_tokens.weight")

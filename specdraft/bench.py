@@ -7,14 +7,17 @@
   row), and our decode step against transformers' `generate` on the same weights, both measured as
   (time for 1 + n tokens - time for 1 token) / n after the same prompt, three interleaved repetitions,
   medians reported;
-- per speculative step with real drafters on real prompts (the config's dtype, greedy): drafting, the
+- per speculative step with real drafters on real prompts (the config's dtype and sampling): drafting, the
   tree forward, the LM head, the rule and the commit, in ms and as a fraction of a plain decode step
   measured on the same prompts in the same run, the measured tau, and the speedup ceiling
   tau * t_decode / (t_draft + t_verify) at tau = 2, 3, 4."""
 
+import dataclasses
+import platform
 import random
 import statistics
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -94,7 +97,7 @@ def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_token
         bar.update()
         for n in tree_sizes:
             bar.set_postfix_str(f"{dtype} tree N={n}")
-            tree = random_tree(n, vocab, rng)
+            tree, _ = random_tree(n, vocab, rng).within_depth(target.max_tree_depth)  # as the decode loop cuts
             r[f"tree{n}_ms"] = median_ms(lambda: target.logits(target.verify_forward(1, tree)[:1]), reps)
             r[f"tree{n}_over_decode"] = r[f"tree{n}_ms"] / r["decode_ms"]
             bar.update()
@@ -146,8 +149,6 @@ def platform_cpu() -> str:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        import platform
-
         return platform.processor() or platform.machine()
 
 
@@ -172,7 +173,7 @@ def step_costs(steps: list[Step]) -> dict[str, float]:
 
 
 def run_step_bench(cfg: Config, drafters: list[DrafterConfig], prompts: int, max_new_tokens: int) -> dict:
-    """Plain decoding, then each drafter, on the same MT-Bench first turns (greedy, cfg's target and
+    """Plain decoding, then each drafter, on the same MT-Bench first turns (cfg's target, sampling and
     verification); per drafter the mean cost of each part of a speculative step and the measured tau."""
     target, tokenizer, stops = load_target(cfg.target)
     ids = [chat_prompt(tokenizer, text) for _, text in first_turns(load_dataset("mt_bench:1"))[:prompts]]
@@ -182,7 +183,7 @@ def run_step_bench(cfg: Config, drafters: list[DrafterConfig], prompts: int, max
     for prompt in tqdm(ids, desc="step bench", unit="prompt"):
         for label, d in runs:  # interleaved per prompt: the machine's drift falls on all alike
             drafter = factories[label](label) if d else None
-            run_cfg = cfg if d is None else Config(target=cfg.target, drafter=d, verify=cfg.verify)
+            run_cfg = cfg if d is None else dataclasses.replace(cfg, drafter=d)
             steps[label] += list(decode(target, prompt, run_cfg, stops, drafter, max_new_tokens))
             if drafter is not None:
                 drafter.close()
@@ -211,8 +212,6 @@ def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, 
     """Per-round latency of the same random trees drafted in-process and through a real sidecar process
     on loopback, interleaved round by round. A round commits hidden_rows tokens; with hidden states it
     also ships their [hidden_rows, hidden_dim] fp32 rows (SmolLM2's width), as a feature drafter needs."""
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(f"drafter: {{kind: random}}\nserver: {{max_nodes: {max(tree_sizes)}, max_message_mb: 64}}\n")
     proc, address = spawn(f.name, stderr=subprocess.DEVNULL)

@@ -33,14 +33,14 @@ class DrafterConfig:
         if self.mode == "inprocess" and self.kind == "specblock":
             try:
                 checks.file_in(sb.checkpoint, "drafter.safetensors", "train one with `specdraft train`")
-                if sb.tree == "sampled" and sb.select == "neural":
-                    checks.file_in(
-                        sb.selector,
-                        "selector.safetensors",
-                        "train one: specdraft train --config configs/train-selector.yaml",
-                    )
             except OSError as e:
-                raise ValueError(f"specblock.{'selector' if 'selector' in str(e) else 'checkpoint'}: {e}") from None
+                raise ValueError(f"specblock.checkpoint: {e}") from None
+            try:
+                if sb.tree == "sampled" and sb.select == "neural":
+                    hint = "train one: specdraft train --config configs/train-selector.yaml"
+                    checks.file_in(sb.selector, "selector.safetensors", hint)
+            except OSError as e:
+                raise ValueError(f"specblock.selector: {e}") from None
         if self.lookup and (self.kind != "specblock" or sb.tree == "sampled"):
             raise ValueError(
                 "lookup: only in front of a specblock drafter with a deterministic tree "

@@ -18,6 +18,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonneg_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
 def positive_ints(text: str) -> list[int]:
     return [positive_int(v) for v in text.split(",")]
 
@@ -88,15 +92,17 @@ def cmd_generate(args) -> None:
     prompt = chat_prompt(tokenizer, args.prompt)
     drafter = None if args.no_draft else drafter_factory(cfg.drafter, target)("generate")
     out, shown, steps, t0 = [], "", [], time.perf_counter()
-    for step in decode(target, prompt, cfg, stops, drafter, args.max_new_tokens):
-        out += step.tokens
-        steps.append(step)
-        text = tokenizer.decode(out, skip_special_tokens=True)
-        print(text[len(shown) :], end="", flush=True)  # stream what this step committed
-        shown = text
+    try:
+        for step in decode(target, prompt, cfg, stops, drafter, args.max_new_tokens):
+            out += step.tokens
+            steps.append(step)
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            print(text[len(shown) :], end="", flush=True)  # stream what this step committed
+            shown = text
+    finally:
+        if drafter is not None:
+            drafter.close()
     dt = time.perf_counter() - t0
-    if drafter is not None:
-        drafter.close()
     print(
         f"\n[{len(out)} tokens in {len(steps)} target forwards, tau {tau(steps):.2f}, {len(out) / dt:.1f} tok/s]",
         file=sys.stderr,
@@ -183,7 +189,10 @@ def cmd_prepare_data(args) -> None:
         return target.prefill(ids), target.logits
 
     with tqdm(desc="teacher forcing", unit="tok") as bar:
-        manifest = build_cache(conversations, tokenizer, features, cfg.data, cfg.target.model, bar.update, replies)
+        try:
+            manifest = build_cache(conversations, tokenizer, features, cfg.data, cfg.target.model, bar.update, replies)
+        except ValueError as e:  # an out_dir written by another config
+            raise ConfigError(f"data.out_dir: {e}") from None
     for split in ("train", "heldout"):
         shards = [s for s in manifest["shards"] if s["split"] == split]
         print(
@@ -354,7 +363,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--step-prompts",
-        type=int,
+        type=nonneg_int,
         default=3,
         help="MT-Bench prompts for the per-step table (0 skips it; default: %(default)s)",
     )

@@ -203,9 +203,9 @@ class Config:
 COMMAND_SECTIONS = {
     "eval": ("target", "drafter", "sampling", "verify", "verifier", "eval"),
     "generate": ("target", "drafter", "sampling", "verify"),
-    "bench": ("target",),
+    "bench": ("target", "sampling", "verify"),
     "serve-drafter": ("target", "drafter", "server"),
-    "prepare-data": ("target", "data"),
+    "prepare-data": ("target", "sampling", "verifier", "data"),
     "train": ("target", "train"),
     "bandit-experiment": ("target", "drafter", "sampling", "verify", "experiment"),
     "proposer": ("drafter",),

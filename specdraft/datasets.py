@@ -68,7 +68,10 @@ def record_messages(record) -> list[dict]:
 def file_records(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed record or the JSONDecodeError) of a JSONL file, or of a JSON file holding a
     list of records (whose bad JSON spoils the whole file: a ConfigError naming the line)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), start=1):

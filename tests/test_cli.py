@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("target: {modle: x}\n", "target.modle: unknown key"),
         ("eval: {num_prompts: many}\n", "eval.num_prompts: expected int, got 'many'"),
         ("eval: {baseline: 1}\n", "eval.baseline: expected bool, got 1"),
-        ("target: {dtype: float16}\n", "target.dtype: 'float16' is not one of float32, bfloat16"),
+        ("target: {dtype: float16}\n", "target.dtype: 'float16' is not one of auto, float32, bfloat16"),
         ("eval: {datasets: [mt_bench, gsm8k]}\n", "eval.datasets[1]: 'gsm8k' is not one of"),
         ("sampling: {top_p: 1.5}\n", "sampling.top_p: must be in (0, 1]"),
         ("drafter: {max_nodes: 0}\n", "drafter.max_nodes: must be > 0"),

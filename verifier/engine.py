@@ -30,8 +30,8 @@ class Step:
 class RowLogits:
     """Target logits per row for a verification rule: row 0 and the rows of the drafter's first path
     (first-listed child at each depth: where a walk goes while the drafts are right) in one batched LM
-    head call, any other row on demand. The LM head is row-invariant (kernels.linear), so a row's logits
-    do not depend on which call computed them."""
+    head call, any other row on demand. In bf16 the LM head is row-invariant (kernels.linear), so a row's
+    logits do not depend on which call computed them; in fp32 they may differ by ~1e-6."""
 
     def __init__(self, target: Target, states: torch.Tensor, tree: DraftTree | None):
         t0 = time.perf_counter()
