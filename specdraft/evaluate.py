@@ -39,7 +39,7 @@ def drafter_factory(cfg: DrafterConfig, target) -> Callable[[str], Drafter]:
     a wrong address or a sidecar for another vocabulary is a config error, not a silent plain run)."""
     vocab_size = target.vocab_size
     if cfg.mode == "inprocess":
-        model = load_drafter_model(cfg, target.model.args, target.model.tok_embeddings.weight)
+        model = load_drafter_model(cfg, target.args, target.embedding)
         return lambda label: make_drafter(cfg, model)
     conn = connect(cfg.grpc)
     try:
@@ -316,7 +316,7 @@ def run_matrix(cfg: Config) -> dict:
     variant, all in one process on the same prompts."""
     jobs = eval_jobs(cfg)
     target, tokenizer, stops = load_target(cfg.target)
-    model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
+    model = load_drafter_model(cfg.drafter, target.args, target.embedding)
     variants = matrix_variants(cfg)
     rows = []
     bar = tqdm(total=len(cfg.eval.matrix.temperatures) * len(jobs), desc="eval matrix", unit="conversation")

@@ -74,7 +74,7 @@ def run_policies(cfg, target, stops, jobs, progress=None) -> dict:
     ex = cfg.experiment
     state = {}
     for policy in ex.policies:
-        model = load_drafter_model(cfg.drafter, target.model.args, target.model.tok_embeddings.weight)
+        model = load_drafter_model(cfg.drafter, target.args, target.embedding)
         bandit_cfg = {
             "never": None,
             "bandit": replace(cfg.drafter.bandit, enabled=True),

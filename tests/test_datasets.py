@@ -150,12 +150,10 @@ def test_a_drafter_trains_end_to_end_from_a_user_jsonl(tmp_path):
     cfg = TrainConfig(data_dir=data.out_dir, out=str(tmp_path / "ck"), steps=20, conversations_per_step=2)
     cfg.model.n_heads, cfg.model.head_dim, cfg.model.intermediate_size, cfg.model.draft_vocab = 4, 16, 128, 64
     losses = []
-    metrics = train(cfg, args, target.model.tok_embeddings.weight, lambda m: losses.append(m["train_loss"]))
+    metrics = train(cfg, args, target.embedding, lambda m: losses.append(m["train_loss"]))
     assert metrics["train_loss"] < losses[0]
     assert (tmp_path / "ck" / "drafter.safetensors").is_file()
-    assert (
-        evaluate_checkpoint(tmp_path / "ck", cfg, args, target.model.tok_embeddings.weight)["conversations"] == n_held
-    )
+    assert evaluate_checkpoint(tmp_path / "ck", cfg, args, target.embedding)["conversations"] == n_held
 
 
 @pytest.mark.model

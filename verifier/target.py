@@ -11,6 +11,7 @@ import torch
 
 from kernels import compact_kv, verify_ancestors
 from kernels.attention import max_tree_depth
+from kernels.layers import ModelArgs
 from proto.tree import DraftTree
 from verifier.model import Transformer
 
@@ -43,6 +44,15 @@ class TorchTarget:
         self.vocab_size = model.args.vocab_size
         self.max_seq_len = model.max_seq_len
         self.length = 0
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The token embedding [V, dim], which learned drafters share."""
+        return self.model.tok_embeddings.weight
 
     @property
     def max_tree_depth(self) -> int:

@@ -69,8 +69,8 @@ def untrained_specblock(target):
     torch.manual_seed(0)
     model = SpecBlock(
         SpecBlockConfig(n_layers=1, draft_vocab=4096),
-        target.model.args,
-        target.model.tok_embeddings.weight,
+        target.args,
+        target.embedding,
         torch.arange(4096),
     ).eval()
     return SpecBlockDrafter(model, SpecBlockDraftConfig(max_blocks=3))

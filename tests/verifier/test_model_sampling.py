@@ -37,7 +37,7 @@ def setting(target_fp32, tokenizer):
     target = target_fp32
     states = target.prefill(ids)
     pending = int(target.logits(states[-1:])[0].argmax())
-    model = load_specblock(CHECKPOINT, target.model.args, target.model.tok_embeddings.weight)
+    model = load_specblock(CHECKPOINT, target.args, target.embedding)
     drafter = SpecBlockDrafter(model, SpecBlockDraftConfig(tree="sampled", delay=1, branches=2, rollout=1))
     first = drafter.draft(VerifierUpdate(ids + [pending], None, 3, target.vocab_size, states, PARAMS))
     assert first is not None and first.draft_probs is not None
