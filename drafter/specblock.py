@@ -21,6 +21,7 @@ Shapes: K = block_size, T = positions, D = dim, Vd = draft vocabulary size."""
 import heapq
 import json
 import typing
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from drafter.selector import cached_selector, step_features
 from kernels.layers import ModelArgs, RMSNorm, apply_rope, rope_tables
+from kernels.linear import PackedLinear, pack_linears
 from proto import checks
 from proto.interface import VerifierUpdate
 from proto.tree import DraftTree
@@ -75,39 +77,62 @@ class Layer(nn.Module):
         if cfg.shift:
             nn.init.zeros_(self.shift.weight)
 
-    def kv(self, ctx: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """ctx [T, D] context-stream states -> keys, values [H, T, hd] (keys rotated)."""
+    def kv(self, normed: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """normed [T, D] context-stream states after attn_norm -> keys, values [H, T, hd] (keys rotated)."""
         h, hd = self.cfg.n_heads, self.cfg.head_dim
-        k, v = self.wkv(self.attn_norm(ctx)).view(-1, 2, h, hd).unbind(1)
+        k, v = self.wkv(normed).view(-1, 2, h, hd).unbind(1)
         return apply_rope(k.transpose(0, 1)[None], cos, sin)[0], v.transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, keys, values, cos, sin, mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys, values, cos, sin, mask, own=None) -> torch.Tensor:
         """x [K, T, D] block states (stream 0 = the context stream); keys/values [H, S, hd];
-        cos/sin [K, T, hd] per query position; mask [K, T, S] bool or None."""
-        if self.shift is not None:
+        cos/sin [K, T, hd] per query position; mask [K, T, S] bool or None; own: None, or views
+        (keys, values) [H, T, hd] of keys/values where stream 0's own keys and values are written before
+        attention (inherited starts attend to themselves). All K * T queries share the keys, so they run
+        as one SDPA batch [1, H, K*T, hd]: the fused CPU kernel (K query batches against broadcast keys
+        would take the unfused path)."""
+        if self.shift is not None and x.shape[0] > 1:
             x = torch.cat([x[:1], x[1:] + self.shift(x[:-1])])  # layer-wise shift, from the layer's input
         kq, t, d = x.shape
         h, hd = self.cfg.n_heads, self.cfg.head_dim
-        q = self.wq(self.attn_norm(x)).view(kq, t, h, hd).transpose(1, 2)  # [K, H, T, hd]
-        q = apply_rope(q, cos[:, None], sin[:, None])
+        normed = self.attn_norm(x)
+        if own is not None:
+            k0, v0 = self.kv(normed[0], cos[0], sin[0])
+            own[0].copy_(k0)
+            own[1].copy_(v0)
+        q = self.wq(normed).view(kq * t, h, hd).transpose(0, 1)[None]  # [1, H, K*T, hd]
+        q = apply_rope(q, cos.reshape(kq * t, hd), sin.reshape(kq * t, hd))
         y = F.scaled_dot_product_attention(
-            q, keys[None], values[None], attn_mask=None if mask is None else mask[:, None]
-        )
-        x = x + self.wo(y.transpose(1, 2).reshape(kq, t, h * hd))
+            q, keys[None], values[None], attn_mask=None if mask is None else mask.reshape(kq * t, -1)
+        )  # [1, H, K*T, hd]
+        x = x + self.wo(y[0].transpose(0, 1).reshape(kq, t, h * hd))
         gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
 
 
+class TiedHead(nn.Module):
+    """Logits over the draft vocabulary: x [..., D] -> [..., Vd] against rows [Vd, D] of the target's tied
+    embedding (frozen, and rebuilt from the embedding, so not saved)."""
+
+    def __init__(self, rows: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", rows, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class SpecBlock(nn.Module):
     def __init__(self, cfg: SpecBlockConfig, target_args: ModelArgs, embedding: torch.Tensor, draft_ids: torch.Tensor):
-        """embedding: the target's token embedding [V, D] (shared, frozen; SmolLM2 ties it to its LM head);
-        draft_ids [Vd]: target token ids of the draft vocabulary."""
+        """embedding: the target's token embedding [V, D] (shared, frozen; SmolLM2 ties it to its LM head),
+        in the target's dtype, which drafting then runs in (see `drafting`); draft_ids [Vd]: target token
+        ids of the draft vocabulary."""
         super().__init__()
         self.cfg, self.dim = cfg, target_args.dim
         d, eps = target_args.dim, target_args.norm_eps
+        self.draft_dtype = embedding.dtype
         self.register_buffer("embedding", embedding.detach().float(), persistent=False)
         self.register_buffer("draft_ids", draft_ids.long())
-        self.register_buffer("draft_head", self.embedding[self.draft_ids].contiguous(), persistent=False)  # [Vd, D]
+        self.head = TiedHead(self.embedding[self.draft_ids].contiguous())
         self.fc = nn.Linear(2 * d, d, bias=False)
         self.block_emb = nn.Parameter(torch.randn(cfg.block_size - 1, d) * 0.02)  # inputs of positions 2..K
         self.layers = nn.ModuleList(Layer(d, cfg, eps) for _ in range(cfg.n_layers))
@@ -118,18 +143,36 @@ class SpecBlock(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # None: frozen weights. An online learner (bandit/online.py) sets it to 0 and bumps it at every kept
-        # update; sessions then keep their features, to recompute their cached context when it changes
+        # update; sessions then recompute their cached context, and `drafting` its copy of the weights
         self.version: int | None = None
+        self._drafting: tuple[int | None, SpecBlock] | None = None  # (version, copy); a tuple: not a submodule
+
+    def drafting(self) -> "SpecBlock":
+        """The model that drafts: this one when the target runs in float32; else a copy with every weight
+        in the target's dtype and the linears prepacked for this CPU (kernels.linear), made again when the
+        weights change (version). The parameters stay float32: training and online updates use them."""
+        if self.draft_dtype == torch.float32:
+            return self
+        if self._drafting is None or self._drafting[0] != self.version:
+            dtype = self.draft_dtype
+            memo = {id(self.embedding): self.embedding.to(dtype), id(self._drafting): None}
+            copy = deepcopy(self, memo).to(dtype).requires_grad_(False).eval()
+            copy.rope_cos, copy.rope_sin = self.rope_cos, self.rope_sin  # positions stay float32
+            pack_linears(copy)
+            copy.head = PackedLinear(copy.head.weight)
+            self._drafting = (self.version, copy)
+        return self._drafting[1]
 
     def inputs(self, feats: torch.Tensor | None, tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Positions' target features [T, D] (unused, may be None, when conditioning on tokens), their
         tokens [T] and next tokens [T] -> context-stream inputs u [T, D]."""
-        cond = self.embedding[tokens] if self.cfg.conditioning == "tokens" else feats.float()
-        return self.fc(torch.cat([cond, self.embedding[next_tokens]], dim=-1))
+        emb = self.embedding
+        cond = emb[tokens] if self.cfg.conditioning == "tokens" else feats.to(emb.dtype)
+        return self.fc(torch.cat([cond, emb[next_tokens]], dim=-1))
 
     def draft_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Normed states [..., D] -> logits over the draft vocabulary [..., Vd]."""
-        return states @ self.draft_head.T
+        return self.head(states)
 
     def forward_train(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing over one sequence: feats [T, D], tokens [T]. Returns normed block states
@@ -144,81 +187,79 @@ class SpecBlock(nn.Module):
         ctx_cos, ctx_sin = self.rope_cos[:t], self.rope_sin[:t]
         mask = torch.ones(t, t, dtype=torch.bool).tril()[None].expand(k, t, t)  # query at start s sees keys <= s
         for layer in self.layers:
-            keys, values = layer.kv(x[0], ctx_cos, ctx_sin)
+            keys, values = layer.kv(layer.attn_norm(x[0]), ctx_cos, ctx_sin)
             x = layer(x, keys, values, cos, sin, mask)
         return self.norm(x)
 
     @torch.no_grad()
     def extend(self, cache: "ContextCache", u_new: torch.Tensor) -> None:
-        """Run new committed positions' inputs u_new [n, D] through the context stream, appending their
-        keys and values to the cache."""
+        """Run new committed positions' inputs u_new [n, D] through the context stream, writing their
+        keys and values into the cache after the context so far."""
         n, start = u_new.shape[0], cache.length
-        pos = torch.arange(start, start + n)
-        cos, sin = self.rope_cos[pos][None], self.rope_sin[pos][None]
-        mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)[None]
-        x = u_new[None].float()
+        end = start + n
+        cache.reserve(end)
+        pos = torch.arange(start, end)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [n, hd]
+        mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
+        x = u_new[None].to(self.embedding.dtype)  # [1, n, D]
         for i, layer in enumerate(self.layers):
-            k, v = layer.kv(x[0], self.rope_cos[pos], self.rope_sin[pos])
-            cache.keys[i] = torch.cat([cache.keys[i], k], dim=1)
-            cache.values[i] = torch.cat([cache.values[i], v], dim=1)
-            x = layer(x, cache.keys[i], cache.values[i], cos, sin, mask)
-        cache.length += n
+            cache.keys[i, :, start:end], cache.values[i, :, start:end] = layer.kv(layer.attn_norm(x[0]), cos, sin)
+            if i + 1 < len(self.layers):  # the last layer's output feeds no keys: skip it
+                x = layer(x, cache.keys[i, :, :end], cache.values[i, :, :end], cos[None], sin[None], mask[None])
+        cache.length = end
 
     @torch.no_grad()
     def draft_blocks(
-        self,
-        cache: "ContextCache",
-        start_u: torch.Tensor,
-        pos: torch.Tensor,
-        n_ctx: int,
-        inherited: bool,
-        pool: list | None = None,
-        seen: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list]:
-        """Blocks at inference from B starts at once: inputs start_u [B, D] at positions pos [B]. Every
-        block attends to the first n_ctx cached context positions; a committed start is the last of them
-        (then B = 1). Inherited starts (drafted nodes, their states standing in for f) are not cached:
-        each attends, after the context, to the drafted starts of `pool` (per layer (keys, values)
-        [H, M, hd]) that `seen` [B, M] marks as its ancestors (None: all of them), i.e. the context it
-        would have had were they committed, then to itself. Returns normed block states [K, B, D] and the
-        starts' own per-layer (keys, values) [H, B, hd] (empty for a committed start) for descendants' pools."""
-        k, b = self.cfg.block_size, start_u.shape[0]
-        x = torch.cat([start_u[None].float(), self.block_emb[:, None].expand(-1, b, -1)])  # [K, B, D]
+        self, cache: "ContextCache", start_u: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Blocks at inference from B starts at once: inputs start_u [B, D] at positions pos [B]. Returns
+        normed block states [K, B, D].
+
+        seen None: a committed start, the newest context position (B = 1); its block attends to the
+        context. seen [B, M]: inherited starts (drafted nodes, their states standing in for f). A tree's
+        inherited starts live in the cache's slots after the context, in the order they were started: the
+        M earlier ones, then these B (written here). Each attends to the context, to the earlier drafted
+        starts that its row of `seen` marks as its ancestors (the context it would have had were they
+        committed), and to itself."""
+        k, b, n = self.cfg.block_size, start_u.shape[0], cache.length
+        x = torch.cat([start_u[None].to(self.embedding.dtype), self.block_emb[:, None].expand(-1, b, -1)])  # [K, B, D]
         qpos = pos[None] + torch.arange(k)[:, None]  # [K, B]
         cos, sin = self.rope_cos[qpos], self.rope_sin[qpos]
-        mask = None
-        if inherited:
-            m = pool[0][0].shape[1] if pool else 0
-            seen = torch.ones(b, m, dtype=torch.bool) if seen is None else seen
-            mask = torch.cat([torch.ones(b, n_ctx, dtype=torch.bool), seen, torch.eye(b, dtype=torch.bool)], 1)
+        end, mask = n, None
+        if seen is not None:
+            slot = n + seen.shape[1]
+            end = slot + b
+            cache.reserve(end)
+            mask = torch.cat([torch.ones(b, n, dtype=torch.bool), seen, torch.eye(b, dtype=torch.bool)], 1)
             mask = mask[None].expand(k, -1, -1)  # [K, B, S]
-        own = []
         for i, layer in enumerate(self.layers):
-            keys, values = cache.keys[i][:, :n_ctx], cache.values[i][:, :n_ctx]
-            if inherited:
-                k0, v0 = layer.kv(x[0], self.rope_cos[pos], self.rope_sin[pos])
-                own.append((k0, v0))
-                parts = [(keys, values)] + ([pool[i]] if pool else []) + [(k0, v0)]
-                keys, values = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-            x = layer(x, keys, values, cos, sin, mask)
-        return self.norm(x), own
-
-
-def grow_pool(pool: list, own: list) -> list:
-    """Per layer (keys, values) [H, M, hd] with new starts' own [H, B, hd] appended."""
-    if not pool:
-        return own
-    return [(torch.cat([pk, ok], 1), torch.cat([pv, ov], 1)) for (pk, pv), (ok, ov) in zip(pool, own)]
+            keys, values = cache.keys[i, :, :end], cache.values[i, :, :end]
+            own = None if seen is None else (keys[:, slot:], values[:, slot:])
+            x = layer(x, keys, values, cos, sin, mask, own)
+        return self.norm(x)
 
 
 class ContextCache:
-    """Per-layer keys and values of the context stream for one session."""
+    """One session's context-stream keys and values, [L, H, S, hd] in the drafting dtype, written by
+    position: slots [0, length) hold the committed context, the slots after them the current tree's
+    drafted starts (scratch: the next step's context overwrites them). The slots double as needed, up
+    to max_seq_len (a session slides before its context and a tree would pass that)."""
 
-    def __init__(self, model: SpecBlock):
-        h, hd = model.cfg.n_heads, model.cfg.head_dim
-        self.keys = [torch.zeros(h, 0, hd) for _ in model.layers]
-        self.values = [torch.zeros(h, 0, hd) for _ in model.layers]
+    def __init__(self, model: SpecBlock, slots: int = 256):
+        cfg = model.cfg
+        self.max_slots = cfg.max_seq_len
+        shape = (cfg.n_layers, cfg.n_heads, min(slots, self.max_slots), cfg.head_dim)
+        self.keys = torch.zeros(shape, dtype=model.draft_dtype)
+        self.values = torch.zeros(shape, dtype=model.draft_dtype)
         self.length = 0
+
+    def reserve(self, n: int) -> None:
+        """Room for slots [0, n)."""
+        have = self.keys.shape[2]
+        if n > have:
+            grown = max(n, min(2 * have, self.max_slots))
+            pad = (0, 0, 0, grown - have)
+            self.keys, self.values = F.pad(self.keys, pad), F.pad(self.values, pad)
 
 
 @dataclass
@@ -267,6 +308,56 @@ def load_specblock(folder: Path, target_args: ModelArgs, embedding: torch.Tensor
 EXTEND_CHUNK = 512  # context positions encoded per forward: bounds attention's scores for a long prompt
 
 
+class Block(typing.NamedTuple):
+    """A drafted block (deterministic trees): its states and, per block position, its candidates."""
+
+    states: torch.Tensor  # [K, D] normed
+    tokens: list[list[int]]  # [K][n] candidate target token ids, best first
+    probs: list[list[float]]  # [K][n] their draft probabilities
+    start: int  # the position of its start; block position j drafts for position start + j + 1
+    path: list[int]  # the tree's drafted starts it attends to (cache slots after the context), its own last
+
+
+class SampledBlock(typing.NamedTuple):
+    """A drafted block of a sampled tree."""
+
+    q: torch.Tensor  # [K, Vd] softmax(draft logits / temperature) per block position
+    top1: list[int]  # [K] each position's most probable token: what the block's next position assumed
+    states: torch.Tensor  # [K, D] normed
+    start: int
+    path: list[int]
+
+
+class Candidate(typing.NamedTuple):
+    """A best-first heap entry: a drafted token not yet in the tree. Entries order by (neg_prob, order)."""
+
+    neg_prob: float  # minus its path probability (the product of draft probabilities from the root)
+    order: int  # insertion order: ties go to the earlier entry
+    parent: int  # its parent node, -1 at the root
+    token: int
+    block: Block  # the block that drafted it, at block position j
+    j: int
+    top1: bool  # its position's first candidate: its block already drafted what follows it
+
+
+class Node(typing.NamedTuple):
+    """A drafted node of a frontier tree (before the rerank picks the tree's nodes)."""
+
+    prob: float  # path probability
+    parent: int  # -1 at the root
+    token: int
+    depth: int  # 1 for a root
+    block: Block  # the block that drafted it, at block position j
+    j: int
+
+
+class Cursor(typing.NamedTuple):
+    """Where a sampled node's children are drawn from: position j of a block."""
+
+    block: SampledBlock
+    j: int
+
+
 class SpecBlockDrafter:
     """The Drafter interface over a SpecBlock model, one session per object. Needs the target's hidden
     states in every update (VerifierUpdate.hidden).
@@ -284,7 +375,9 @@ class SpecBlockDrafter:
         # the session's tokens and target features from the context's first position on: a session longer
         # than the model's positions slides (see _slide), so both stay within max_seq_len
         self.tokens: list[int] = []
-        self.feats: list[torch.Tensor] = []  # [n, D] chunks, one row per context position (features conditioning)
+        # [n, D] chunks, one row per context position (features conditioning): what _slide re-encodes the
+        # kept context from, and _recompute the whole context when the weights change
+        self.feats: list[torch.Tensor] = []
         self.dropped = 0  # committed tokens slid out of the context
         self.last_u: torch.Tensor | None = None  # input of the newest context position: the next block's start
         self.generator = torch.Generator().manual_seed(0)  # sampled trees: the drafter's own draws
@@ -298,36 +391,62 @@ class SpecBlockDrafter:
         self.trace: list[dict] = []  # sampled trees: per step {"features", "delay", "accepted"} (selector data)
         self.forwards = 0  # drafter forwards (blocks) over the session
 
-    def _candidates(self, states: torch.Tensor, ranked: bool = True) -> list[list[tuple[int, float]]]:
-        """Per block position: [(target token id, draft probability)], best first: as many as the rank
-        head says (at most max_branch), or max_branch each when not ranked."""
-        m = self.model
-        probs = m.draft_logits(states).softmax(-1)  # [K, Vd]
-        counts = (
-            (m.rank_head(states).argmax(-1) + 1).clamp(max=self.cfg.max_branch)
-            if ranked
-            else torch.full((states.shape[0],), self.cfg.max_branch)
-        )
-        out = []
-        for j in range(states.shape[0]):
-            top = probs[j].topk(int(counts[j]))
-            out.append([(int(m.draft_ids[i]), float(p)) for i, p in zip(top.indices, top.values)])
-        return out
+    def _blocks(
+        self, m: SpecBlock, states: torch.Tensor, starts: list[int], paths: list[list[int]], ranked: bool
+    ) -> list[Block]:
+        """Blocks from one forward's states [K, B, D], every position's candidates at once: as many as
+        the rank head says (at most max_branch), or max_branch each when not ranked."""
+        top = m.draft_logits(states).float().softmax(-1).topk(self.cfg.max_branch)  # [K, B, max_branch]
+        tokens, probs = m.draft_ids[top.indices].tolist(), top.values.tolist()
+        if ranked:
+            counts = (m.rank_head(states).argmax(-1) + 1).tolist()  # [K, B]
+            tokens = [[row[:c] for row, c in zip(rows, cs)] for rows, cs in zip(tokens, counts)]
+            probs = [[row[:c] for row, c in zip(rows, cs)] for rows, cs in zip(probs, counts)]
+        return [
+            Block(states[:, b], [rows[b] for rows in tokens], [rows[b] for rows in probs], start, path)
+            for b, (start, path) in enumerate(zip(starts, paths))
+        ]
 
-    @torch.no_grad()
+    def _inherit(
+        self, m: SpecBlock, nodes: list[tuple[Block | SampledBlock, int, int]], drafted: int
+    ) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+        """New blocks from drafted nodes (their block, block position j, token), in one forward: each
+        starts at its node's position with the node's state standing in for the feature, in the cache slot
+        after the tree's `drafted` earlier starts, attending to those of its own path. Returns their states
+        [K, B, D], start positions and paths."""
+        self.forwards += 1
+        starts = [blk.start + j + 1 for blk, j, _ in nodes]
+        paths = [blk.path + [drafted + b] for b, (blk, _, _) in enumerate(nodes)]
+        seen = torch.zeros(len(nodes), drafted, dtype=torch.bool)  # [B, drafted]
+        for b, (blk, _, _) in enumerate(nodes):
+            seen[b, blk.path] = True
+        feats = torch.stack([blk.states[j] for blk, j, _ in nodes])  # [B, D]
+        u = m.fc(torch.cat([feats, m.embedding[torch.tensor([tok for _, _, tok in nodes])]], -1))
+        return m.draft_blocks(self.cache, u, torch.tensor(starts), seen), starts, paths
+
+    def _encode(self, m: SpecBlock, u: torch.Tensor) -> None:
+        """New context positions' inputs u [n, D] into the cache, in chunks."""
+        for i in range(0, len(u), EXTEND_CHUNK):
+            m.extend(self.cache, u[i : i + EXTEND_CHUNK])
+        self.last_u = u[-1]
+
+    # inference_mode, not no_grad: no autograd bookkeeping per op; what it creates (a sampled tree's
+    # draft_probs) is only read outside it
+    @torch.inference_mode()
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
-        m = self.model
-        if update.max_nodes > m.cfg.max_seq_len // 2:  # a tree's depth must fit in the positions after the context
-            update = replace(update, max_nodes=m.cfg.max_seq_len // 2)
+        cfg = self.model.cfg
+        if update.max_nodes > cfg.max_seq_len // 2:  # a tree's depth must fit in the positions after the context
+            update = replace(update, max_nodes=cfg.max_seq_len // 2)
         self.tokens += update.new_tokens
         if update.feedback is not None:
             self.recent.append(len(update.feedback.accepted))
             if self.trace and "accepted" not in self.trace[-1]:
                 self.trace[-1]["accepted"] = self.recent[-1]
-        if self.version != m.version:  # the weights changed under this session: recompute its context
-            self._recompute()
+        m = self.model.drafting()
+        if self.version != self.model.version:  # the weights changed under this session: recompute its context
+            self._recompute(m)
         start = self.cache.length  # context positions so far; the update brings the next ones
-        if m.cfg.conditioning == "tokens":
+        if cfg.conditioning == "tokens":
             n_f = len(self.tokens) - 1  # every committed token but the newest (its next token is pending)
         elif update.hidden is None:
             raise ValueError(
@@ -336,175 +455,121 @@ class SpecBlockDrafter:
             )
         else:
             n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
-        if update.hidden is not None and m.cfg.conditioning != "tokens":
             self.feats.append(update.hidden)
-        if n_f + update.max_nodes > m.cfg.max_seq_len:  # a tree would run past the model's positions
-            n_f = self._slide(n_f)
+        if n_f + update.max_nodes > cfg.max_seq_len:  # a tree would run past the model's positions
+            n_f = self._slide(m, n_f)
         elif n_f > start:
             toks = torch.tensor(self.tokens[start : n_f + 1])
-            u = m.inputs(update.hidden, toks[:-1], toks[1:])
-            for i in range(0, len(u), EXTEND_CHUNK):
-                m.extend(self.cache, u[i : i + EXTEND_CHUNK])
-            self.last_u = u[-1]
+            self._encode(m, m.inputs(update.hidden, toks[:-1], toks[1:]))
         if self.last_u is None or update.max_nodes <= 0:
             return None
         t = n_f - 1
-        states = m.draft_blocks(self.cache, self.last_u[None], torch.tensor([t]), n_f, inherited=False)[0][:, 0]
+        states = m.draft_blocks(self.cache, self.last_u[None], torch.tensor([t]))  # [K, 1, D]
         self.forwards += 1
         if self.cfg.tree == "sampled":
             temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
-            q = (m.draft_logits(states) / temperature).softmax(-1)  # [K, Vd]: the selector's features and the roots' q
+            q = (m.draft_logits(states[:, 0]).float() / temperature).softmax(-1)  # [K, Vd]: the selector's features
             return self._sampled_tree(
-                states, q, t, n_f, update.max_nodes, update.vocab_size, temperature, self._delay(q)
+                m, states[:, 0], q, t, update.max_nodes, update.vocab_size, temperature, self._delay(q)
             )
+        root = self._blocks(m, states, [t], [[]], ranked=self.cfg.tree == "best_first")[0]
         if self.cfg.tree == "frontier":
-            return self._frontier_tree(states, t, n_f, update.max_nodes, update.vocab_size)
-        return self._best_first_tree(states, t, n_f, update.max_nodes, update.vocab_size)
+            return self._frontier_tree(m, root, update.max_nodes, update.vocab_size)
+        return self._best_first_tree(m, root, update.max_nodes, update.vocab_size)
 
-    def _slide(self, n_f: int) -> int:
+    def _slide(self, m: SpecBlock, n_f: int) -> int:
         """Sliding context: keep the newest max_seq_len / 2 of the n_f context positions (a tree of at most
         that many nodes fits after them), re-encoded from position 0 with the current weights, in chunks
         that bound attention's memory. Returns the new context length."""
-        m = self.model
         keep = m.cfg.max_seq_len // 2
         drop = n_f - keep
         self.tokens, self.dropped = self.tokens[drop:], self.dropped + drop
         self.feats = [torch.cat(self.feats)[-keep:]] if self.feats else []
-        self.cache, self.version = ContextCache(m), m.version
+        self.cache, self.version = ContextCache(m), self.model.version
         toks = torch.tensor(self.tokens[: keep + 1])
-        u = m.inputs(self.feats[0] if self.feats else None, toks[:-1], toks[1:])
-        for i in range(0, keep, EXTEND_CHUNK):
-            m.extend(self.cache, u[i : i + EXTEND_CHUNK])
-        self.last_u = u[-1]
+        self._encode(m, m.inputs(self.feats[0] if self.feats else None, toks[:-1], toks[1:]))
         return keep
 
-    def _recompute(self) -> None:
+    def _recompute(self, m: SpecBlock) -> None:
         """The context cache again from the session's tokens and features, with the current weights."""
-        m, n = self.model, self.cache.length
-        self.cache, self.version = ContextCache(m), m.version
+        n = self.cache.length
+        self.cache, self.version = ContextCache(m), self.model.version
         if n:
             toks = torch.tensor(self.tokens[: n + 1])
-            u = m.inputs(torch.cat(self.feats)[:n] if self.feats else None, toks[:-1], toks[1:])
-            m.extend(self.cache, u)
-            self.last_u = u[-1]
+            self._encode(m, m.inputs(torch.cat(self.feats)[:n] if self.feats else None, toks[:-1], toks[1:]))
 
-    def _inherit(self, state: torch.Tensor, tok: int, pos: int, n_f: int, pool: list) -> tuple[torch.Tensor, list]:
-        """A new block from a drafted node (its state [D] standing in for the feature, its token) at
-        position pos, attending to its ancestors' `pool`: the block's states [K, D] and its descendants' pool."""
-        m = self.model
-        u = m.fc(torch.cat([state, m.embedding[tok]]))
-        st, own = m.draft_blocks(self.cache, u[None], torch.tensor([pos]), n_f, inherited=True, pool=pool)
-        return st[:, 0], grow_pool(pool, own)
-
-    def _best_first_tree(
-        self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int
-    ) -> DraftTree | None:
-        m = self.model
-        blocks = 1
-        # heap entries: (-path prob, order, parent node, token, its block's states, block position j,
-        # P + j for a block started at position P, whether it is its position's top-1)
-        # block -> (candidates per position, the keys and values its inheriting blocks attend to)
-        block_of = {id(states): (self._candidates(states), [])}
+    def _best_first_tree(self, m: SpecBlock, root: Block, max_nodes: int, vocab_size: int) -> DraftTree | None:
+        k = m.cfg.block_size
+        blocks, drafted = 1, 0
         heap = [
-            (-p, order, -1, tok, states, 0, t, order == 0) for order, (tok, p) in enumerate(block_of[id(states)][0][0])
+            Candidate(-p, order, -1, tok, root, 0, order == 0)
+            for order, (tok, p) in enumerate(zip(root.tokens[0], root.probs[0]))
         ]
         order = len(heap)
         heapq.heapify(heap)
         tokens, parents = [], []
-        while heap and len(tokens) < max_nodes and -heap[0][0] >= self.cfg.min_prob:
-            negp, _, parent, tok, st, j, pos, is_top1 = heapq.heappop(heap)
+        while heap and len(tokens) < max_nodes and -heap[0].neg_prob >= self.cfg.min_prob:
+            c = heapq.heappop(heap)
             node = len(tokens)
-            tokens.append(tok)
-            parents.append(parent)
-            if is_top1 and j + 1 < m.cfg.block_size:  # the block already drafted the next position
-                kids, nst, nj, npos = block_of[id(st)][0][j + 1], st, j + 1, pos + 1
+            tokens.append(c.token)
+            parents.append(c.parent)
+            if c.top1 and c.j + 1 < k:  # the block already drafted the next position
+                blk, j = c.block, c.j + 1
             elif blocks < self.cfg.max_blocks:  # inherit: a new block from this node
                 blocks += 1
-                self.forwards += 1
-                nst, carried = self._inherit(st[j], tok, pos + 1, n_f, block_of[id(st)][1])
-                block_of[id(nst)] = (self._candidates(nst), carried)
-                kids, nj, npos = block_of[id(nst)][0][0], 0, pos + 1
+                blk, j = self._blocks(m, *self._inherit(m, [(c.block, c.j, c.token)], drafted), ranked=True)[0], 0
+                drafted += 1
             else:
                 continue
-            for rank, (ktok, kp) in enumerate(kids):
-                heapq.heappush(heap, (negp * kp, order, node, ktok, nst, nj, npos, rank == 0))
+            for rank, (tok, p) in enumerate(zip(blk.tokens[j], blk.probs[j])):
+                heapq.heappush(heap, Candidate(c.neg_prob * p, order, node, tok, blk, j, rank == 0))
                 order += 1
         return DraftTree(tokens, parents, vocab_size, max_nodes) if tokens else None
 
-    def _frontier_tree(self, states: torch.Tensor, t: int, n_f: int, max_nodes: int, vocab_size: int) -> DraftTree:
+    def _frontier_tree(self, m: SpecBlock, root: Block, max_nodes: int, vocab_size: int) -> DraftTree:
         """EAGLE-2's dynamic tree. Expansion, depth by depth: the max_branch drafted nodes of the newest
         depth with the highest path probability get max_branch children each (no rank head):
         from the next position of their block when they are its top-1, else from new blocks that inherit
         them, all started in one batched forward (each attending to its own drafted ancestors), while
         max_blocks allows. Rerank: the max_nodes drafted nodes of highest path probability form the tree
         (a parent's is never below its child's, so every chosen node's parent is chosen)."""
-        m, cfg = self.model, self.cfg
-        k = m.cfg.block_size
-        # per drafted node: path prob, parent, token, depth, its block's states and candidates, block
-        # position j, query position, its block's inherited start (pool index, -1 = the context block)
-        nodes: list[tuple] = []
-        ancestors: list[
-            list[int]
-        ] = []  # per pool entry (an inherited start): pool indices of its path, itself included
-        pool: list = []
+        cfg, k = self.cfg, m.cfg.block_size
+        nodes: list[Node] = []
 
-        def add_children(parent: int, cands: list, st, cand_rows, j: int, pos: int, start: int) -> list[int]:
-            p, depth = (1.0, 0) if parent < 0 else (nodes[parent][0], nodes[parent][3])
+        def add_children(parent: int, block: Block, j: int) -> list[int]:
+            p, depth = (1.0, 0) if parent < 0 else (nodes[parent].prob, nodes[parent].depth)
             if depth >= max_nodes:
                 return []
-            for tok, q in cands:
-                nodes.append((p * q, parent, tok, depth + 1, st, cand_rows, j, pos, start))
-            return list(range(len(nodes) - len(cands), len(nodes)))
+            first = len(nodes)
+            nodes.extend(
+                Node(p * q, parent, tok, depth + 1, block, j) for tok, q in zip(block.tokens[j], block.probs[j])
+            )
+            return list(range(first, len(nodes)))
 
-        root_rows = self._candidates(states, ranked=False)
-        newest = add_children(-1, root_rows[0], states, root_rows, 0, t, -1)
-        blocks = 1
+        newest = add_children(-1, root, 0)
+        blocks, drafted = 1, 0
         while newest:
-            chosen = sorted(newest, key=lambda i: -nodes[i][0])[: cfg.max_branch]
-            newest = []
-            inherit = []
+            chosen = sorted(newest, key=lambda i: -nodes[i].prob)[: cfg.max_branch]
+            newest, inherit = [], []
             for i in chosen:
-                _, _, tok, _, st, rows, j, pos, start = nodes[i]
-                if j + 1 < k and tok == rows[j][0][0]:  # its block's top-1: the block drafted what follows
-                    newest += add_children(i, rows[j + 1], st, rows, j + 1, pos + 1, start)
+                n = nodes[i]
+                if n.j + 1 < k and n.token == n.block.tokens[n.j][0]:  # its block's top-1: it drafted what follows
+                    newest += add_children(i, n.block, n.j + 1)
                 else:
                     inherit.append(i)
             if not inherit or blocks >= cfg.max_blocks:
                 continue
             blocks += 1
-            self.forwards += 1
-            u = m.fc(
-                torch.cat(
-                    [
-                        torch.stack([nodes[i][4][nodes[i][6]] for i in inherit]),
-                        m.embedding[torch.tensor([nodes[i][2] for i in inherit])],
-                    ],
-                    -1,
-                )
-            )  # [B, D]
-            paths = [ancestors[nodes[i][8]] if nodes[i][8] >= 0 else [] for i in inherit]
-            seen = torch.zeros(len(inherit), len(ancestors), dtype=torch.bool)  # [B, M]
-            for b, path in enumerate(paths):
-                seen[b, path] = True
-            bst, own = m.draft_blocks(
-                self.cache,
-                u,
-                torch.tensor([nodes[i][7] + 1 for i in inherit]),
-                n_f,
-                inherited=True,
-                pool=pool,
-                seen=seen,
-            )
-            pool = grow_pool(pool, own)
-            for b, i in enumerate(inherit):
-                ancestors.append(paths[b] + [len(ancestors)])
-                rows = self._candidates(bst[:, b], ranked=False)
-                newest += add_children(i, rows[0], bst[:, b], rows, 0, nodes[i][7] + 1, len(ancestors) - 1)
-        keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], nodes[i][3]))[:max_nodes]
+            starts = [(nodes[i].block, nodes[i].j, nodes[i].token) for i in inherit]
+            new = self._blocks(m, *self._inherit(m, starts, drafted), ranked=False)
+            drafted += len(inherit)
+            for i, block in zip(inherit, new):
+                newest += add_children(i, block, 0)
+        keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i].prob, nodes[i].depth))[:max_nodes]
         index = {old: new for new, old in enumerate(keep)}
         return DraftTree(
-            [nodes[i][2] for i in keep],
-            [index[nodes[i][1]] if nodes[i][1] >= 0 else -1 for i in keep],
+            [nodes[i].token for i in keep],
+            [index[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in keep],
             vocab_size,
             max_nodes,
         )
@@ -526,10 +591,10 @@ class SpecBlockDrafter:
 
     def _sampled_tree(
         self,
+        m: SpecBlock,
         states: torch.Tensor,
         q: torch.Tensor,
         t: int,
-        n_f: int,
         max_nodes: int,
         vocab_size: int,
         temperature: float,
@@ -543,41 +608,41 @@ class SpecBlockDrafter:
         of a new block inheriting the node's state and token; a path stops early once max_blocks
         forwards are spent. The tree carries every row's q over the full vocabulary (zeros where no
         children are drawn)."""
-        m, cfg = self.model, self.cfg
-        blocks = 1
+        cfg = self.cfg
+        blocks, drafted = 1, 0
         tokens, parents = [], []
-        # per row: (block's q [K, Vd], position j, block states, query position, the block's keys and
-        # values for its inheriting blocks), or None
-        cursors = []
+        cursors: list[Cursor | None] = []  # per row (0: the root, i + 1: node i): where its children come from
         delay = min(delay, max_nodes)
         length = min(cfg.rollout, (max_nodes - delay) // cfg.branches)  # tokens per continuation
 
-        def block(st: torch.Tensor, carried: list, pos: int):  # a block's states [K, D] at position pos -> its cursor
-            return (m.draft_logits(st) / temperature).softmax(-1), 0, st, pos, carried
+        def block(q: torch.Tensor, st: torch.Tensor, start: int, path: list[int]) -> SampledBlock:
+            return SampledBlock(q, m.draft_ids[q.argmax(-1)].tolist(), st, start, path)
 
         def add(tok: int, parent: int, grow: bool) -> int:
             """Append a node drawn at its parent's cursor, and its own cursor (None when it gets no
             children: grow False, or no forward left). Returns its id."""
-            nonlocal blocks
+            nonlocal blocks, drafted
             tokens.append(tok)
             parents.append(parent)
-            q, j, st, pos, carried = cursors[parent + 1]
+            blk, j = cursors[parent + 1]
             nxt = None
-            if grow and j + 1 < m.cfg.block_size and tok == int(m.draft_ids[q[j].argmax()]):
-                nxt = (q, j + 1, st, pos + 1, carried)
+            if grow and j + 1 < m.cfg.block_size and tok == blk.top1[j]:
+                nxt = Cursor(blk, j + 1)
             elif grow and blocks < cfg.max_blocks:
                 blocks += 1
-                self.forwards += 1
-                nxt = block(*self._inherit(st[j], tok, pos + 1, n_f, carried), pos + 1)
+                st, starts, paths = self._inherit(m, [(blk, j, tok)], drafted)
+                drafted += 1
+                q = (m.draft_logits(st[:, 0]).float() / temperature).softmax(-1)
+                nxt = Cursor(block(q, st[:, 0], starts[0], paths[0]), 0)
             cursors.append(nxt)
             return len(tokens) - 1
 
         def draw(row: int, n: int) -> list[int]:  # n i.i.d. tokens from a row's q, over the draft vocabulary
-            q, j = cursors[row][:2]
-            return m.draft_ids[torch.multinomial(q[j], n, replacement=True, generator=self.generator)].tolist()
+            blk, j = cursors[row]
+            return m.draft_ids[torch.multinomial(blk.q[j], n, replacement=True, generator=self.generator)].tolist()
 
         node = -1
-        cursors.append((q, 0, states, t, []))  # the context block's q, computed once by draft
+        cursors.append(Cursor(block(q, states, t, []), 0))  # the context block's q, computed once by draft
         for i in range(delay):
             node = add(draw(node + 1, 1)[0], node, grow=i + 1 < delay or length > 0)
             if cursors[node + 1] is None:
@@ -594,7 +659,7 @@ class SpecBlockDrafter:
         q_rows = torch.zeros(len(cursors), m.draft_ids.shape[0])  # [N+1, Vd], zeros where no children
         for row, c in enumerate(cursors):
             if c is not None:
-                q_rows[row] = c[0][c[1]]
+                q_rows[row] = c.block.q[c.j]
         draft_probs = torch.zeros(len(cursors), vocab_size).index_copy_(1, m.draft_ids, q_rows)
         return DraftTree(tokens, parents, vocab_size, max_nodes, draft_probs)
 

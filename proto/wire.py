@@ -1,4 +1,4 @@
-"""Between the in-process contract (drafter/interface.py, drafter/tree.py) and specdraft.v1 messages.
+"""Between the in-process contract (proto/interface.py, proto/tree.py) and specdraft.v1 messages.
 Encoding is trusted; decoding an update checks every field against the session and raises WireError
 naming the first bad one (the server turns it into INVALID_ARGUMENT)."""
 

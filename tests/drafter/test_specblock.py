@@ -12,13 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drafter.specblock import (
-    ContextCache,
-    SpecBlock,
-    SpecBlockDraftConfig,
-    SpecBlockDrafter,
-    grow_pool,
-)
+from drafter.specblock import ContextCache, SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
 from drafter.train import TrainConfig, evaluate_checkpoint, train, valid_prefix
 from proto.interface import SamplingParams, VerifierUpdate
 from tests.stats import chi_square_p_value
@@ -68,25 +62,27 @@ def test_incremental_inference_equals_the_training_forward(conditioning):
         # conditioned on tokens, the target's features play no part
         assert torch.equal(m.forward_train(feats + 1, toks), ref) == (conditioning == "tokens")
         u = m.inputs(feats[:-1], toks[:-1], toks[1:])
-        cache = ContextCache(m)
-        m.extend(cache, u[:6])
-        m.extend(cache, u[6:9])
-        for s in (3, 8):
-            states = m.draft_blocks(cache, u[s][None], torch.tensor([s]), s + 1, inherited=False)[0][:, 0]
+        for s in (3, 8):  # the context up to s, appended in two parts
+            cache = ContextCache(m)
+            m.extend(cache, u[: s - 2])
+            m.extend(cache, u[s - 2 : s + 1])
+            states = m.draft_blocks(cache, u[s][None], torch.tensor([s]))[:, 0]
             assert torch.allclose(states, ref[:, s], atol=1e-5)
         # an inherited start that is not in the cache brings its own keys and values: same result; and a
-        # chain of inherited starts, each attending to its ancestors' keys and values (prior), equals the
-        # context stream when their inputs are the true ones: inheritance = drafting the path sequentially
-        pool = []
+        # chain of inherited starts, each attending to its ancestors' keys and values (the drafted starts
+        # in the slots after the context), equals the context stream when their inputs are the true ones:
+        # inheritance = drafting the path sequentially
+        cache = ContextCache(m)
+        m.extend(cache, u[:6])
         for s in (6, 7, 8, 9):
-            states, own = m.draft_blocks(cache, u[s][None], torch.tensor([s]), 6, inherited=True, pool=pool)
+            seen = torch.ones(1, s - 6, dtype=torch.bool)  # every earlier drafted start is an ancestor
+            states = m.draft_blocks(cache, u[s][None], torch.tensor([s]), seen)
             assert torch.allclose(states[:, 0], ref[:, s], atol=1e-5), s
-            pool = grow_pool(pool, own)
-        # batched (EAGLE-2's per-depth expansion): starts 7 and 9 in one forward over the pool of drafted
-        # starts 6, 7, 8, each seeing only its own ancestors
-        pool3 = [(k[:, :3], v[:, :3]) for k, v in pool]
+        assert cache.length == 6  # drafted starts are scratch after the context
+        # batched (EAGLE-2's per-depth expansion): starts 7 and 9 in one forward after the drafted starts
+        # 6, 7, 8, each seeing only its own ancestors
         seen = torch.tensor([[True, False, False], [True, True, True]])
-        states, _ = m.draft_blocks(cache, u[[7, 9]], torch.tensor([7, 9]), 6, inherited=True, pool=pool3, seen=seen)
+        states = m.draft_blocks(cache, u[[7, 9]], torch.tensor([7, 9]), seen)
         assert torch.allclose(states[:, 0], ref[:, 7], atol=1e-5) and torch.allclose(states[:, 1], ref[:, 9], atol=1e-5)
 
 
@@ -272,14 +268,40 @@ def test_a_session_recomputes_its_context_when_the_weights_change_under_it(condi
     fresh = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=2, max_branch=3))
     for up in ups[:2]:
         fresh.draft(up)
-    stale_keys = live.cache.keys[0].clone()
+    n = live.cache.length
+    stale_keys = live.cache.keys[:, :, :n].clone()
     assert live.draft(ups[2]) == fresh.draft(ups[2])
-    assert not torch.equal(live.cache.keys[0][:, : stale_keys.shape[1]], stale_keys)  # it did recompute
+    assert not torch.equal(live.cache.keys[:, :, :n], stale_keys)  # it did recompute
+    # a session keeps its features whether or not the weights can change: sliding past max_seq_len
+    # re-encodes the kept context from them (at most max_seq_len rows: the slide drops the rest)
     frozen = SpecBlockDrafter(
         tiny_specblock(conditioning=conditioning), SpecBlockDraftConfig(max_blocks=2, max_branch=3)
     )
     frozen.draft(ups[0])
-    assert frozen.feats == [] and (live.feats != []) == (conditioning == "features")  # kept only where weights change
+    assert (frozen.feats != []) == (live.feats != []) == (conditioning == "features")
+
+
+@pytest.mark.parametrize("conditioning", ["features", "tokens"])
+def test_a_session_past_max_seq_len_slides_and_holds_at_most_max_seq_len_rows(conditioning):
+    """Past max_seq_len a session keeps its newest max_seq_len / 2 context positions, re-encoded from
+    position 0 (from its kept features): its tree equals a fresh session's on just those, and the
+    tokens and features it holds stay within max_seq_len rows however long it runs."""
+    m = tiny_specblock(conditioning=conditioning)
+    m.cfg = replace(m.cfg, max_seq_len=32)
+    rng = random.Random(0)
+    cfg = SpecBlockDraftConfig(tree="frontier", max_blocks=3, max_branch=3)
+    live = SpecBlockDrafter(m, cfg)
+    slid = 0
+    for n in [10] + [5] * 12:  # 70 tokens: the context slides (at 25+ positions with 8-node trees) 3 times
+        hidden = torch.randn(n - (live.cache.length == 0), 64)
+        tree = live.draft(VerifierUpdate([rng.randrange(200) for _ in range(n)], None, 8, 200, hidden))
+        assert live.cache.length + 8 <= 32 and len(live.tokens) <= 33
+        assert sum(len(f) for f in live.feats) == (live.cache.length if conditioning == "features" else 0)
+        if live.dropped > slid:  # it just slid: a fresh session on the kept window drafts the same tree
+            slid = live.dropped
+            kept = torch.cat(live.feats) if live.feats else None
+            assert SpecBlockDrafter(m, cfg).draft(VerifierUpdate(live.tokens, None, 8, 200, kept)) == tree
+    assert live.dropped >= 3 * 16
 
 
 @pytest.mark.parametrize("conditioning", ["features", "tokens"])
