@@ -8,7 +8,7 @@ import sys
 
 from bandit.online import OnlineAdapter
 from drafter.server import DrafterInfo, serve
-from specdraft.assets import model_dir, target_embedding, use_threads
+from specdraft.assets import DTYPES, model_dir, resolved_dtype, target_embedding, use_threads
 from specdraft.build import DrafterConfig, load_drafter_model, make_drafter
 from specdraft.config import Config
 
@@ -30,7 +30,8 @@ def serve_drafter(cfg: Config, ready=None) -> None:
     """Serve cfg.drafter under cfg.server until SIGTERM/SIGINT (drafter.server.serve)."""
     use_threads(cfg.target)
     targs, embedding = target_embedding(model_dir(cfg.target.model))
-    model = load_drafter_model(cfg.drafter, targs, embedding)
+    # the drafter drafts in the target's dtype (SpecBlock.drafting), which it reads off the embedding
+    model = load_drafter_model(cfg.drafter, targs, embedding.to(DTYPES[resolved_dtype(cfg.target.dtype)]))
     # model-free drafters and token-conditioned SpecBlocks take no hidden states
     hidden_dim = 0 if model is None or model.cfg.conditioning == "tokens" else targs.dim
     draft_vocab = targs.vocab_size if model is None else int(model.draft_ids.shape[0])
