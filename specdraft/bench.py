@@ -156,8 +156,8 @@ STEP_PARTS = ("draft", "forward", "head", "rule", "commit")
 
 
 def step_costs(steps: list[Step]) -> dict[str, float]:
-    """Mean ms per speculative step (the prefill's step excluded) of each part, and their sum."""
-    spec = steps[1:]
+    """Mean ms per speculative step (prefill steps excluded) of each part, and their sum."""
+    spec = [s for s in steps if not s.prefill]
     n = max(len(spec), 1)
     out = {
         "draft": sum(s.draft_s for s in spec),

@@ -108,7 +108,7 @@ def summarize(records: list[dict], temperature: float) -> dict:
     out = {
         "prompts": len(records),
         "tokens": n_tokens,
-        "tau": tau([None] + spec_steps),
+        "tau": tau(spec_steps),
         "steps_with_tree": sum(s.tree_nodes > 0 for s in spec_steps) / max(len(spec_steps), 1),
         "mean_tree_nodes": sum(s.tree_nodes for s in spec_steps) / max(len(spec_steps), 1),
         "acceptance_per_depth": acc,

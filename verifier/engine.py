@@ -25,6 +25,7 @@ class Step:
     forward_s: float = 0.0  # the target's forward over the pending token and the tree
     head_s: float = 0.0  # LM head over the rows the rule read
     commit_s: float = 0.0  # KV compaction
+    prefill: bool = False  # the prompt's forward and its first token: no draft could have changed it
 
 
 class RowLogits:
@@ -55,9 +56,9 @@ class RowLogits:
 
 
 def tau(steps: list[Step]) -> float:
-    """Mean accepted length: tokens committed per speculative step, bonus included (plain decoding: 1).
-    The first step is the prefill's token, which no draft could have changed, so it does not count."""
-    spec = steps[1:]
+    """Mean accepted length: tokens committed per speculative step, bonus included (plain decoding: 1),
+    over the steps of one or more generations; their prefill steps do not count."""
+    spec = [s for s in steps if not s.prefill]
     return sum(len(s.tokens) for s in spec) / max(len(spec), 1)
 
 
@@ -78,7 +79,7 @@ def generate(
     t0 = time.perf_counter()
     states = target.prefill(prompt)
     first, _ = next_token(target.logits(states[-1:])[0], params, generator)
-    yield Step([first], 0, 0, 0, 0.0, time.perf_counter() - t0)
+    yield Step([first], 0, 0, 0, 0.0, time.perf_counter() - t0, prefill=True)
     produced, pending = 1, first
     new_tokens, feedback, hidden = prompt + [first], None, states
     while produced < max_new_tokens and pending not in stop_ids:
