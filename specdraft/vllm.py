@@ -236,7 +236,6 @@ def run_vllm_eval(cfg, jobs: list[tuple[str, str, list[int]]], stops: set[int], 
 
 
 def print_vllm_table(vllm_report: dict) -> None:
-
     cols = [
         ("dataset", 10),
         ("verifier / drafter", 56),
