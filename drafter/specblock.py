@@ -60,6 +60,9 @@ class SpecBlockConfig:
         checks.positive(self, "block_size", "n_layers", "draft_vocab", "max_rank")
 
 
+CAUSAL = "causal"  # Layer's mask for teacher forcing: every stream's row t sees context keys 0..t
+
+
 class Layer(nn.Module):
     """A pre-norm decoder layer whose queries may come from several streams but whose keys and values
     come from the context stream only."""
@@ -85,11 +88,12 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, keys, values, cos, sin, mask, own=None) -> torch.Tensor:
         """x [K, T, D] block states (stream 0 = the context stream); keys/values [H, S, hd];
-        cos/sin [K, T, hd] per query position; mask [K, T, S] bool or None; own: None, or views
-        (keys, values) [H, T, hd] of keys/values where stream 0's own keys and values are written before
-        attention (inherited starts attend to themselves). All K * T queries share the keys, so they run
-        as one SDPA batch [1, H, K*T, hd]: the fused CPU kernel (K query batches against broadcast keys
-        would take the unfused path)."""
+        cos/sin [K, T, hd] per query position; mask [K, T, S] bool, None, or CAUSAL (teacher forcing: the
+        keys are the T context rows); own: None, or views (keys, values) [H, T, hd] of keys/values where
+        stream 0's own keys and values are written before attention (inherited starts attend to
+        themselves). With a mask, all K * T queries share the keys and run as one SDPA batch
+        [1, H, K*T, hd]: the fused CPU kernel (K query batches against broadcast keys would take the
+        unfused path with a mask; with CAUSAL they are K batches, causal flash)."""
         if self.shift is not None and x.shape[0] > 1:
             x = torch.cat([x[:1], x[1:] + self.shift(x[:-1])])  # layer-wise shift, from the layer's input
         kq, t, d = x.shape
@@ -99,12 +103,18 @@ class Layer(nn.Module):
             k0, v0 = self.kv(normed[0], cos[0], sin[0])
             own[0].copy_(k0)
             own[1].copy_(v0)
-        q = self.wq(normed).view(kq * t, h, hd).transpose(0, 1)[None]  # [1, H, K*T, hd]
-        q = apply_rope(q, cos.reshape(kq * t, hd), sin.reshape(kq * t, hd))
-        y = F.scaled_dot_product_attention(
-            q, keys[None], values[None], attn_mask=None if mask is None else mask.reshape(kq * t, -1)
-        )  # [1, H, K*T, hd]
-        x = x + self.wo(y[0].transpose(0, 1).reshape(kq, t, h * hd))
+        if mask is CAUSAL:  # training: stream row t sees context keys <= t; [K, H, T, hd] against [K, H, T, hd]
+            q = apply_rope(self.wq(normed).view(kq, t, h, hd).transpose(1, 2), cos[:, None], sin[:, None])
+            expand = (kq, *keys.shape)
+            y = F.scaled_dot_product_attention(q, keys.expand(expand), values.expand(expand), is_causal=True)
+            y = y.transpose(1, 2)  # [K, T, H, hd]
+        else:
+            q = self.wq(normed).view(kq * t, h, hd).transpose(0, 1)[None]  # [1, H, K*T, hd]
+            q = apply_rope(q, cos.reshape(kq * t, hd), sin.reshape(kq * t, hd))
+            y = F.scaled_dot_product_attention(
+                q, keys[None], values[None], attn_mask=None if mask is None else mask.reshape(kq * t, -1)
+            )[0].transpose(0, 1)  # [K*T, H, hd]
+        x = x + self.wo(y.reshape(kq, t, h * hd))
         gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
 
@@ -185,10 +195,9 @@ class SpecBlock(nn.Module):
         pos = torch.arange(t)[None] + torch.arange(k)[:, None]  # [K, T'] query positions
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         ctx_cos, ctx_sin = self.rope_cos[:t], self.rope_sin[:t]
-        mask = torch.ones(t, t, dtype=torch.bool).tril()[None].expand(k, t, t)  # query at start s sees keys <= s
-        for layer in self.layers:
+        for layer in self.layers:  # the query at start s sees keys <= s
             keys, values = layer.kv(layer.attn_norm(x[0]), ctx_cos, ctx_sin)
-            x = layer(x, keys, values, cos, sin, mask)
+            x = layer(x, keys, values, cos, sin, CAUSAL)
         return self.norm(x)
 
     @torch.no_grad()

@@ -13,34 +13,75 @@ import math
 import random
 import time
 import typing
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from drafter.data import tokenize_conversation, trainable
 from drafter.selector import SelectorTrainConfig
 from drafter.specblock import SpecBlock, SpecBlockConfig, load_specblock
+from kernels.linear import fast_bf16
 from proto import checks
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class StreamConfig:
+    """train.data: stream. Conversations are read in file order, teacher-forced by the target inside the
+    training loop (batched, in the target's dtype) and dropped: nothing per token goes to disk. The data
+    cursor (the last record of the finished chunks, the batches done in the current one) is saved with
+    each checkpoint, so a resumed or continued run goes on with data it has not seen."""
+
+    source: str = "sharegpt"  # the packaged ShareGPT set, or a .jsonl / .json file of conversations
+    max_tokens: int = 1024  # per conversation (longer ones are cut)
+    batch_tokens: int = 4096  # tokens per target forward and optimizer step, padding included
+    chunk: int = 64  # conversations read ahead and sorted by length so that batches pad little
+    topk: int = 16  # the target's next-token distribution kept per reply position
+    vocab_conversations: int = 2000  # the first training conversations, whose reply tokens pick the draft vocabulary
+
+    def validate(self) -> None:
+        if self.source != "sharegpt" and not self.source.endswith((".jsonl", ".json")):
+            raise ValueError(f"source: {self.source!r} is neither sharegpt nor a .jsonl / .json file")
+        if self.source != "sharegpt":
+            checks.existing_file(self, "source")
+        checks.positive(self, "max_tokens", "batch_tokens", "chunk", "topk", "vocab_conversations")
+        if self.batch_tokens < self.max_tokens:
+            raise ValueError(f"batch_tokens: {self.batch_tokens} < max_tokens {self.max_tokens} (one conversation)")
+
+
+@dataclass
 class TrainConfig:
     kind: typing.Literal["specblock", "selector"] = "specblock"  # selector: the delay selector, from traces
     selector: SelectorTrainConfig = field(default_factory=SelectorTrainConfig)
+    # shards: prepare-data's teacher-forced files in data_dir (windows drawn at random);
+    # stream: teacher forcing inside the loop (`stream`), data_dir unused
+    data: typing.Literal["shards", "stream"] = "shards"
+    stream: StreamConfig = field(default_factory=StreamConfig)
     data_dir: str = "data/sharegpt-smollm2"
     heldout_dir: str = ""  # where the held-out split is read from; "" = data_dir
     out: str = "checkpoints/specblock-smollm2"  # drafter.safetensors + config.json (+ state.pt to resume)
     model: SpecBlockConfig = field(default_factory=SpecBlockConfig)
-    # a trained drafter's folder to start from (its shape and draft vocabulary replace `model`): fine-tuning
-    # on other data, e.g. the target's own replies (configs/data-replies.yaml); "" = random initialisation
+    # a trained drafter's folder to start from (its shape and draft vocabulary replace `model`; with
+    # data: stream, training goes on after the data cursor its config records); "" = random initialisation
     init: str = ""
+    # a folder (e.g. models/specblock-smollm2) that gets the drafter, in bf16, whenever its held-out
+    # tau-estimate beats the drafter already there (evaluated on the same held-out set at the start)
+    publish: str = ""
+    # also train the EAGLE-style baseline (this model with block_size 1) on the very same batches, into
+    # this folder, and publish it like the main one to baseline_publish; "" = no baseline
+    baseline_out: str = ""
+    baseline_publish: str = ""
+    # the drafter's matrix products in bf16 (autocast; weights and optimizer stay fp32): auto = where
+    # the CPU has bf16 dot products
+    precision: typing.Literal["auto", "float32", "bfloat16"] = "auto"
     steps: int = 2000
-    conversations_per_step: int = 4
-    max_positions: int = 512  # a random window of each conversation
+    conversations_per_step: int = 4  # data: shards
+    max_positions: int = 512  # data: shards, a random window of each conversation
     lr: float = 1e-3
     warmup: int = 50
     feature_weight: float = 0.5
@@ -50,11 +91,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks.positive(self, "steps", "conversations_per_step", "max_positions", "eval_every", "lr")
-        if self.init:
-            try:
-                checks.file_in(self.init, "drafter.safetensors")
-            except OSError as e:
-                raise ValueError(f"init: {e}") from None
+        for key in ("init", "publish"):
+            folder = getattr(self, key)
+            if folder and (key == "init" or Path(folder).exists()):
+                try:
+                    checks.file_in(folder, "drafter.safetensors")
+                except OSError as e:
+                    raise ValueError(f"{key}: {e}") from None
+        if self.baseline_publish and not self.baseline_out:
+            raise ValueError("baseline_publish: needs baseline_out (where the baseline trains)")
 
 
 def load_split(data_dir: Path, split: str) -> list[dict[str, torch.Tensor]]:
@@ -91,7 +136,8 @@ def valid_prefix(hit: torch.Tensor) -> torch.Tensor:
 
 
 def block_loss(model: SpecBlock, conv: dict, to_draft: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Loss on one conversation window; to_draft [V] maps target ids to draft indices (-1 if absent)."""
+    """Loss on one conversation window; to_draft [V] maps target ids to draft indices (-1 if absent).
+    conv's topk_* rows are read only where loss_mask is set (a streaming teacher computes only those)."""
     k = model.cfg.block_size
     tokens, hidden = conv["tokens"].long(), conv["hidden"].float()
     states = model.forward_train(hidden, tokens)  # [K, T', D], T' = T - 1
@@ -99,26 +145,37 @@ def block_loss(model: SpecBlock, conv: dict, to_draft: torch.Tensor, cfg: TrainC
     pos = torch.arange(t)[None] + torch.arange(k)[:, None] + 1  # [K, T'] index of the target distribution
     inside = pos < len(tokens)
     pos = pos.clamp(max=len(tokens) - 1)
-    logits = model.draft_logits(states)  # [K, T', Vd]
+    scored = inside & conv["loss_mask"].bool()[pos]  # [K, T'] positions that predict reply tokens
+    cols = scored.any(0).nonzero()[:, 0]  # the starts with anything to score: the rest costs no head
+    states, pos, scored = states[:, cols], pos[:, cols], scored[:, cols]  # [K, C, ...]
+    logits = model.draft_logits(states)  # [K, C, Vd]
     logq = logits.log_softmax(-1)
-    tid = to_draft[conv["topk_ids"].long()[pos]]  # [K, T', k] draft indices of the target's top-k
+    tid = to_draft[conv["topk_ids"].long()[pos]]  # [K, C, k] draft indices of the target's top-k
     tp = conv["topk_probs"].float()[pos] * (tid >= 0)
     tp = tp / tp.sum(-1, keepdim=True).clamp(min=1e-9)
-    ce = -(tp * logq.gather(-1, tid.clamp(min=0))).sum(-1)  # [K, T']
+    ce = -(tp * logq.gather(-1, tid.clamp(min=0))).sum(-1)  # [K, C]
     target_top1 = tid[..., 0]  # the target's argmax (-1 if not draftable)
-    hit = logits.argmax(-1) == target_top1
+    own_top1 = logq.argmax(-1)
+    hit = own_top1 == target_top1
     valid = valid_prefix(hit)
-    scored = inside & conv["loss_mask"].bool()[pos]  # [K, T'] positions that predict reply tokens
     weight = (valid & scored).float()
-    feat = F.smooth_l1_loss(states, hidden[pos], reduction="none").mean(-1)
-    rank_label = (logits > logits.gather(-1, target_top1.clamp(min=0)[..., None])).sum(-1)
+    feat = F.smooth_l1_loss(states.float(), hidden[pos], reduction="none").mean(-1)
+    rank_label = (logq > logq.gather(-1, target_top1.clamp(min=0)[..., None])).sum(-1)
     rank_label = torch.where(target_top1 >= 0, rank_label, model.cfg.max_rank - 1).clamp(max=model.cfg.max_rank - 1)
-    rank = F.cross_entropy(model.rank_head(states.detach()).flatten(0, 1), rank_label.flatten(), reduction="none")
+    rank_logits = model.rank_head(states.detach()).flatten(0, 1).float()
+    rank = F.cross_entropy(rank_logits, rank_label.flatten(), reduction="none")
     n = weight.sum().clamp(min=1)
-    loss = ((ce + cfg.feature_weight * feat + cfg.rank_weight * rank.view(k, t)) * weight).sum() / n
+    loss = ((ce + cfg.feature_weight * feat + cfg.rank_weight * rank.view(weight.shape)) * weight).sum() / n
     top1 = (hit & scored).float().sum(1) / scored.float().sum(1).clamp(min=1)  # [K] accuracy per position
-    # hits: per scored row, whether block position 1 agrees with the target's top-1 (the bandit's paired guard)
-    return loss, {"loss": float(loss.detach()), "top1": top1.tolist(), "hits": hit[0][scored[0]]}
+    # leading hits of each block whose first position is scored: the accepted length of a K-token chain
+    run = hit.long().cumprod(0).sum(0)[scored[0]]
+    return loss, {
+        "loss": float(loss.detach()),
+        "top1": top1.tolist(),
+        "run": run,
+        # per scored row, whether block position 1 agrees with the target's top-1 (the bandit's paired guard)
+        "hits": hit[0][scored[0]],
+    }
 
 
 def window(conv: dict, n: int, rng: random.Random) -> dict:
@@ -130,15 +187,20 @@ def window(conv: dict, n: int, rng: random.Random) -> dict:
 
 @torch.no_grad()
 def evaluate(model: SpecBlock, convs: list[dict], to_draft: torch.Tensor, cfg: TrainConfig) -> dict:
-    """Held-out loss and top-1 accuracy per block position (argmax equals the target's argmax)."""
-    losses, top1 = [], []
+    """Held-out loss, top-1 accuracy per block position (argmax equals the target's argmax), and the
+    chain tau-estimate: 1 + the mean number of leading hits of a block (the tokens one drafting forward's
+    top-1 chain would commit per verification at T=0, bonus token included; trees do better)."""
+    losses, top1, runs = [], [], []
     for conv in convs:
         loss, m = block_loss(model, conv, to_draft, cfg)
         losses.append(m["loss"])
         top1.append(m["top1"])
+        runs.append(m["run"])
+    run = torch.cat(runs).float() if runs else torch.zeros(0)
     return {
         "loss": sum(losses) / max(len(losses), 1),
         "top1": [sum(col) / len(col) for col in zip(*top1)] if top1 else [],
+        "tau_chain": 1 + float(run.mean()) if len(run) else 1.0,
     }
 
 
@@ -156,19 +218,25 @@ def evaluate_checkpoint(folder: Path, cfg: TrainConfig, target_args, embedding: 
     }
 
 
-def save(model: SpecBlock, cfg: TrainConfig, metrics: dict, out: Path) -> None:
+def save(model: SpecBlock, cfg: TrainConfig, metrics: dict, out: Path, data: dict | None = None) -> None:
+    """The drafter in bf16 (drafter.safetensors) and its config.json: shape, training config, metrics and,
+    for streamed training, the data cursor and tokens seen."""
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_file(sd, out / "drafter.safetensors")
-    (out / "config.json").write_text(
-        json.dumps({"model": asdict(cfg.model), "train": asdict(cfg), "metrics": metrics}, indent=2)
-    )
+    meta = {"model": asdict(model.cfg), "train": asdict(cfg), "metrics": metrics}
+    if data is not None:
+        meta["data"] = data
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
 
 
 def data_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
-    """The training and held-out data folders, each checked to hold prepared shards."""
+    """The training and held-out data folders, each checked to hold prepared shards (with data: stream,
+    only the held-out one)."""
     data, held_dir = Path(cfg.data_dir), Path(cfg.heldout_dir or cfg.data_dir)
     for key, folder in (("train.data_dir", data), ("train.heldout_dir", held_dir)):
+        if key == "train.data_dir" and cfg.data == "stream":
+            continue
         if not (folder / "manifest.json").is_file():
             raise FileNotFoundError(
                 f"{key}: {folder}: no manifest.json (run `specdraft prepare-data` first; the "
@@ -177,62 +245,262 @@ def data_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
     return data, held_dir
 
 
-def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None) -> dict:
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    data, held_dir = data_dirs(cfg)
-    train_convs, held = load_split(data, "train"), load_split(held_dir, "heldout")
-    if not train_convs:
-        raise FileNotFoundError(f"{data}: no training shards (run `specdraft prepare-data` first)")
-    if cfg.init:
-        model = load_specblock(Path(cfg.init), target_args, embedding).train()
-        cfg.model = model.cfg
-    else:
-        draft_ids = draft_vocabulary(train_convs, cfg.model.draft_vocab)
-        cfg.model.draft_vocab = len(draft_ids)
-        model = SpecBlock(cfg.model, target_args, embedding, draft_ids)
-    to_draft = draft_index(model.draft_ids, embedding.shape[0])
+# one optimizer step's conversations (training.block_loss's input) and the data cursor after it
+Batches = Iterator[tuple[list[dict], dict]]
+# (tokens [B, T], need [B, T] bool, k) -> hidden [B, T, D], top-k ids and probs [B, T, k] where need
+Teacher = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class Stream(typing.NamedTuple):
+    """What data: stream reads: conversations in file order ((id, messages or None), see
+    drafter.data.sharegpt_conversations), the target's tokenizer and its batched teacher."""
+
+    conversations: Callable[[], Iterable[tuple[str, list[dict] | None]]]
+    tokenizer: object
+    teacher: Teacher
+
+
+def shard_batches(convs: list[dict], cfg: TrainConfig, cursor: dict) -> Batches:
+    """Random windows of the prepared conversations, the same ones for a step on every run (seeded by step)."""
+    step = cursor.get("step", 0)
+    while True:
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        step += 1
+        yield (
+            [window(rng.choice(convs), cfg.max_positions, rng) for _ in range(cfg.conversations_per_step)],
+            {"step": step},
+        )
+
+
+def tokenized(stream: Stream, sc: StreamConfig, excluded: range, after: int) -> Iterator[tuple[int, list, list]]:
+    """(record number, token ids, reply mask) of each trainable conversation after record `after`, in
+    file order, skipping the held-out records `excluded`."""
+    for n, (_, msgs) in enumerate(stream.conversations(), start=1):
+        if n <= after or n in excluded or msgs is None or (msgs := trainable(msgs)) is None:
+            continue
+        ids, mask = tokenize_conversation(stream.tokenizer, msgs, sc.max_tokens)
+        if len(ids) >= 2 and any(mask):
+            yield n, ids, mask
+
+
+def stream_vocabulary(stream: Stream, sc: StreamConfig, excluded: range, size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent reply tokens of the first sc.vocab_conversations training conversations."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for i, (_, ids, mask) in enumerate(tokenized(stream, sc, excluded, 0)):
+        if i == sc.vocab_conversations:
+            break
+        counts += torch.bincount(torch.tensor(ids[1:])[torch.tensor(mask[:-1])], minlength=vocab_size)
+    return counts.topk(min(size, int((counts > 0).sum()))).indices.sort().values
+
+
+def stream_batches(stream: Stream, sc: StreamConfig, excluded: range, cursor: dict) -> Batches:
+    """Teacher-forced batches in file order: chunks of sc.chunk conversations, each sorted by length and
+    cut into batches of at most sc.batch_tokens (padding included), one target forward per batch.
+    cursor {"record": r, "batch": b}: the chunk that starts after record r, b of its batches done."""
+    start, skip = cursor.get("record", 0), cursor.get("batch", 0)
+    chunk: list[tuple[int, list, list]] = []
+    for item in tokenized(stream, sc, excluded, start):
+        chunk.append(item)
+        if len(chunk) == sc.chunk:
+            yield from teach_chunk(stream.teacher, sc, chunk, start, skip)
+            start, skip, chunk = item[0], 0, []
+    yield from teach_chunk(stream.teacher, sc, chunk, start, skip)
+
+
+def teach_chunk(teacher: Teacher, sc: StreamConfig, chunk: list, start: int, skip: int) -> Batches:
+    chunk = sorted(chunk, key=lambda c: len(c[1]))
+    batches: list[list] = []
+    for c in chunk:  # shortest first: each batch pads to its longest, which is its last
+        if batches and (len(batches[-1]) + 1) * len(c[1]) <= sc.batch_tokens:
+            batches[-1].append(c)
+        else:
+            batches.append([c])
+    end = max((c[0] for c in chunk), default=start)
+    for i, batch in enumerate(batches[skip:], start=skip):
+        t = len(batch[-1][1])
+        tokens = torch.zeros(len(batch), t, dtype=torch.long)
+        need = torch.zeros(len(batch), t, dtype=torch.bool)
+        for r, (_, ids, mask) in enumerate(batch):
+            tokens[r, : len(ids)], need[r, : len(ids)] = torch.tensor(ids), torch.tensor(mask)
+        hidden, top_ids, top_p = teacher(tokens, need, sc.topk)
+        convs = [
+            {
+                "tokens": tokens[r, : len(ids)],
+                "loss_mask": need[r, : len(ids)],
+                "hidden": hidden[r, : len(ids)],
+                "topk_ids": top_ids[r, : len(ids)],
+                "topk_probs": top_p[r, : len(ids)],
+            }
+            for r, (_, ids, _) in enumerate(batch)
+        ]
+        last = i + 1 == len(batches)
+        yield convs, {"record": end if last else start, "batch": 0 if last else i + 1}
+
+
+def heldout_records(held_dir: Path) -> range:
+    """The record numbers (1-based, file order) the held-out set was prepared from: a stream skips them."""
+    c = json.loads((held_dir / "manifest.json").read_text())["config"]
+    if c.get("heldout_fraction", 0) < 1:
+        return range(0)  # a hash split of the training data: streamed training cannot know which; say so in the log
+    return range(c["first_record"] + 1, c["first_record"] + (c["max_conversations"] or 10**9) + 1)
+
+
+class Learner(typing.NamedTuple):
+    """One drafter being trained: its model, optimizer, schedule and folders."""
+
+    name: str
+    model: SpecBlock
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    to_draft: torch.Tensor
+    out: Path
+    publish: Path | None
+
+
+def learner(name: str, model: SpecBlock, cfg: TrainConfig, out: str, publish: str, vocab_size: int) -> Learner:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0)))
     )
+    return Learner(
+        name, model, opt, sched, draft_index(model.draft_ids, vocab_size), Path(out), Path(publish) if publish else None
+    )
+
+
+def published_score(lr: Learner, held: list[dict], cfg: TrainConfig, target_args, embedding, bf16: bool) -> float:
+    """The held-out tau-estimate of the drafter in lr.publish (-inf where there is none yet)."""
+    if lr.publish is None or not (lr.publish / "drafter.safetensors").is_file():
+        return -math.inf
+    model = load_specblock(lr.publish, target_args, embedding)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        score = evaluate(model, held, draft_index(model.draft_ids, embedding.shape[0]), cfg)["tau_chain"]
+    log.info("%s: the drafter in %s: held-out tau-estimate %.3f, to beat", lr.name, lr.publish, score)
+    return score
+
+
+def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None, stream: Stream | None = None) -> dict:
+    """Train cfg.model (and the EAGLE-style baseline where cfg.baseline_out is set) for cfg.steps steps on
+    prepare-data's shards or, with data: stream, on `stream`; evaluate on the held-out split every
+    cfg.eval_every steps, checkpoint (resumable), log the learning curve (out/curve.jsonl) and publish
+    improvements. progress(metrics) after each step."""
+    torch.manual_seed(cfg.seed)
+    data, held_dir = data_dirs(cfg)
+    held = load_split(held_dir, "heldout")
     out = Path(cfg.out)
     state_path = out / "state.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
+    init_meta = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else {}
+    excluded = heldout_records(held_dir)
+    if cfg.data == "stream":
+        if stream is None:
+            raise ValueError("data: stream needs the target's teacher (specdraft train builds it)")
+        cursor = state["cursor"] if state else init_meta.get("data", {}).get("cursor", {})
+        tokens_seen = state["tokens"] if state else init_meta.get("data", {}).get("tokens", 0)
+        if not excluded:
+            log.warning("%s: not a record range; streamed training may overlap the held-out set", held_dir)
+    else:
+        train_convs = load_split(data, "train")
+        if not train_convs:
+            raise FileNotFoundError(f"{data}: no training shards (run `specdraft prepare-data` first)")
+        cursor, tokens_seen = (state["cursor"] if state else {}), (state["tokens"] if state else 0)
+    if cfg.init:
+        model = load_specblock(Path(cfg.init), target_args, embedding).train()
+        cfg.model = model.cfg
+    else:
+        size = cfg.model.draft_vocab
+        draft_ids = (
+            stream_vocabulary(stream, cfg.stream, excluded, size, embedding.shape[0])
+            if cfg.data == "stream"
+            else draft_vocabulary(train_convs, size)
+        )
+        cfg.model.draft_vocab = len(draft_ids)
+        model = SpecBlock(cfg.model, target_args, embedding, draft_ids)
+    learners = [learner("specblock", model, cfg, cfg.out, cfg.publish, embedding.shape[0])]
+    if cfg.baseline_out:
+        base = SpecBlock(replace(model.cfg, block_size=1), target_args, embedding, model.draft_ids)
+        learners.append(learner("eagle", base, cfg, cfg.baseline_out, cfg.baseline_publish, embedding.shape[0]))
     step = 0
-    if state_path.is_file():  # resume
-        state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step, rng = state["step"], state["rng"]
-        log.info("resumed from %s at step %d", state_path, step)
+    if state:
+        step = state["step"]
+        for lr in learners:
+            own = state if lr.out == out else torch.load(lr.out / "state.pt", weights_only=False)
+            lr.model.load_state_dict(own["model"])
+            lr.opt.load_state_dict(own["opt"])
+            lr.sched.load_state_dict(own["sched"])
+        log.info("resumed from %s at step %d, %d tokens seen, data cursor %s", state_path, step, tokens_seen, cursor)
+    bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and fast_bf16())
+    best = {lr.name: published_score(lr, held, cfg, target_args, embedding, bf16) for lr in learners}
+    batches = (
+        stream_batches(stream, cfg.stream, excluded, cursor)
+        if cfg.data == "stream"
+        else shard_batches(train_convs, cfg, cursor)
+    )
     metrics: dict = {}
-    t0 = time.perf_counter()
+    seconds, tokens0 = 0.0, tokens_seen  # training time (teacher, data and drafter steps; evaluation excluded)
     while step < cfg.steps:
-        opt.zero_grad()
-        total = 0.0
-        for _ in range(cfg.conversations_per_step):
-            loss, _ = block_loss(model, window(rng.choice(train_convs), cfg.max_positions, rng), to_draft, cfg)
-            (loss / cfg.conversations_per_step).backward()
-            total += float(loss.detach()) / cfg.conversations_per_step
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        t0 = time.perf_counter()
+        try:
+            convs, cursor = next(batches)
+        except StopIteration:
+            log.warning("data exhausted at step %d (cursor %s): stopping", step, cursor)
+            break
+        losses = {}
+        for lr in learners:
+            lr.opt.zero_grad()
+            total = 0.0
+            for conv in convs:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss, _ = block_loss(lr.model, conv, lr.to_draft, cfg)
+                (loss / len(convs)).backward()
+                total += float(loss.detach()) / len(convs)
+            torch.nn.utils.clip_grad_norm_(lr.model.parameters(), 1.0)
+            lr.opt.step()
+            lr.sched.step()
+            losses[lr.name] = total
         step += 1
-        metrics = {"step": step, "train_loss": total, "minutes": (time.perf_counter() - t0) / 60}
+        tokens_seen += sum(len(c["tokens"]) for c in convs)
+        seconds += time.perf_counter() - t0
+        metrics = {
+            "step": step,
+            "train_loss": losses["specblock"],
+            "tokens": tokens_seen,
+            "tok_s": (tokens_seen - tokens0) / seconds,
+            "minutes": seconds / 60,
+        }
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics["heldout"] = evaluate(model, held, to_draft, cfg)
-            save(model, cfg, metrics, out)
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "step": step,
-                    "rng": rng,
-                },
-                state_path,
-            )
+            metrics.update(checkpoint(learners, cfg, held, metrics, step, cursor, tokens_seen, best, bf16))
         if progress is not None:
             progress(metrics)
     return metrics
+
+
+def checkpoint(learners: list[Learner], cfg: TrainConfig, held, metrics, step, cursor, tokens, best, bf16) -> dict:
+    """Evaluate every learner on the held-out set, save its checkpoint and resumable state, append the
+    learning curve and publish what improved. Returns the metrics to report."""
+    point = {"step": step, "tokens": tokens, "tok_s": round(metrics["tok_s"], 1)}
+    data = {"cursor": cursor, "tokens": tokens, "source": cfg.stream.source if cfg.data == "stream" else cfg.data_dir}
+    for lr in learners:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            held_m = evaluate(lr.model, held, lr.to_draft, cfg)
+        point[lr.name] = held_m
+        own = {**metrics, "heldout": held_m}
+        save(lr.model, cfg, own, lr.out, data)
+        torch.save(
+            {
+                "model": lr.model.state_dict(),
+                "opt": lr.opt.state_dict(),
+                "sched": lr.sched.state_dict(),
+                "step": step,
+                "cursor": cursor,
+                "tokens": tokens,
+            },
+            lr.out / "state.pt",
+        )
+        if lr.publish is not None and held_m["tau_chain"] > best[lr.name]:
+            save(lr.model, cfg, own, lr.publish, data)
+            best[lr.name] = held_m["tau_chain"]
+            point[lr.name]["published"] = str(lr.publish)
+            log.info("%s: published to %s (held-out tau-estimate %.3f)", lr.name, lr.publish, held_m["tau_chain"])
+    with open(learners[0].out / "curve.jsonl", "a") as f:
+        f.write(json.dumps(point) + "\n")
+    return {"heldout": point["specblock"], **({"baseline": point["eagle"]} if "eagle" in point else {})}

@@ -242,18 +242,47 @@ def cmd_train(args) -> None:
         print(json.dumps(evaluate_checkpoint(Path(args.evaluate), cfg.train, targs, embedding)))
         return
     data_dirs(cfg.train)  # before the progress bar: a missing folder is one line
+    stream = None
+    if cfg.train.data == "stream":
+        stream = teacher_stream(cfg)
     with tqdm(total=cfg.train.steps, desc="train", unit="step") as bar:
+        post = {}
 
         def progress(m):
             bar.n = m["step"]
-            post = {"loss": f"{m['train_loss']:.3f}"}
+            post.update(loss=f"{m['train_loss']:.3f}", tokens=f"{m['tokens'] / 1e6:.2f}M", tok_s=f"{m['tok_s']:.0f}")
             if "heldout" in m:
                 post["heldout top1"] = ",".join(f"{a:.2f}" for a in m["heldout"]["top1"])
+                post["tau~"] = f"{m['heldout']['tau_chain']:.2f}"
             bar.set_postfix(post)
 
-        metrics = train(cfg.train, targs, embedding, progress)
+        metrics = train(cfg.train, targs, embedding, progress, stream)
     print(json.dumps(metrics))
     print(f"drafter: {cfg.train.out}")
+
+
+def teacher_stream(cfg):
+    """train.data: stream's input: the conversations of train.stream.source in file order, and the target
+    (target section) as a batched teacher."""
+    from drafter.data import SHAREGPT, read_sharegpt, sharegpt_conversations
+    from drafter.train import Stream
+    from specdraft.assets import load_target, package_file
+    from specdraft.datasets import read_file
+
+    source = cfg.train.stream.source
+    if source == "sharegpt":
+        path = package_file(*SHAREGPT)
+
+        def conversations():
+            return sharegpt_conversations(read_sharegpt(path))
+    else:
+        convs = [(c.id, c.messages) for c in read_file(source, False)]
+
+        def conversations():
+            return iter(convs)
+
+    target, tokenizer, _ = load_target(cfg.target)
+    return Stream(conversations, tokenizer, target.teacher)
 
 
 def cmd_bandit_experiment(args) -> None:

@@ -22,14 +22,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
     def forward(self, x, cos, sin, kv, start: int, tail):
-        # x: [1, T, dim]; kv: [2, 1, H_kv, S, D] this layer's cache; tail: kernels.attention.tail_slots'
-        # (index, valid) for a decoding / verification forward, None for a causal prefill from slot 0
+        # x: [B, T, dim] (B = 1 but for a cache-free teacher forward); kv: [2, 1, H_kv, S, D] this layer's
+        # cache, or None (teacher forcing: causal over the B rows, nothing kept); tail:
+        # kernels.attention.tail_slots' (index, valid) for a decoding / verification forward, None for a
+        # causal prefill from slot 0
         a = self.args
-        t = x.shape[1]
+        b, t = x.shape[:2]
         hq, hkv = a.n_heads, a.n_kv_heads
-        qkv = self.wqkv(x).view(1, t, hq + 2 * hkv, a.head_dim).transpose(1, 2)  # [1, Hq + 2 Hkv, T, D]
+        qkv = self.wqkv(x).view(b, t, hq + 2 * hkv, a.head_dim).transpose(1, 2)  # [B, Hq + 2 Hkv, T, D]
         qk = apply_rope(qkv[:, : hq + hkv], cos, sin)  # queries and keys rotated in one call
         q = qk[:, :hq]
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, qk[:, hq:], qkv[:, hq + hkv :], is_causal=True, enable_gqa=True)
+            return self.wo(y.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))
         kv[0, :, :, start : start + t] = qk[:, hq:]
         kv[1, :, :, start : start + t] = qkv[:, hq + hkv :]
         if tail is None:
@@ -100,6 +105,17 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, self.kv[i], start, tail)
         return self.norm(x)[0]
+
+    @torch.no_grad()
+    def teacher_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing without the cache: tokens [B, T] (rows right-padded as needed: attention is
+        causal, so padding changes no earlier position) -> final (normed) hidden states [B, T, dim]."""
+        t = tokens.shape[1]
+        x = self.tok_embeddings(tokens)
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, 0, None)
+        return self.norm(x)
 
     @torch.no_grad()
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,23 @@ class TorchTarget:
         # the forward wrote the pending token at slot `length` and node i at slot length + 1 + i
         compact_kv(self.model.kv, torch.tensor(accepted, dtype=torch.long) + self.length + 1, self.length + 1)
         self.length += 1 + len(accepted)
+
+    def teacher(self, tokens: torch.Tensor, need: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """Batched teacher forcing for drafter training, the KV cache untouched: tokens [B, T] (rows
+        right-padded), need [B, T] bool (the positions whose next-token distribution the loss reads).
+        Returns the final hidden states [B, T, dim] and, where `need`, the target's top-k next-token ids
+        [B, T, k] int32 and probabilities [B, T, k] float16 (zeros elsewhere: the LM head is the costly
+        part, so it runs only there)."""
+        hidden = self.model.teacher_forward(tokens)
+        rows = hidden[need]  # [M, dim]
+        ids = torch.zeros(*tokens.shape, k, dtype=torch.int32)
+        probs = torch.zeros(*tokens.shape, k, dtype=torch.float16)
+        top_ids, top_p = [], []
+        for s in range(0, len(rows), 1024):  # [1024, V] float32 logits at a time (~200 MB)
+            logits = self.model.lm_head(rows[s : s + 1024])
+            top = logits.topk(k, dim=-1)
+            top_ids.append(top.indices.int())
+            top_p.append((top.values - logits.logsumexp(-1, keepdim=True)).exp().half())
+        if top_ids:
+            ids[need], probs[need] = torch.cat(top_ids), torch.cat(top_p)
+        return hidden, ids, probs
