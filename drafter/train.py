@@ -175,6 +175,7 @@ def block_loss(model: SpecBlock, conv: dict, to_draft: torch.Tensor, cfg: TrainC
         "run": run,
         # per scored row, whether block position 1 agrees with the target's top-1 (the bandit's paired guard)
         "hits": hit[0][scored[0]],
+        "covered": (target_top1[0] >= 0)[scored[0]],  # the target's argmax lies in the draft vocabulary
     }
 
 
@@ -187,20 +188,24 @@ def window(conv: dict, n: int, rng: random.Random) -> dict:
 
 @torch.no_grad()
 def evaluate(model: SpecBlock, convs: list[dict], to_draft: torch.Tensor, cfg: TrainConfig) -> dict:
-    """Held-out loss, top-1 accuracy per block position (argmax equals the target's argmax), and the
-    chain tau-estimate: 1 + the mean number of leading hits of a block (the tokens one drafting forward's
-    top-1 chain would commit per verification at T=0, bonus token included; trees do better)."""
-    losses, top1, runs = [], [], []
+    """Held-out loss, top-1 accuracy per block position (argmax equals the target's argmax), the chain
+    tau-estimate: 1 + the mean number of leading hits of a block (the tokens one drafting forward's top-1
+    chain would commit per verification at T=0, bonus token included; trees do better), and the draft
+    vocabulary's coverage of the target's argmax tokens."""
+    losses, top1, runs, covered = [], [], [], []
     for conv in convs:
         loss, m = block_loss(model, conv, to_draft, cfg)
         losses.append(m["loss"])
         top1.append(m["top1"])
         runs.append(m["run"])
+        covered.append(m["covered"])
     run = torch.cat(runs).float() if runs else torch.zeros(0)
     return {
         "loss": sum(losses) / max(len(losses), 1),
         "top1": [sum(col) / len(col) for col in zip(*top1)] if top1 else [],
         "tau_chain": 1 + float(run.mean()) if len(run) else 1.0,
+        # the share of the target's argmax tokens on held-out replies that the draft vocabulary holds
+        "coverage": float(torch.cat(covered).float().mean()) if covered else 0.0,
     }
 
 
@@ -443,6 +448,8 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
             convs, cursor = next(batches)
         except StopIteration:
             log.warning("data exhausted at step %d (cursor %s): stopping", step, cursor)
+            if metrics and step % cfg.eval_every:
+                metrics.update(checkpoint(learners, cfg, held, metrics, step, cursor, tokens_seen, best, bf16))
             break
         losses = {}
         for lr in learners:

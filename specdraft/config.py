@@ -272,6 +272,9 @@ def cross_checks(cfg: Config, sections: tuple[str, ...]) -> None:
     d = cfg.drafter
     if "data" in sections and cfg.data.max_tokens > cfg.target.max_seq_len:
         raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
+    stream = cfg.train.stream
+    if "train" in sections and cfg.train.data == "stream" and stream.max_tokens > cfg.target.max_seq_len:
+        raise ConfigError(f"train.stream.max_tokens: {stream.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
     sampled = d.mode == "inprocess" and d.kind == "specblock" and d.specblock.tree == "sampled"
     if "verify" in sections and cfg.verify.rule != "walk" and not sampled:
         builds = (

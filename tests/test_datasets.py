@@ -5,13 +5,23 @@ user JSONL at toy size (its held-out conversations written back for `specdraft e
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from drafter.data import DataConfig, build_cache
-from drafter.train import TrainConfig, evaluate_checkpoint, train
+from drafter.train import (
+    Stream,
+    StreamConfig,
+    TrainConfig,
+    evaluate_checkpoint,
+    heldout_records,
+    stream_batches,
+    tokenized,
+    train,
+)
 from kernels.layers import ModelArgs
 from specdraft.cli import main
 from specdraft.config import Config, ConfigError
@@ -174,3 +184,81 @@ def test_eval_on_files_and_both_mt_bench_turns_equals_plain_decoding(tmp_path, c
     rows = [line.split() for line in table.splitlines()]
     turn_rows = [r for r in rows if r[1:4] == ["mt_bench", "turn", "2"]]
     assert len(turn_rows) == 1 and turn_rows[0][-1] == "yes"
+
+
+def toy_stream_setup(tmp_path):
+    """The toy target, 80 counting conversations in a user JSONL, and a held-out set of its records 1-8."""
+    lines = []
+    for i in range(80):
+        a = i % 7
+        q, r = f"Count from {a} to {a + 5}.", " ".join(str(a + k) for k in range(6))
+        lines.append({"id": f"c{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]})
+    src = tmp_path / "mine.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128)
+    target = TorchTarget(Transformer(args, 256).finalize())
+    convs = [(c.id, c.messages) for c in read_file(str(src), True)]
+    held = DataConfig(source=str(src), out_dir=str(tmp_path / "held"), topk=4, heldout_fraction=1, max_conversations=8)
+    build_cache(iter(convs), CharTokenizer(), lambda ids: (target.prefill(ids), target.logits), held, "toy")
+    return args, target, Stream(lambda: iter(convs), CharTokenizer(), target.teacher)
+
+
+def test_the_batched_teacher_equals_one_prefill_per_conversation(tmp_path):
+    args, target, _ = toy_stream_setup(tmp_path)
+    tokens = torch.randint(0, 128, (3, 20))
+    need = torch.rand(3, 20) > 0.5
+    hidden, ids, probs = target.teacher(tokens, need, 4)
+    for r in range(3):
+        alone = target.prefill(tokens[r].tolist())
+        assert torch.allclose(hidden[r], alone, atol=1e-5)
+        top = target.logits(alone).softmax(-1).topk(4)
+        assert torch.equal(ids[r][need[r]], top.indices[need[r]].int())
+        assert torch.allclose(probs[r][need[r]].float(), top.values[need[r]], atol=1e-3)
+        assert not probs[r][~need[r]].any()  # the LM head ran only where the loss reads it
+
+
+def test_the_stream_skips_held_out_records_and_resumes_where_it_stopped(tmp_path):
+    _, _, stream = toy_stream_setup(tmp_path)
+    sc = StreamConfig(max_tokens=64, batch_tokens=128, chunk=6)
+    excluded = heldout_records(tmp_path / "held")
+    assert excluded == range(1, 9)
+    assert [n for n, _, _ in tokenized(stream, sc, excluded, 0)] == list(range(9, 81))
+    whole = list(stream_batches(stream, sc, excluded, {}))
+    assert all(sum(1 for _ in c) * max(len(x["tokens"]) for x in c) <= 128 for c, _ in whole)
+    assert sum(len(c) for c, _ in whole) == 72  # every training conversation once
+    for i in (2, 5):  # a run resumed from the cursor after batch i sees exactly the rest
+        rest = list(stream_batches(stream, sc, excluded, whole[i][1]))
+        assert [[x["tokens"].tolist() for x in c] for c, _ in rest] == [
+            [x["tokens"].tolist() for x in c] for c, _ in whole[i + 1 :]
+        ]
+
+
+def test_a_drafter_trains_by_streaming_teacher_forcing_and_publishes_improvements(tmp_path):
+    args, target, stream = toy_stream_setup(tmp_path)
+    cfg = TrainConfig(
+        data="stream",
+        stream=StreamConfig(max_tokens=64, batch_tokens=128, chunk=8, topk=4, vocab_conversations=20),
+        heldout_dir=str(tmp_path / "held"),
+        out=str(tmp_path / "ck"),
+        publish=str(tmp_path / "pub"),
+        baseline_out=str(tmp_path / "eagle"),
+        steps=12,
+        eval_every=4,
+        warmup=2,
+        lr=3e-3,
+    )
+    cfg.model.n_heads, cfg.model.head_dim, cfg.model.intermediate_size, cfg.model.draft_vocab = 4, 16, 128, 64
+    losses = []
+    metrics = train(cfg, args, target.embedding, lambda m: losses.append(m["train_loss"]), stream)
+    assert metrics["train_loss"] < losses[0] and metrics["tokens"] > 0
+    curve = [json.loads(line) for line in (tmp_path / "ck" / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in curve] == [4, 8, 12] and all("eagle" in p for p in curve)
+    published = json.loads((tmp_path / "pub" / "config.json").read_text())
+    best = max(p["specblock"]["tau_chain"] for p in curve)
+    assert published["metrics"]["heldout"]["tau_chain"] == best  # only an improvement is published
+    assert published["data"]["tokens"] <= metrics["tokens"] and published["data"]["cursor"]["record"] > 8
+    # a later run goes on from the published drafter's cursor, on data it has not seen
+    more = replace(cfg, init=str(tmp_path / "pub"), out=str(tmp_path / "ck2"), baseline_out="", steps=2, eval_every=2)
+    again = train(more, args, target.embedding, None, stream)
+    assert again["tokens"] > published["data"]["tokens"]
