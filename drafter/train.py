@@ -342,11 +342,13 @@ def teach_chunk(teacher: Teacher, sc: StreamConfig, chunk: list, start: int, ski
         yield convs, {"record": end if last else start, "batch": 0 if last else i + 1}
 
 
-def heldout_records(held_dir: Path) -> range:
-    """The record numbers (1-based, file order) the held-out set was prepared from: a stream skips them."""
+def heldout_records(held_dir: Path, source: str) -> range:
+    """The record numbers (1-based, file order) of `source` that the held-out set was prepared from: a
+    stream skips them. Empty when the held-out set comes from another source, or is a hash split (the
+    caller warns)."""
     c = json.loads((held_dir / "manifest.json").read_text())["config"]
-    if c.get("heldout_fraction", 0) < 1:
-        return range(0)  # a hash split of the training data: streamed training cannot know which; say so in the log
+    if c.get("heldout_fraction", 0) < 1 or c.get("source", "sharegpt") != source:
+        return range(0)
     return range(c["first_record"] + 1, c["first_record"] + (c["max_conversations"] or 10**9) + 1)
 
 
@@ -395,14 +397,16 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
     init_meta = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else {}
-    excluded = heldout_records(held_dir)
+    excluded = heldout_records(held_dir, cfg.stream.source)
     if cfg.data == "stream":
         if stream is None:
             raise ValueError("data: stream needs the target's teacher (specdraft train builds it)")
-        cursor = state["cursor"] if state else init_meta.get("data", {}).get("cursor", {})
-        tokens_seen = state["tokens"] if state else init_meta.get("data", {}).get("tokens", 0)
+        # a published drafter's cursor applies to the same source only
+        before = init_meta.get("data", {}) if init_meta.get("data", {}).get("source") == cfg.stream.source else {}
+        cursor = state["cursor"] if state else before.get("cursor", {})
+        tokens_seen = state["tokens"] if state else before.get("tokens", 0)
         if not excluded:
-            log.warning("%s: not a record range; streamed training may overlap the held-out set", held_dir)
+            log.warning("%s: no record range of %s; the stream may overlap it", held_dir, cfg.stream.source)
     else:
         train_convs = load_split(data, "train")
         if not train_convs:

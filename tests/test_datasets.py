@@ -221,8 +221,8 @@ def test_the_batched_teacher_equals_one_prefill_per_conversation(tmp_path):
 def test_the_stream_skips_held_out_records_and_resumes_where_it_stopped(tmp_path):
     _, _, stream = toy_stream_setup(tmp_path)
     sc = StreamConfig(max_tokens=64, batch_tokens=128, chunk=6)
-    excluded = heldout_records(tmp_path / "held")
-    assert excluded == range(1, 9)
+    excluded = heldout_records(tmp_path / "held", str(tmp_path / "mine.jsonl"))
+    assert excluded == range(1, 9) and heldout_records(tmp_path / "held", "sharegpt") == range(0)
     assert [n for n, _, _ in tokenized(stream, sc, excluded, 0)] == list(range(9, 81))
     whole = list(stream_batches(stream, sc, excluded, {}))
     assert all(sum(1 for _ in c) * max(len(x["tokens"]) for x in c) <= 128 for c, _ in whole)
@@ -238,7 +238,7 @@ def test_a_drafter_trains_by_streaming_teacher_forcing_and_publishes_improvement
     args, target, stream = toy_stream_setup(tmp_path)
     cfg = TrainConfig(
         data="stream",
-        stream=StreamConfig(max_tokens=64, batch_tokens=128, chunk=8, topk=4, vocab_conversations=20),
+        stream=StreamConfig(str(tmp_path / "mine.jsonl"), 64, 128, chunk=8, topk=4, vocab_conversations=20),
         heldout_dir=str(tmp_path / "held"),
         out=str(tmp_path / "ck"),
         publish=str(tmp_path / "pub"),
