@@ -397,8 +397,9 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     state_path = out / "state.pt"
     state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
     init_meta = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else {}
-    excluded = heldout_records(held_dir, cfg.stream.source)
+    excluded = range(0)
     if cfg.data == "stream":
+        excluded = heldout_records(held_dir, cfg.stream.source)
         if stream is None:
             raise ValueError("data: stream needs the target's teacher (specdraft train builds it)")
         # a published drafter's cursor applies to the same source only
