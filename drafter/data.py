@@ -61,10 +61,7 @@ class DataConfig:
     reply_batch: int = 64
 
     def validate(self) -> None:
-        if self.source != "sharegpt" and not self.source.endswith((".jsonl", ".json")):
-            raise ValueError(f"source: {self.source!r} is neither sharegpt nor a .jsonl / .json file")
-        if self.source != "sharegpt":
-            checks.existing_file(self, "source")
+        checks.conversation_source(self, "source")
         checks.nonneg(self, "max_conversations", "first_record")
         checks.positive(self, "max_tokens", "topk", "shard_tokens", "reply_tokens", "reply_batch")
         checks.fraction(self, "heldout_fraction")
@@ -176,12 +173,22 @@ Features = Callable[[list[int]], tuple[torch.Tensor, Callable[[torch.Tensor], to
 def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 256) -> dict[str, torch.Tensor]:
     """One conversation through the target: its hidden states and top-k next-token distributions."""
     hidden, logits = features(ids)
-    top_ids, top_p = [], []
-    for s in range(0, len(ids), chunk):  # [chunk, V] at a time: a full [T, V] would be ~200 MB
-        top = logits(hidden[s : s + chunk]).float().softmax(-1).topk(topk, dim=-1)
+    top_ids, top_p = top_k(logits, hidden, topk, chunk)
+    return {"hidden": hidden.to(torch.bfloat16), "topk_ids": top_ids, "topk_probs": top_p}
+
+
+def top_k(
+    logits: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, k: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k next-token ids [M, k] int32 and probabilities [M, k] float16 for state rows
+    [M, dim], through its LM head `logits`, chunk rows at a time ([chunk, V] float32 logits each: a full
+    [M, V] would be hundreds of MB)."""
+    top_ids, top_p = [torch.zeros(0, k, dtype=torch.int32)], [torch.zeros(0, k, dtype=torch.float16)]
+    for s in range(0, len(rows), chunk):
+        top = logits(rows[s : s + chunk]).float().softmax(-1).topk(k, dim=-1)
         top_ids.append(top.indices.int())
         top_p.append(top.values.half())
-    return {"hidden": hidden.to(torch.bfloat16), "topk_ids": torch.cat(top_ids), "topk_probs": torch.cat(top_p)}
+    return torch.cat(top_ids), torch.cat(top_p)
 
 
 def build_cache(

@@ -45,10 +45,7 @@ class StreamConfig:
     vocab_conversations: int = 2000  # the first training conversations, whose reply tokens pick the draft vocabulary
 
     def validate(self) -> None:
-        if self.source != "sharegpt" and not self.source.endswith((".jsonl", ".json")):
-            raise ValueError(f"source: {self.source!r} is neither sharegpt nor a .jsonl / .json file")
-        if self.source != "sharegpt":
-            checks.existing_file(self, "source")
+        checks.conversation_source(self, "source")
         checks.positive(self, "max_tokens", "batch_tokens", "chunk", "topk", "vocab_conversations")
         if self.batch_tokens < self.max_tokens:
             raise ValueError(f"batch_tokens: {self.batch_tokens} < max_tokens {self.max_tokens} (one conversation)")
@@ -187,14 +184,15 @@ def window(conv: dict, n: int, rng: random.Random) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: SpecBlock, convs: list[dict], to_draft: torch.Tensor, cfg: TrainConfig) -> dict:
+def evaluate(model: SpecBlock, convs: list[dict], to_draft: torch.Tensor, cfg: TrainConfig, bf16: bool = False) -> dict:
     """Held-out loss, top-1 accuracy per block position (argmax equals the target's argmax), the chain
     tau-estimate: 1 + the mean number of leading hits of a block (the tokens one drafting forward's top-1
     chain would commit per verification at T=0, bonus token included; trees do better), and the draft
     vocabulary's coverage of the target's argmax tokens."""
     losses, top1, runs, covered = [], [], [], []
     for conv in convs:
-        loss, m = block_loss(model, conv, to_draft, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16: as training's steps run
+            loss, m = block_loss(model, conv, to_draft, cfg)
         losses.append(m["loss"])
         top1.append(m["top1"])
         runs.append(m["run"])
@@ -379,8 +377,7 @@ def published_score(lr: Learner, held: list[dict], cfg: TrainConfig, target_args
     if lr.publish is None or not (lr.publish / "drafter.safetensors").is_file():
         return -math.inf
     model = load_specblock(lr.publish, target_args, embedding)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        score = evaluate(model, held, draft_index(model.draft_ids, embedding.shape[0]), cfg)["tau_chain"]
+    score = evaluate(model, held, draft_index(model.draft_ids, embedding.shape[0]), cfg, bf16)["tau_chain"]
     log.info("%s: the drafter in %s: held-out tau-estimate %.3f, to beat", lr.name, lr.publish, score)
     return score
 
@@ -492,8 +489,7 @@ def checkpoint(learners: list[Learner], cfg: TrainConfig, held, metrics, step, c
     point = {"step": step, "tokens": tokens, "tok_s": round(metrics["tok_s"], 1)}
     data = {"cursor": cursor, "tokens": tokens, "source": cfg.stream.source if cfg.data == "stream" else cfg.data_dir}
     for lr in learners:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            held_m = evaluate(lr.model, held, lr.to_draft, cfg)
+        held_m = evaluate(lr.model, held, lr.to_draft, cfg, bf16)
         point[lr.name] = held_m
         own = {**metrics, "heldout": held_m}
         save(lr.model, cfg, own, lr.out, data)

@@ -39,6 +39,16 @@ def file_in(folder, name: str, hint: str = "") -> None:
         raise FileNotFoundError(f"{folder}: no {name}{f' ({hint})' if hint else ''}")
 
 
+def conversation_source(section, name: str) -> None:
+    """`sharegpt` (the packaged set) or an existing .jsonl / .json file of conversations."""
+    source = getattr(section, name)
+    if source == "sharegpt":
+        return
+    if not source.endswith((".jsonl", ".json")):
+        raise ValueError(f"{name}: {source!r} is neither sharegpt nor a .jsonl / .json file")
+    existing_file(section, name)
+
+
 def existing_file(section, name: str) -> None:
     path = getattr(section, name)
     if path and not Path(path).is_file():

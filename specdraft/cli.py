@@ -152,10 +152,9 @@ def cmd_bench_sidecar(args) -> None:
 def cmd_prepare_data(args) -> None:
     from tqdm import tqdm
 
-    from drafter.data import SHAREGPT, build_cache, read_sharegpt, sharegpt_conversations
-    from specdraft.assets import load_target, package_file
+    from drafter.data import build_cache
+    from specdraft.assets import load_target
     from specdraft.config import ConfigError
-    from specdraft.datasets import read_file
 
     def override(cfg):
         if args.max_conversations is not None:
@@ -168,10 +167,7 @@ def cmd_prepare_data(args) -> None:
             cfg.data.strict = True
 
     cfg = config_for(args, "prepare-data", override)
-    if cfg.data.source == "sharegpt":
-        conversations = sharegpt_conversations(read_sharegpt(package_file(*SHAREGPT)))
-    else:  # read whole before the target loads: a bad record under --strict is one line, at once
-        conversations = iter([(c.id, c.messages) for c in read_file(cfg.data.source, cfg.data.strict)])
+    conversations = source_conversations(cfg.data.source, cfg.data.strict)()
     target, tokenizer, stops = load_target(cfg.target)
     replies = None
     if cfg.data.replies == "target":
@@ -261,26 +257,28 @@ def cmd_train(args) -> None:
     print(f"drafter: {cfg.train.out}")
 
 
+def source_conversations(source: str, strict: bool):
+    """A function giving the (id, messages) of a conversation source in file order, afresh at each call:
+    the packaged ShareGPT set (read incrementally), or a user's file, read whole now (before the target
+    loads: a bad record under strict is one line, at once)."""
+    from drafter.data import SHAREGPT, read_sharegpt, sharegpt_conversations
+    from specdraft.assets import package_file
+    from specdraft.datasets import read_file
+
+    if source == "sharegpt":
+        path = package_file(*SHAREGPT)
+        return lambda: sharegpt_conversations(read_sharegpt(path))
+    convs = [(c.id, c.messages) for c in read_file(source, strict)]
+    return lambda: iter(convs)
+
+
 def teacher_stream(cfg):
     """train.data: stream's input: the conversations of train.stream.source in file order, and the target
     (target section) as a batched teacher."""
-    from drafter.data import SHAREGPT, read_sharegpt, sharegpt_conversations
     from drafter.train import Stream
-    from specdraft.assets import load_target, package_file
-    from specdraft.datasets import read_file
+    from specdraft.assets import load_target
 
-    source = cfg.train.stream.source
-    if source == "sharegpt":
-        path = package_file(*SHAREGPT)
-
-        def conversations():
-            return sharegpt_conversations(read_sharegpt(path))
-    else:
-        convs = [(c.id, c.messages) for c in read_file(source, False)]
-
-        def conversations():
-            return iter(convs)
-
+    conversations = source_conversations(cfg.train.stream.source, False)
     target, tokenizer, _ = load_target(cfg.target)
     return Stream(conversations, tokenizer, target.teacher)
 

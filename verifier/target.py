@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from drafter.data import top_k
 from kernels import compact_kv, verify_ancestors
 from kernels.attention import max_tree_depth
 from kernels.layers import ModelArgs
@@ -94,15 +95,7 @@ class TorchTarget:
         [B, T, k] int32 and probabilities [B, T, k] float16 (zeros elsewhere: the LM head is the costly
         part, so it runs only there)."""
         hidden = self.model.teacher_forward(tokens)
-        rows = hidden[need]  # [M, dim]
         ids = torch.zeros(*tokens.shape, k, dtype=torch.int32)
         probs = torch.zeros(*tokens.shape, k, dtype=torch.float16)
-        top_ids, top_p = [], []
-        for s in range(0, len(rows), 1024):  # [1024, V] float32 logits at a time (~200 MB)
-            logits = self.model.lm_head(rows[s : s + 1024])
-            top = logits.topk(k, dim=-1)
-            top_ids.append(top.indices.int())
-            top_p.append((top.values - logits.logsumexp(-1, keepdim=True)).exp().half())
-        if top_ids:
-            ids[need], probs[need] = torch.cat(top_ids), torch.cat(top_p)
+        ids[need], probs[need] = top_k(self.model.lm_head, hidden[need], k, chunk=1024)
         return hidden, ids, probs
