@@ -50,14 +50,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(args: ModelArgs, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos [max_pos, head_dim] and the signed sin [max_pos, head_dim] that apply_rope takes: rotate-half
+    layout (HF weights), the sin's first half negated so that the rotation is a roll of x."""
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim], rotate-half layout (HF weights)
-    return emb.cos().float(), emb.sin().float()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    sign = torch.cat([-torch.ones_like(inv_freq), torch.ones_like(inv_freq)])
+    return emb.cos().float(), (emb.sin() * sign).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [1, H, T, D]; cos/sin: [T, D]
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype | None = None):
+    """x: [..., T, D]; cos, sin: rope_tables' rows [T, D]. Returns x rotated, in `dtype` (default x's):
+    x * cos + [-x2, x1] * sin, with [-x2, x1] * sin as roll(x) * signed sin (the same products)."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, -1) * sin).to(dtype or x.dtype)

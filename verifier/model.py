@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import tail_slots, tree_attention
+from kernels.attention import ancestor_bias, tree_attention
 from kernels.layers import ModelArgs, RMSNorm, apply_rope, rope_tables
 from kernels.linear import PackedLinear, pack_linears
 
@@ -21,28 +21,31 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
-    def forward(self, x, cos, sin, kv, start: int, tail):
-        # x: [B, T, dim] (B = 1 but for a cache-free teacher forward); kv: [2, 1, H_kv, S, D] this layer's
-        # cache, or None (teacher forcing: causal over the B rows, nothing kept); tail:
-        # kernels.attention.tail_slots' (index, valid) for a decoding / verification forward, None for a
-        # causal prefill from slot 0
+    def forward(self, x, cos, sin, kv, start: int, bias):
+        # x: [B, T, dim] (B = 1 but for a cache-free teacher forward); kv: [2, 1, H_kv, S, D + 1] this
+        # layer's float32 cache (column D: 0 for keys, 1 for values; kernels.attention), or None (teacher
+        # forcing: causal over the B rows, nothing kept); bias: kernels.attention.ancestor_bias [T, T] for
+        # a decoding / verification forward, None for a causal prefill from slot 0
         a = self.args
         b, t = x.shape[:2]
         hq, hkv = a.n_heads, a.n_kv_heads
         qkv = self.wqkv(x).view(b, t, hq + 2 * hkv, a.head_dim).transpose(1, 2)  # [B, Hq + 2 Hkv, T, D]
-        qk = apply_rope(qkv[:, : hq + hkv], cos, sin)  # queries and keys rotated in one call
-        q = qk[:, :hq]
         if kv is None:
-            y = F.scaled_dot_product_attention(q, qk[:, hq:], qkv[:, hq + hkv :], is_causal=True, enable_gqa=True)
+            qk = apply_rope(qkv[:, : hq + hkv], cos, sin)  # queries and keys rotated in one call
+            y = F.scaled_dot_product_attention(
+                qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :], is_causal=True, enable_gqa=True
+            )
             return self.wo(y.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))
-        kv[0, :, :, start : start + t] = qk[:, hq:]
-        kv[1, :, :, start : start + t] = qkv[:, hq + hkv :]
-        if tail is None:
-            keys, values = kv[0, :, :, :t], kv[1, :, :, :t]
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        qk = apply_rope(qkv[:, : hq + hkv], cos, sin, torch.float32)  # the cache and the attention are fp32
+        d = a.head_dim
+        kv[0, :, :, start : start + t, :d] = qk[:, hq:]
+        kv[1, :, :, start : start + t, :d] = qkv[:, hq + hkv :]
+        if bias is None:
+            keys, values = kv[0, :, :, :t, :d], kv[1, :, :, :t, :d]
+            y = F.scaled_dot_product_attention(qk[:, :hq], keys, values, is_causal=True, enable_gqa=True)
         else:
-            y = tree_attention(q[0].contiguous(), kv[:, 0], start, *tail)[None]
-        return self.wo(y.transpose(1, 2).reshape(1, t, a.n_heads * a.head_dim))
+            y = tree_attention(qk[0, :hq], kv[:, 0], start, bias)[None]
+        return self.wo(y.to(x.dtype).transpose(1, 2).reshape(1, t, a.n_heads * a.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -64,8 +67,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, kv, start, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv, start, mask)
+    def forward(self, x, cos, sin, kv, start, bias):
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv, start, bias)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -81,10 +84,11 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(args, max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # All layers' K and V in one tensor so that KV compaction is a single gather.
-        self.register_buffer(
-            "kv", torch.zeros(args.n_layers, 2, 1, args.n_kv_heads, max_seq_len, args.head_dim), persistent=False
-        )
+        # All layers' K and V in one tensor so that KV compaction is a single gather; float32 whatever the
+        # weights' dtype, one column wider than a head: 0 beside each key, 1 beside each value (kernels.attention)
+        kv = torch.zeros(args.n_layers, 2, 1, args.n_kv_heads, max_seq_len, args.head_dim + 1)
+        kv[:, 1, ..., -1] = 1
+        self.register_buffer("kv", kv, persistent=False)
 
     @torch.no_grad()
     def forward(
@@ -94,16 +98,15 @@ class Transformer(nn.Module):
         ancestors: [T, T] bool (row r attends to row c iff c is r or an ancestor of r; rows in topological
         order, positions = start + depth) for decoding and verification, after `start` committed tokens;
         None for a prefill (start 0, causal). Returns the final (normed) hidden states [T, dim]."""
-        t = tokens.shape[0]
-        tail = None
-        if ancestors is not None:  # the attention's per-row key windows, once per forward (kernels.attention)
-            tail = tail_slots(start, start + torch.arange(t), positions - start, ancestors, self.kv[0, :, 0].shape)
+        bias = None
+        if ancestors is not None:
+            bias = ancestor_bias(ancestors)
         elif start != 0:
             raise ValueError("a prefill starts at slot 0; later forwards give their ancestors")
         x = self.tok_embeddings(tokens).unsqueeze(0)  # [1, T, dim]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, self.kv[i], start, tail)
+            x = layer(x, cos, sin, self.kv[i], start, bias)
         return self.norm(x)[0]
 
     @torch.no_grad()
@@ -125,8 +128,8 @@ class Transformer(nn.Module):
     def finalize(self) -> "Transformer":
         """Call once the weights are loaded and cast: keeps the RoPE tables in fp32 and prepacks every
         linear layer and the LM head for this CPU (kernels.linear: fast, and row-invariant so that
-        tree rows equal plain decoding's)."""
-        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        tree rows equal plain decoding's); the KV cache stays float32 (kernels.attention)."""
+        self.rope_cos, self.rope_sin, self.kv = self.rope_cos.float(), self.rope_sin.float(), self.kv.float()
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         self.head = PackedLinear(head)
         pack_linears(self.layers)
