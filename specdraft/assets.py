@@ -20,7 +20,7 @@ from kernels.layers import ModelArgs
 from kernels.linear import cpu_flags, fast_bf16
 from specdraft.config import TargetConfig
 from verifier.model import Transformer
-from verifier.target import TorchTarget
+from verifier.target import TorchTarget, tree_divergence
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never let transformers reach a hub
@@ -96,6 +96,12 @@ def auto_dtype() -> tuple[str, str]:
     return "float32", f"no bf16 dot-product units ({flags}): bf16 would take slow paths; float32 is not row-invariant"
 
 
+def exact_here(dtype: str) -> bool:
+    """Tree rows equal plain decoding's bit for bit in this dtype on this CPU (kernels.linear: bf16 rows
+    are row-invariant where bf16 is fast; fp32 rows are not)."""
+    return dtype == "bfloat16" and fast_bf16()
+
+
 def resolved_dtype(dtype: str) -> str:
     """target.dtype with auto resolved for this CPU."""
     return auto_dtype()[0] if dtype == "auto" else dtype
@@ -142,4 +148,19 @@ def load_target(cfg: TargetConfig) -> tuple[TorchTarget, object, set[int]]:
     use_threads(cfg)
     path = model_dir(cfg.model)
     tokenizer = load_tokenizer(path)
-    return TorchTarget(load_transformer(path, cfg.dtype, cfg.max_seq_len)), tokenizer, stop_ids(path, tokenizer)
+    target = TorchTarget(load_transformer(path, cfg.dtype, cfg.max_seq_len))
+    if cfg.dtype != "auto" and not exact_here(cfg.dtype):
+        rows, differ, flips = tree_divergence(target)
+        auto, why = auto_dtype()
+        log.warning(
+            "target.dtype %s is not exact on this CPU (auto picks %s: %s). Measured now on random trees: %d of "
+            "%d rows differ from plain decoding in some bit, %d in the argmax; at temperature 0 speculative "
+            "output can then differ from plain decoding's (the eval's =AR column)",
+            cfg.dtype,
+            auto,
+            why,
+            differ,
+            rows,
+            flips,
+        )
+    return target, tokenizer, stop_ids(path, tokenizer)

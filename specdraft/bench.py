@@ -6,7 +6,8 @@
 - per dtype: ms per plain decode step and per tree forward for several N (forward + the LM head on one
   row), and our decode step against transformers' `generate` on the same weights, both measured as
   (time for 1 + n tokens - time for 1 token) / n after the same prompt, three interleaved repetitions,
-  medians reported;
+  medians reported; and how many rows of random trees differ from plain decoding at their position (in
+  some bit, and in the argmax: exactness at temperature 0 needs none);
 - per speculative step with real drafters on real prompts (the config's dtype and sampling): drafting, the
   tree forward, the LM head, the rule and the commit, in ms and as a fraction of a plain decode step
   measured on the same prompts in the same run, the measured tau, and the speedup ceiling
@@ -38,7 +39,7 @@ from specdraft.serve import spawn
 from verifier.engine import Step, generate, tau
 from verifier.remote import RemoteConfig, RemoteDrafter, connect, server_info
 from verifier.rules import SamplingParams
-from verifier.target import TorchTarget
+from verifier.target import TorchTarget, tree_divergence
 
 
 def median_ms(fn, reps: int) -> float:
@@ -89,9 +90,11 @@ def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_token
     for dtype in DTYPES:
         target = TorchTarget(load_transformer(path, dtype, prefix_len + max(tree_sizes) + gen_tokens + 8))
         vocab = target.vocab_size
+        r = results[dtype] = {}
+        bar.set_postfix_str(f"{dtype} tree rows vs plain decoding")
+        r["divergence"] = tree_divergence(target, prompt_len=prefix_len)  # (rows, differing in a bit, in argmax)
         prompt = [rng.randrange(vocab) for _ in range(prefix_len)]
         target.prefill(prompt)
-        r = results[dtype] = {}
         bar.set_postfix_str(f"{dtype} decode")
         r["decode_ms"] = median_ms(lambda: target.logits(target.verify_forward(1, None)), reps)
         bar.update()
@@ -119,7 +122,7 @@ def print_bench(results: dict, tree_sizes: list[int], prefix_len: int) -> None:
     cols = (
         [("dtype", 10), ("decode ms", 20)]
         + [(f"N={n} ms (x decode)", 20) for n in tree_sizes]
-        + [("ours gen ms/tok", 20), ("HF gen ms/tok", 20), ("ours/HF", 20)]
+        + [("ours gen ms/tok", 20), ("HF gen ms/tok", 20), ("ours/HF", 20), ("tree rows != plain", 24)]
     )
     print(f"\ntarget forward costs, {prefix_len}-token prefix, {torch.get_num_threads()} threads")
     print_columns(
@@ -131,6 +134,7 @@ def print_bench(results: dict, tree_sizes: list[int], prefix_len: int) -> None:
                 f"{r['ours_generate_ms_per_token']:.1f}",
                 f"{r['hf_generate_ms_per_token']:.1f}",
                 f"{r['ours_over_hf']:.2f}",
+                "{1}/{0}, argmax {2}".format(*r["divergence"]),
             ]
             for dtype, r in results.items()
         ],

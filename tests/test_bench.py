@@ -35,6 +35,8 @@ def test_every_dtype_has_a_positive_cost_for_decode_and_every_tree_size(bench):
             assert r[f"tree{n}_ms"] > 0
             assert r[f"tree{n}_over_decode"] == pytest.approx(r[f"tree{n}_ms"] / r["decode_ms"])
         assert r["ours_generate_ms_per_token"] > 0 and r["hf_generate_ms_per_token"] > 0 and r["ours_over_hf"] > 0
+        rows, differ, flips = r["divergence"]  # tree rows vs plain decoding: compared, differing, argmax flipped
+        assert rows > 0 and 0 <= flips <= differ <= rows
 
 
 def test_the_printed_table_has_a_row_per_dtype_whose_ratios_match_its_milliseconds(bench, capsys):
@@ -47,6 +49,7 @@ def test_the_printed_table_has_a_row_per_dtype_whose_ratios_match_its_millisecon
         assert float(decode) == pytest.approx(bench[dtype]["decode_ms"], abs=half_unit(decode))
         trees = re.findall(rf"{NUMBER} \({NUMBER}\)", line)  # "ms (x decode)", one per tree size
         assert len(trees) == len(SIZES), line
+        assert line.endswith("{1}/{0}, argmax {2}".format(*bench[dtype]["divergence"])), line
         for n, (ms, ratio) in zip(SIZES, trees):
             assert float(ms) == pytest.approx(bench[dtype][f"tree{n}_ms"], abs=half_unit(ms))
             # the ratio lies within what the printed (rounded) milliseconds allow

@@ -240,6 +240,16 @@ def test_generate_streams_text_and_reports_tau(capsys):
 
 
 @pytest.mark.model
+def test_an_explicit_dtype_that_is_not_exact_here_reports_its_measured_divergence(tmp_path, caplog):
+    """float32 rows are not row-invariant on any CPU (kernels.linear): choosing it says so, with counts."""
+    cfg = tmp_path / "fp32.yaml"
+    cfg.write_text("target: {dtype: float32}\n")
+    assert main(["generate", "Hi.", "--config", str(cfg), "--max-new-tokens", "2", "--no-draft"]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "is not exact on this CPU" in r.getMessage())
+    assert "target.dtype float32" in warning and " rows differ from plain decoding in some bit, " in warning
+
+
+@pytest.mark.model
 def test_eval_matrix_and_selector_trace_on_the_real_model(tmp_path, capsys):
     """The sampled-tree matrix runs every (rule, d, k) against plain sampling and summarises it; a traced
     eval with random delays writes selector records that `specdraft train` (kind selector) fits."""

@@ -5,11 +5,13 @@ it as its first input. So a step is: verify_forward(pending, tree) -> one state 
 token and one per node; logits(rows) only for the rows the verification rule visits; commit(accepted)
 keeps the pending token's and the accepted nodes' KV, drops the rest."""
 
+import random
 from typing import Protocol
 
 import torch
 
 from drafter.data import top_k
+from drafter.synthetic import random_tree
 from kernels import compact_kv, verify_ancestors
 from kernels.attention import max_tree_depth
 from kernels.layers import ModelArgs
@@ -99,3 +101,47 @@ class TorchTarget:
         probs = torch.zeros(*tokens.shape, k, dtype=torch.float16)
         ids[need], probs[need] = top_k(self.model.lm_head, hidden[need], k, chunk=1024)
         return hidden, ids, probs
+
+
+def plain_rows(target: TorchTarget, pending: int, tree: DraftTree) -> torch.Tensor:
+    """What plain decoding computes at each row of verify_forward(pending, tree): logits [N+1, V], row 0
+    after the pending token, row i+1 after node i. One decoding forward per row, walking the tree depth
+    first: a node's token is decoded at slot start + depth with the pending token and its ancestors, the
+    most recent writes, in the slots before it. The committed prefix is left as it was (tree within
+    max_tree_depth)."""
+    start = target.length
+    rows = [target.logits(target.verify_forward(pending, None))[0]]
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(tree.parents):
+        children.setdefault(p, []).append(i)
+    plain: dict[int, torch.Tensor] = {}
+    stack = list(reversed(children.get(-1, [])))
+    while stack:
+        node = stack.pop()
+        target.length = start + tree.depths[node]
+        plain[node] = target.logits(target.verify_forward(tree.tokens[node], None))[0]
+        stack += reversed(children.get(node, []))
+    target.length = start
+    return torch.stack(rows + [plain[i] for i in range(len(tree))])
+
+
+def tree_divergence(target: TorchTarget, trees: int = 2, nodes: int = 16, prompt_len: int = 96, seed: int = 0):
+    """How often this target's tree rows differ from plain decoding's (exactness at temperature 0 needs
+    never): random prompts, random trees cut to max_tree_depth. Returns (rows compared, rows whose logits
+    differ in some bit, rows whose argmax differs). Leaves the cache empty."""
+    rng = random.Random(seed)
+    v = target.vocab_size
+    rows = differ = flips = 0
+    for _ in range(trees):
+        target.prefill([rng.randrange(v) for _ in range(prompt_len)])
+        tree, _ = random_tree(nodes, v, rng).within_depth(target.max_tree_depth)
+        if tree is None:
+            continue
+        pending = rng.randrange(v)
+        spec = target.logits(target.verify_forward(pending, tree))
+        plain = plain_rows(target, pending, tree)
+        rows += len(spec)
+        differ += int((spec != plain).any(-1).sum())
+        flips += int((spec.argmax(-1) != plain.argmax(-1)).sum())
+    target.length = 0
+    return rows, differ, flips

@@ -13,7 +13,7 @@ import torch
 from drafter.synthetic import random_tree
 from proto.tree import DraftTree
 from specdraft.assets import auto_dtype, load_transformer
-from verifier.target import TorchTarget
+from verifier.target import TorchTarget, plain_rows, tree_divergence
 
 pytestmark = pytest.mark.model
 V = 49152
@@ -27,28 +27,17 @@ def target(model_path):
 
 def assert_tree_exact(target: TorchTarget, pending: int, tree: DraftTree) -> DraftTree | None:
     """Verify-forward the tree (cut to the target's max_tree_depth, as the decode loop cuts it), then
-    plain-decode every node and compare. Plain decoding walks the tree depth first, one forward per node:
-    a node's token is decoded at slot start + depth with its ancestors, the most recent writes at the slots
-    before it, in place. Returns the tree as verified; the committed prefix is left as it was."""
+    plain-decode every row (verifier.target.plain_rows) and compare. Returns the tree as verified; the
+    committed prefix is left as it was."""
     tree, _ = tree.within_depth(target.max_tree_depth)
     if tree is None:
         return None
-    start = target.length
     logits = target.logits(target.verify_forward(pending, tree))  # [N+1, V]
-    target.length = start
-    assert torch.equal(logits[0], target.logits(target.verify_forward(pending, None))[0]), "row 0 (pending)"
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(tree.parents):
-        children.setdefault(p, []).append(i)
-    stack = list(reversed(children.get(-1, [])))
-    while stack:
-        node = stack.pop()
-        target.length = start + tree.depths[node]
-        plain = target.logits(target.verify_forward(tree.tokens[node], None))[0]
-        diff = (logits[node + 1] - plain).abs().max().item()
-        assert torch.equal(logits[node + 1], plain), f"node {node} at depth {tree.depths[node]}: max |diff| {diff}"
-        stack += reversed(children.get(node, []))
-    target.length = start
+    plain = plain_rows(target, pending, tree)
+    for row in range(len(logits)):
+        diff = (logits[row] - plain[row]).abs().max().item()
+        where = "the pending token" if row == 0 else f"node {row - 1} at depth {tree.depths[row - 1]}"
+        assert torch.equal(logits[row], plain[row]), f"row {row} ({where}): max |diff| {diff}"
     return tree
 
 
@@ -74,3 +63,11 @@ def test_tree_rows_equal_plain_decoding_bit_for_bit(target, n, prompt_len):
     target.verify_forward(pending, tree)
     target.commit(path[::-1])
     assert_tree_exact(target, tree.tokens[path[0]], random_tree(n, V, rng))
+
+
+def test_divergence_counts_rows_and_is_zero_where_exact(target):
+    """tree_divergence (what an explicitly chosen, non-exact dtype reports at load) compares every row."""
+    rows, differ, flips = tree_divergence(target, trees=1, nodes=8)
+    assert rows == 9 and target.length == 0
+    if target.model.tok_embeddings.weight.dtype == torch.bfloat16:
+        assert differ == flips == 0
