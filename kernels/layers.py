@@ -48,7 +48,8 @@ class RMSNorm(nn.Module):
         # [x, -x] has mean 0 and variance mean(x^2), so its layer norm's first half is x's RMS norm: one
         # fused kernel that normalises in fp32 and rounds once (torch's rms_norm on CPU is ~6 small ops)
         d = x.shape[-1]
-        return F.layer_norm(torch.cat([x, -x], -1), (2 * d,), self.weight.repeat(2), None, self.eps)[..., :d]
+        w = self.weight
+        return F.layer_norm(torch.cat([x, -x], -1), (2 * d,), torch.cat([w, w]), None, self.eps)[..., :d]
 
 
 def rope_tables(args: ModelArgs, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
