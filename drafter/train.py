@@ -10,7 +10,9 @@ relies on); and the rank head's cross-entropy to the rank of the target's token 
 import json
 import logging
 import math
+import pickle
 import random
+import re
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -392,7 +394,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     held = load_split(held_dir, "heldout")
     out = Path(cfg.out)
     state_path = out / "state.pt"
-    state = torch.load(state_path, weights_only=False) if state_path.is_file() else None
+    state = load_state(state_path) if state_path.is_file() else None
     init_meta = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else {}
     excluded = range(0)
     if cfg.data == "stream":
@@ -430,7 +432,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     if state:
         step = state["step"]
         for lr in learners:
-            own = state if lr.out == out else torch.load(lr.out / "state.pt", weights_only=False)
+            own = state if lr.out == out else load_state(lr.out / "state.pt")
             lr.model.load_state_dict(own["model"])
             lr.opt.load_state_dict(own["opt"])
             lr.sched.load_state_dict(own["sched"])
@@ -483,6 +485,27 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     return metrics
 
 
+STATE_KEYS = ("model", "opt", "sched", "step", "cursor", "tokens")
+
+
+def load_state(path: Path) -> dict:
+    """The resumable state `checkpoint` saved in path: tensors and plain data only (state dicts, numbers,
+    the data cursor), read with weights_only=True, so a crafted file is refused before any of it runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        # torch's text is several lines and advises weights_only=False: name the refused global only
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = f"it calls {found[1]}" if found else type(e).__name__
+        raise OSError(
+            f"{path}: not a training state of tensors and plain data, refused unread ({why[:120]}); "
+            "delete it to train from the start"
+        ) from None
+    if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
+        raise OSError(f"{path}: not a training state (needs the keys {', '.join(STATE_KEYS)})")
+    return state
+
+
 def checkpoint(learners: list[Learner], cfg: TrainConfig, held, metrics, step, cursor, tokens, best, bf16) -> dict:
     """Evaluate every learner on the held-out set, save its checkpoint and resumable state, append the
     learning curve and publish what improved. Returns the metrics to report."""
@@ -493,6 +516,7 @@ def checkpoint(learners: list[Learner], cfg: TrainConfig, held, metrics, step, c
         point[lr.name] = held_m
         own = {**metrics, "heldout": held_m}
         save(lr.model, cfg, own, lr.out, data)
+        # tensors and plain data only: load_state reads it back with weights_only=True
         torch.save(
             {
                 "model": lr.model.state_dict(),
