@@ -222,7 +222,7 @@ class DrafterService(pb_grpc.DrafterServicer):
                     )
                 t0 = time.perf_counter()
                 first = sess.rounds == 0
-                await self._check_tokens(context, sess, len(msg.new_tokens))
+                await self._reserve_tokens(context, sess, len(msg.new_tokens))
                 try:
                     prev_parents = sess.prev_tree.parents if sess.prev_tree else None
                     update = msg_to_update(
@@ -244,8 +244,6 @@ class DrafterService(pb_grpc.DrafterServicer):
                     with self.model_lock:
                         self.adapter.observe(sess.id, update, first, sess.prev_tree)
                 sess.rounds += 1
-                sess.tokens += len(update.new_tokens)
-                self.tokens_held += len(update.new_tokens)
                 sess.last_seen = time.monotonic()
                 if update.feedback is not None:
                     sess.feedback_rounds += 1
@@ -295,9 +293,11 @@ class DrafterService(pb_grpc.DrafterServicer):
                 sess.nodes / max(sess.rounds, 1),
             )
 
-    async def _check_tokens(self, context, sess: Session, n: int) -> None:
-        """RESOURCE_EXHAUSTED for an update whose n new tokens would pass the session's or the server's
-        bound (checked before anything reads them)."""
+    async def _reserve_tokens(self, context, sess: Session, n: int) -> None:
+        """Count an update's n new tokens against the session's and the server's bounds before anything
+        reads them: RESOURCE_EXHAUSTED where they would pass one. Check and count run with no await between
+        them, so concurrent updates (each awaiting a worker thread later) cannot all pass the same check;
+        the session's tokens are given back when it ends, however it ends (Session's finally)."""
         cfg, why = self.cfg, ""
         if sess.tokens + n > cfg.max_session_tokens:
             why = f"{n} more would make {sess.tokens + n}, a session holds at most {cfg.max_session_tokens}"
@@ -307,6 +307,8 @@ class DrafterService(pb_grpc.DrafterServicer):
         if why:
             sess.ended = "too many tokens"
             await self._fail(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"session {sess.id}: new_tokens: {why}")
+        sess.tokens += n
+        self.tokens_held += n
 
     async def _draft_round(self, context, sess: Session, update) -> DraftTree | None:
         """This round's tree, on the event loop or a worker thread; a drafter error or a round slower than

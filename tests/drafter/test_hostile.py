@@ -5,6 +5,7 @@ past the model's max_seq_len, every bad input gets INVALID_ARGUMENT or RESOURCE_
 message naming the field (counted in stats), labels are capped and escaped in the log, SIGTERM drains
 with the port open, and reflection answers as v1 and v1alpha."""
 
+import contextlib
 import math
 import queue
 import signal
@@ -357,3 +358,67 @@ def test_a_4mb_update_leaves_a_specblock_sidecar_bounded_and_serving(tmp_path):
     assert len(longest[0].tokens) > 0
     assert peak - base < 500 and max(lat) < 1.0
     assert s.stop() == 0
+
+
+def admit_at_once(s: Sidecar, prompts: list[list[int]]) -> tuple[list[str], list[grpc.RpcError]]:
+    """Open one stream per prompt, send every first update at once (a barrier), and keep the admitted
+    sessions open until all have an answer: the session ids of those served, and the errors of the rest."""
+    barrier = threading.Barrier(len(prompts))
+    done = threading.Barrier(len(prompts))
+    served, errors, lock = [], [], threading.Lock()
+
+    def client(prompt):
+        q: queue.Queue = queue.Queue()
+        call = s.stub.Session(iter(q.get, None), metadata=AUTH, timeout=60)
+        barrier.wait()
+        q.put(first(prompt))
+        try:
+            reply = next(call)
+            with lock:
+                served.append(reply.session_id)
+        except grpc.RpcError as e:
+            with lock:
+                errors.append(e)
+        done.wait()
+        q.put(None)
+        with contextlib.suppress(grpc.RpcError):
+            list(call)
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return served, errors
+
+
+@pytest.fixture(scope="module")
+def threaded(tmp_path_factory):
+    """An n-gram sidecar drafting on 2 worker threads: every round awaits a worker, so admission checks
+    made before that await and counted after it would race."""
+    s = Sidecar(
+        tmp_path_factory.mktemp("threaded"),
+        f"workers: 2, max_sessions: 8, max_total_tokens: 100000, token_env: {TOKEN_ENV}",
+    )
+    yield s
+    assert s.stop() == 0
+
+
+def test_concurrent_first_updates_never_pass_max_total_tokens(threaded):
+    """Issue 24, case 1: 8 concurrent 60k-token first updates under a 100k bound with workers: 2. One is
+    admitted (its tokens reserved before any await), the other 7 get RESOURCE_EXHAUSTED."""
+    threaded.wait_sessions_closed()
+    served, errors = admit_at_once(threaded, [[7 + i] * 60_000 for i in range(8)])
+    assert len(served) == 1 and len(errors) == 7, (served, [e.details() for e in errors])
+    assert all(e.code() == Code.RESOURCE_EXHAUSTED and "over all sessions" in e.details() for e in errors)
+    threaded.wait_sessions_closed()
+    served, errors = admit_at_once(threaded, [[1, 2, 3]] * 8)  # every reserved token was given back
+    assert len(served) == 8 and not errors
+
+
+def test_concurrent_opens_never_pass_max_sessions(threaded):
+    """16 streams opened at once against max_sessions 8: 8 are served, 8 get RESOURCE_EXHAUSTED."""
+    threaded.wait_sessions_closed()
+    served, errors = admit_at_once(threaded, [[1, 2, 3]] * 16)
+    assert len(served) == 8 and len(errors) == 8, (served, [e.details() for e in errors])
+    assert all(e.code() == Code.RESOURCE_EXHAUSTED and "the server's limit is 8" in e.details() for e in errors)
