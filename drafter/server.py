@@ -8,7 +8,6 @@ bounded in tokens, in drafting time per round and in how long a reply may wait f
 it, and all sessions together in tokens held (README, "Run as a sidecar")."""
 
 import asyncio
-import bisect
 import collections
 import contextlib
 import hmac
@@ -41,6 +40,9 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Drafter"].full_name  # "specdraft.v1.Drafter"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 LABEL_CHARS = 100  # a client_label is kept (and logged, escaped) up to this many characters
+INLINE_UPDATE_BYTES = 1 << 16  # larger updates are checked on a thread, off the event loop
+LATENCY_WINDOW = 4096  # the latest rounds whose latencies GetStats' percentiles cover
+RATE_WINDOW_S = 60  # seconds over which GetStats' rounds_per_s counts
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ServerConfig:
     address: str = "127.0.0.1:50051"  # host:port; loopback by default, port 0 = any free port
     max_sessions: int = 64  # open streams at once; more get RESOURCE_EXHAUSTED
     max_nodes: int = 256  # cap on the node budget of any tree
+    max_topk: int = 64  # tokens per feedback.target_topk row at most (verify.feedback_topk of the clients)
     max_message_mb: float = 16.0  # larger messages get RESOURCE_EXHAUSTED
     session_ttl_s: float = 300.0  # a session idle this long is evicted
     max_session_tokens: int = 65536  # committed tokens one session may hold; an update past it: RESOURCE_EXHAUSTED
@@ -68,6 +71,7 @@ class ServerConfig:
             self,
             "max_sessions",
             "max_nodes",
+            "max_topk",
             "max_message_mb",
             "session_ttl_s",
             "max_session_tokens",
@@ -89,10 +93,14 @@ class ServerConfig:
             raise ValueError(f"metrics_port: must be a port number (0 = off), got {self.metrics_port}")
 
 
-def percentile(values, q: float) -> float:
-    """The q-quantile (0..1) of values by rank, 0.0 for none."""
+def percentiles(values, *qs: float) -> list[float]:
+    """The q-quantiles (0..1) of values by rank (sorted once), 0.0 for none."""
     ordered = sorted(values)
-    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
+    return [ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0 for q in qs]
+
+
+def percentile(values, q: float) -> float:
+    return percentiles(values, q)[0]
 
 
 @dataclass
@@ -119,30 +127,35 @@ class Session:
 
 
 class Stats:
-    """Server-wide counters; latencies and round times kept for a bounded window."""
+    """Server-wide counters, the latencies of the last LATENCY_WINDOW rounds and rounds per whole second
+    of the last RATE_WINDOW_S: a round adds in O(1), and a read costs the same after a billion rounds."""
 
     def __init__(self):
         self.start = time.monotonic()
         self.sessions_total = self.sessions_evicted = self.rounds = self.nodes = 0
         self.feedback_rounds = self.accepted = 0
-        self.latency_ms: collections.deque[float] = collections.deque(maxlen=20_000)
-        self.round_times: collections.deque[float] = collections.deque(maxlen=200_000)
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.per_second: collections.deque[list[int]] = collections.deque(maxlen=RATE_WINDOW_S + 1)  # [second, rounds]
         self.errors: collections.Counter[str] = collections.Counter()
 
     def add_round(self, nodes: int, ms: float) -> None:
         self.rounds += 1
         self.nodes += nodes
         self.latency_ms.append(ms)
-        self.round_times.append(time.monotonic())
+        second = int(time.monotonic())
+        if self.per_second and self.per_second[-1][0] == second:
+            self.per_second[-1][1] += 1
+        else:
+            self.per_second.append([second, 1])
 
-    def percentile(self, q: float) -> float:
-        return percentile(self.latency_ms, q)
+    def latency_percentiles(self, *qs: float) -> list[float]:
+        return percentiles(self.latency_ms, *qs)
 
-    def rounds_per_s(self, window: float = 60.0) -> float:
+    def rounds_per_s(self) -> float:
+        """Rounds per second over the last RATE_WINDOW_S seconds (whole seconds; since the start if shorter)."""
         now = time.monotonic()
-        times = list(self.round_times)
-        recent = len(times) - bisect.bisect_left(times, now - window)
-        return recent / min(window, max(now - self.start, 1e-9))
+        recent = sum(n for second, n in self.per_second if second > now - RATE_WINDOW_S)
+        return recent / min(RATE_WINDOW_S, max(now - self.start, 1e-9))
 
 
 class DrafterService(pb_grpc.DrafterServicer):
@@ -224,10 +237,7 @@ class DrafterService(pb_grpc.DrafterServicer):
                 first = sess.rounds == 0
                 await self._reserve_tokens(context, sess, len(msg.new_tokens))
                 try:
-                    prev_parents = sess.prev_tree.parents if sess.prev_tree else None
-                    update = msg_to_update(
-                        msg, self.info.vocab_size, self.info.hidden_dim, prev_parents, self.cfg.max_nodes, first
-                    )
+                    update = await self._check_update(msg, sess, first)
                 except WireError as e:
                     sess.ended = "bad update"
                     await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
@@ -310,6 +320,17 @@ class DrafterService(pb_grpc.DrafterServicer):
         sess.tokens += n
         self.tokens_held += n
 
+    async def _check_update(self, msg: pb.VerifierUpdate, sess: Session, first: bool):
+        """msg_to_update against the session: on the event loop for a small message, on a thread for a
+        large one (its checks are bounded by its size and by the previous tree, but a long prompt or a
+        wide hidden tensor still takes milliseconds that other sessions' rounds should not wait for)."""
+        prev_parents = sess.prev_tree.parents if sess.prev_tree else None
+        cfg, info = self.cfg, self.info
+        args = (msg, info.vocab_size, info.hidden_dim, prev_parents, cfg.max_nodes, first, cfg.max_topk)
+        if msg.ByteSize() <= INLINE_UPDATE_BYTES:
+            return msg_to_update(*args)
+        return await asyncio.to_thread(msg_to_update, *args)
+
     async def _draft_round(self, context, sess: Session, update) -> DraftTree | None:
         """This round's tree, on the event loop or a worker thread; a drafter error or a round slower than
         cfg.max_draft_s ends the session (a worker's draft is then left to finish on its own)."""
@@ -384,8 +405,12 @@ class DrafterService(pb_grpc.DrafterServicer):
         )
 
     async def GetStats(self, request, context):
+        """Counters since the start; latency percentiles over the last LATENCY_WINDOW (4,096) rounds and
+        rounds_per_s over the last RATE_WINDOW_S (60) seconds, so that a poll costs the same however
+        long the server has run."""
         await self._authorize(context)
         s = self.stats
+        p50, p90, p99 = s.latency_percentiles(0.5, 0.9, 0.99)
         return pb.ServerStats(
             sessions_open=len(self.sessions),
             sessions_total=s.sessions_total,
@@ -393,9 +418,9 @@ class DrafterService(pb_grpc.DrafterServicer):
             rounds_total=s.rounds,
             rounds_per_s=s.rounds_per_s(),
             mean_nodes=s.nodes / max(s.rounds, 1),
-            latency_p50_ms=s.percentile(0.5),
-            latency_p90_ms=s.percentile(0.9),
-            latency_p99_ms=s.percentile(0.99),
+            latency_p50_ms=p50,
+            latency_p90_ms=p90,
+            latency_p99_ms=p99,
             errors=dict(s.errors),
             uptime_s=time.monotonic() - s.start,
             feedback_rounds=s.feedback_rounds,
@@ -544,8 +569,7 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
                 s.rounds - last,
                 s.rounds_per_s(),
                 s.nodes / max(s.rounds, 1),
-                s.percentile(0.5),
-                s.percentile(0.99),
+                *s.latency_percentiles(0.5, 0.99),
                 dict(s.errors) or "none",
             )
             last = s.rounds

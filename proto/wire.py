@@ -73,17 +73,19 @@ def update_to_msg(update: VerifierUpdate, round_: int, first: bool, label: str =
 
 
 def _tokens(values, vocab: int, field: str) -> list[int]:
-    for i, t in enumerate(values):
-        if not 0 <= t < vocab:
-            raise WireError(f"{field}[{i}]: token {t} outside the vocabulary [0, {vocab})")
-    return list(values)
+    tokens = list(values)
+    if tokens and (min(tokens) < 0 or max(tokens) >= vocab):  # min and max run in C; the loop only finds which
+        i, t = next((i, t) for i, t in enumerate(tokens) if not 0 <= t < vocab)
+        raise WireError(f"{field}[{i}]: token {t} outside the vocabulary [0, {vocab})")
+    return tokens
 
 
 def _probs(values, field: str) -> list[float]:
-    for i, p in enumerate(values):
-        if not 0.0 <= p <= 1.0:  # NaN fails too
-            raise WireError(f"{field}[{i}]: {p} is not a probability")
-    return list(values)
+    probs = list(values)
+    if not all(0.0 <= p <= 1.0 for p in probs):  # NaN fails too
+        i, p = next((i, p) for i, p in enumerate(probs) if not 0.0 <= p <= 1.0)
+        raise WireError(f"{field}[{i}]: {p} is not a probability")
+    return probs
 
 
 def msg_to_update(
@@ -93,10 +95,17 @@ def msg_to_update(
     prev_parents: tuple[int, ...] | None,
     max_nodes: int,
     first: bool,
+    max_topk: int = 64,
 ) -> VerifierUpdate:
     """Check an update against the session: vocab is the server's vocabulary, hidden_dim the width the
     drafter expects (0 = it takes none: any hidden is ignored), prev_parents the parents of the tree last
-    sent (None if none), max_nodes the server's cap on the budget.
+    sent (None if none), max_nodes the server's cap on the budget, max_topk its cap on the tokens of one
+    feedback.target_topk row.
+
+    Feedback answers the previous tree of n nodes, so its sizes are checked against n before any loop
+    reads it: at most n accepted nodes and n prob_nodes, at most n + 1 target_topk rows (a node's each,
+    and the roots' parent's) of at most max_topk tokens; the work per update is bounded by the tree, not
+    by the message size.
 
     A drafter that takes hidden states needs one finite row per committed token whose next token is
     known: len(new_tokens) - 1 rows on the first update (the newest token's successor is pending), then
@@ -153,6 +162,15 @@ def msg_to_update(
         if prev_parents is None:
             raise WireError("feedback: there was no previous tree in this session")
         n = len(prev_parents)
+        for name, count, most in (
+            ("accepted", len(fb.accepted), n),
+            ("prob_nodes", len(fb.prob_nodes), n),
+            ("target_topk", len(fb.target_topk), n + 1),
+        ):
+            if count > most:
+                raise WireError(f"feedback.{name}: {count} entries for the previous tree of {n} nodes (at most {most})")
+        if len(fb.prob_nodes) != len(fb.probs):
+            raise WireError(f"feedback.probs: {len(fb.probs)} values for {len(fb.prob_nodes)} prob_nodes")
         last = -1
         for i, node in enumerate(fb.accepted):
             if not 0 <= node < n or prev_parents[node] != last:
@@ -161,8 +179,6 @@ def msg_to_update(
                     f"{quote(list(fb.accepted[:i]))} in the previous tree of {n} nodes"
                 )
             last = node
-        if len(fb.prob_nodes) != len(fb.probs):
-            raise WireError(f"feedback.probs: {len(fb.probs)} values for {len(fb.prob_nodes)} prob_nodes")
         for i, node in enumerate(fb.prob_nodes):
             if not 0 <= node < n:
                 raise WireError(f"feedback.prob_nodes[{i}]: node {node} outside the previous tree of {n} nodes")
@@ -171,6 +187,8 @@ def msg_to_update(
             field = f"feedback.target_topk[{i}]"
             if not -1 <= row.node < n:
                 raise WireError(f"{field}.node: {row.node} outside the previous tree of {n} nodes")
+            if len(row.tokens) > max_topk:
+                raise WireError(f"{field}.tokens: {len(row.tokens)} tokens, the server takes at most {max_topk}")
             if len(row.tokens) != len(row.probs):
                 raise WireError(f"{field}.probs: {len(row.probs)} values for {len(row.tokens)} tokens")
             topk[row.node] = (_tokens(row.tokens, vocab, f"{field}.tokens"), _probs(row.probs, f"{field}.probs"))

@@ -422,3 +422,59 @@ def test_concurrent_opens_never_pass_max_sessions(threaded):
     served, errors = admit_at_once(threaded, [[1, 2, 3]] * 16)
     assert len(served) == 8 and len(errors) == 8, (served, [e.details() for e in errors])
     assert all(e.code() == Code.RESOURCE_EXHAUSTED and "the server's limit is 8" in e.details() for e in errors)
+
+
+TOPK_ROWS = pb.Feedback.FromString(b"\x22\x02\x08\x01" * 700_000)  # 700k target_topk rows of node 1 (2.8 MB)
+HUGE_FEEDBACK = [
+    (TOPK_ROWS, "feedback.target_topk: 700000 entries for the previous tree of 8 nodes (at most 9)"),
+    (
+        pb.Feedback(prob_nodes=[0] * 2_900_000, probs=[0.5] * 2_900_000),  # 14.5 MB
+        "feedback.prob_nodes: 2900000 entries for the previous tree of 8 nodes (at most 8)",
+    ),
+    (
+        pb.Feedback(target_topk=[pb.TopK(node=0, tokens=[1] * 1_000_000, probs=[0.5] * 1_000_000)]),
+        "feedback.target_topk[0].tokens: 1000000 tokens, the server takes at most 64",
+    ),
+]
+
+
+@pytest.mark.parametrize("feedback,needle", HUGE_FEEDBACK, ids=["topk rows", "prob_nodes", "topk tokens"])
+def test_feedback_larger_than_its_tree_is_refused_before_it_is_read(hostile, feedback, needle):
+    """Issue 24, case 2: feedback sizes are checked against the tree they answer (8 nodes here) before any
+    loop reads them: INVALID_ARGUMENT at once (it took 0.56-3.3 s of event loop), and another session's
+    rounds go on meanwhile."""
+    hostile.wait_sessions_closed()
+    q: queue.Queue = queue.Queue()
+    other = hostile.stub.Session(iter(q.get, None), metadata=AUTH, timeout=30)
+    q.put(first([1, 2, 3]))
+    next(other)
+    lat, stop = [], threading.Event()
+
+    def rounds():
+        r = 1
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            q.put(pb.VerifierUpdate(round=r, new_tokens=[r % 50], max_nodes=8))
+            next(other)
+            lat.append(time.perf_counter() - t0)
+            r += 1
+            time.sleep(0.005)
+
+    driver = threading.Thread(target=rounds)
+    driver.start()
+    bad = [first([4, 5, 6]), pb.VerifierUpdate(round=1, new_tokens=[7], feedback=feedback, max_nodes=8)]
+    took = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        err = rpc_error(lambda: session(hostile.stub, bad, timeout=30))
+        took.append(time.perf_counter() - t0)
+        assert err.code() == Code.INVALID_ARGUMENT and needle in err.details(), err.details()
+    stop.set()
+    driver.join()
+    q.put(None)
+    list(other)
+    print(
+        f"\n{needle.split(':')[0]}: refused in {1000 * max(took):.0f} ms (client side, serialising included); "
+        f"the other session's worst round meanwhile {1000 * max(lat):.1f} ms over {len(lat)} rounds"
+    )
+    assert max(lat) < 0.5, lat
