@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 
 VLLM    := $(VENV)/.vllm-installed
 
-.PHONY: setup setup-vllm eval test lint bench proto serve-drafter train
+.PHONY: setup setup-vllm eval test lint bench proto docs serve-drafter train
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ serve-drafter: $(STAMP)
 # Regenerate the gRPC code from proto/drafter.proto (the source of truth); tests check it is current.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. proto/drafter.proto
+
+# Regenerate docs/config.md from the config dataclasses; tests check it is current.
+docs: $(STAMP)
+	$(BIN)/python docs/config_doc.py
 
 # The held-out set (teacher-forced once, ~2 min), then the SpecBlock drafter and the EAGLE-style baseline by
 # streaming teacher forcing (hours on 2 cores; resumable: run it again to go on from its last checkpoint).
