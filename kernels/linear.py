@@ -5,7 +5,12 @@ same row computed alone by a plain decoding step (exactness at temperature 0 res
 Kernels, by weight dtype:
   bfloat16  oneDNN (brgemm) with the weight reordered once into its blocked layout. Fast only where
             the CPU has bf16 dot products (avx512_bf16) or AMX; elsewhere bf16 falls to slow paths.
-  float32   MKL's packed sgemm (the weight packed once).
+  float32   one row (a decode step): torch's matrix-vector product on the plain weight; 2+ rows (tree
+            forwards): oneDNN with the reordered weight, as for bf16. torch's own fp32 `linear` takes
+            MKL's sgemm, which on AMD CPUs runs ~2-3x slower than oneDNN's JIT kernels at 2-16 rows
+            (measured on an AVX2-only AMD EPYC: README "Benchmark"), and MKL's packed sgemm serves only
+            the one row count it was packed for.
+Where oneDNN has no bf16 kernels (no avx512bw/vl/dq nor avx_ne_convert), bf16 weights run plain torch.
 Row invariance: with K > 576 (the MLP's down projection, K = 1536) a single-row call takes a
 matrix-vector kernel whose accumulation order differs from the matrix-matrix kernel that 2+ rows take;
 rows of every 2+ row call agree with each other. So bf16 calls of fewer than MIN_ROWS rows run padded
@@ -51,20 +56,20 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         w = weight.detach().contiguous()
-        if self.dtype == torch.bfloat16:
-            self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, 1), persistent=False)
-        else:
-            self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(w, 1), persistent=False)
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, MIN_ROWS)
+        except RuntimeError:  # oneDNN's bf16 needs avx512bw/vl/dq or avx_ne_convert: plain torch then
+            packed = None
+        self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("weight", w, persistent=False)  # the plain layout: for the reference and .weight users
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.dtype != torch.bfloat16:
-            y = torch.ops.mkl._mkl_linear(x2.contiguous(), self.packed, self.weight, None, 1)
-            return y.reshape(*shape[:-1], self.out_features)
         m = x2.shape[0]
-        if m < MIN_ROWS:
+        if self.packed is None or (self.dtype != torch.bfloat16 and m == 1):  # fp32 decode: matrix-vector
+            return F.linear(x2, self.weight).reshape(*shape[:-1], self.out_features)
+        if self.dtype == torch.bfloat16 and m < MIN_ROWS:
             x2 = F.pad(x2, (0, 0, 0, MIN_ROWS - m))  # the matrix-matrix kernel, as for any other row count
         y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, None, "none", [], "")
         return y[:m].reshape(*shape[:-1], self.out_features)
