@@ -21,6 +21,7 @@ from drafter.server import ServerConfig
 from drafter.train import TrainConfig
 from proto import checks
 from proto.interface import SamplingParams
+from proto.wire import quote
 from specdraft.build import DrafterConfig
 from verifier.rules import SAMPLED_TREE_RULES
 
@@ -219,11 +220,11 @@ def _check(value, hint, key: str):
         return _build(hint, value, key)
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(hint)))}")
+            raise ConfigError(f"{key}: {quote(value)} is not one of {', '.join(map(str, typing.get_args(hint)))}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {quote(value)}")
         return [_check(v, typing.get_args(hint)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
@@ -233,9 +234,9 @@ def _check(value, hint, key: str):
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {quote(value)}")
     if hint is float and not math.isfinite(value):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        raise ConfigError(f"{key}: must be a finite number, got {quote(value)}")
     if hint is int and not -WIRE_INT < value < WIRE_INT:
         raise ConfigError(f"{key}: {value} is out of range (|value| < 2**31)")
     return value
@@ -245,12 +246,13 @@ def _build(cls, data, key: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{key or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {quote(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise ConfigError(f"{key + '.' if key else ''}{k}: unknown key (known: {', '.join(sorted(names))})")
+            name = k if isinstance(k, str) and len(k) <= 100 else quote(k)
+            raise ConfigError(f"{key + '.' if key else ''}{name}: unknown key (known: {', '.join(sorted(names))})")
     return cls(**{k: _check(v, hints[k], f"{key + '.' if key else ''}{k}") for k, v in data.items()})
 
 
@@ -327,19 +329,41 @@ def validate(cfg: Config, command: str) -> Config:
     return cfg
 
 
+class NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses anchors and aliases (&name, *name): a config has no use for them, and a
+    few nested aliases expand to billions of nodes (an alias bomb)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                problem=f"YAML anchors and aliases (&name, *name) are not allowed in a config, found "
+                f"{'*' if isinstance(event, yaml.AliasEvent) else '&'}{quote(event.anchor)[1:-1]}",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
 def read_config(path: str | Path) -> Config:
     """A YAML file's Config, types checked but values not validated (validate; load_config does both)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=NoAliasLoader)
+    except yaml.MarkedYAMLError as e:
+        where = f":{e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({e.problem or e.context})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not readable YAML (nested too deeply)") from None
     try:
         return _build(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except RecursionError:  # quoting a deeply nested value
+        raise ConfigError(f"{path}: a value nested too deeply") from None
 
 
 def load_config(path: str | Path, command: str) -> Config:

@@ -289,3 +289,31 @@ def test_train_without_prepared_data_exits_2_naming_the_folder(tmp_path, capsys)
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.data_dir:" in err and "no manifest.json" in err, err
+
+
+def test_a_yaml_alias_bomb_exits_2_at_once_naming_the_file(tmp_path, capsys):
+    """Issue 24, case 3: nine levels of aliases under target.model (RSS 3 GB after 35 s, growing) are
+    refused while parsing, in one short line naming the file and the line of the first anchor."""
+    levels = "".join(f"l{i + 1}: &l{i + 1} [{', '.join([f'*l{i}'] * 9)}]\n" for i in range(8))
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(f"l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n{levels}target: {{model: *l8}}\n")
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"specdraft eval: error: {cfg}:1: not valid YAML (YAML anchors and aliases (&name, *name) are not "
+        "allowed in a config, found &l0)"
+    ), err
+
+
+def test_a_huge_bad_value_is_quoted_short(tmp_path, capsys):
+    """A 100k-element list where a string belongs, and a 1,000-character unknown key: the error quotes
+    at most ~100 characters of either."""
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text("target: {model: [" + "1, " * 100_000 + "1]}\n")
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "target.model: expected str, got [1, 1, " in err and "... (300003 characters)" in err and len(err) < 300
+    cfg.write_text("x" * 1000 + ": 1\n")
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "... (1002 characters): unknown key" in err and len(err) < 400, err

@@ -262,3 +262,45 @@ def test_a_drafter_trains_by_streaming_teacher_forcing_and_publishes_improvement
     more = replace(cfg, init=str(tmp_path / "pub"), out=str(tmp_path / "ck2"), baseline_out="", steps=2, eval_every=2)
     again = train(more, args, target.embedding, None, stream)
     assert again["tokens"] > published["data"]["tokens"]
+
+
+def test_deep_huge_and_overlong_records_are_one_line_each(tmp_path, caplog):
+    """Issue 24, case 4: a record nested 100k levels (a RecursionError traceback), a 5,000-digit integer
+    (a ValueError traceback) and a 2 MB line (RSS past 12 GB at 200 MB) are bad records like any other:
+    skipped with one line `file:line: problem`, or exit 2 under --strict."""
+    from specdraft.datasets import MAX_RECORD_BYTES
+
+    path = tmp_path / "hostile.jsonl"
+    big = json.dumps({"prompt": "x" * (2 * MAX_RECORD_BYTES)})
+    path.write_text(
+        "\n".join(["[" * 100_000 + "]" * 100_000, '{"prompt": "hi", "n": ' + "9" * 5000 + "}", big, '{"prompt": "ok"}'])
+    )
+    with caplog.at_level(logging.WARNING, logger="specdraft.datasets"):
+        convs = read_file(str(path), strict=False)
+    assert [c.id for c in convs] == ["hostile.jsonl:4"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:1: not readable JSON (nested too deeply); skipped",
+        f"{path}:2: not readable JSON (Exceeds the limit (4300 digits) for integer string conversion: value has "
+        "5000 digits); skipped",
+        f"{path}:3: a record of more than {MAX_RECORD_BYTES} bytes; skipped",
+        f"{path}: 3 records skipped, 1 read (--strict makes a bad record an error)",
+    ]
+    with pytest.raises(ConfigError, match=r"hostile.jsonl:1: not readable JSON \(nested too deeply\)$"):
+        read_file(str(path), strict=True)
+    doc = tmp_path / "hostile.json"  # a JSON list: unreadable JSON spoils the whole file
+    doc.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(ConfigError, match=r"hostile.json: not readable JSON \(nested too deeply\)$"):
+        read_file(str(doc), strict=False)
+    doc.write_text(f'[\n{{"prompt": "ok"}},\n{big}\n]')
+    with pytest.raises(ConfigError, match=rf"hostile.json:3: a record of more than {MAX_RECORD_BYTES} bytes$"):
+        read_file(str(doc), strict=True)
+
+
+def test_an_eval_with_no_usable_record_exits_2_with_one_line(tmp_path, capsys):
+    """Every record skipped ended in `max() arg is an empty sequence` from the table printer."""
+    path = tmp_path / "none.jsonl"
+    path.write_text('{"prompt": 1}\n{"messages": []}\n')
+    assert main(["eval", "--datasets", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"specdraft eval: error: {path}: no usable record (2 skipped)", err
+    assert "Traceback" not in "\n".join(err)
