@@ -3,11 +3,12 @@ propose what followed them, merged into a tree (continuations sharing a prefix s
 
 import heapq
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from drafter.hybrid import Scored
 from proto import checks
-from proto.interface import Drafter, Feedback, VerifierUpdate
-from proto.tree import DraftTree, TreeError
+from proto.interface import VerifierUpdate
+from proto.tree import DraftTree
 
 
 @dataclass
@@ -53,9 +54,11 @@ class NgramDrafter:
                         return out
         return out
 
-    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+    def scored(self, update: VerifierUpdate) -> Scored | None:
+        """The tree `draft` returns, with each node's share of its parent's continuations (the roots': of
+        all continuations) as its probability given its parent."""
         self._extend(update.new_tokens)
-        conts = self._continuations()
+        conts = self._continuations() if update.max_nodes > 0 else []
         if not conts:
             return None
         # Trie of continuations; a node's weight is how many continuations pass through it.
@@ -69,62 +72,23 @@ class NgramDrafter:
         heap = [(-w, r, path) for path, (w, r) in trie.items() if len(path) == 1]
         heapq.heapify(heap)
         ids: dict[tuple[int, ...], int] = {}
-        tokens, parents = [], []
+        tokens, parents, probs = [], [], []
         while heap and len(tokens) < update.max_nodes:
-            _, _, path = heapq.heappop(heap)
+            neg_w, _, path = heapq.heappop(heap)
             ids[path] = len(tokens)
             tokens.append(path[-1])
             parents.append(ids[path[:-1]] if len(path) > 1 else -1)
+            probs.append(-neg_w / (trie[path[:-1]][0] if len(path) > 1 else len(conts)))
             for tok in {c[len(path)] for c in conts if len(c) > len(path) and tuple(c[: len(path)]) == path}:
                 w, r = trie[path + (tok,)]
                 heapq.heappush(heap, (-w, r, path + (tok,)))
-        return DraftTree(tokens, parents, update.vocab_size, update.max_nodes)
+        return Scored(tokens, parents, probs)
+
+    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+        found = self.scored(update)
+        return found.tree(update.vocab_size, update.max_nodes) if found else None
 
     def close(self) -> None:
         self.tokens.clear()
         for table in self.index.values():
             table.clear()
-
-
-class LookupFirst:
-    """Prompt lookup in front of another drafter (`drafter.lookup`): when the n-gram drafter finds a match
-    its tree comes first (its first path is what a chain verifier such as vLLM takes), and the other
-    drafter's tree fills the rest of the node budget. The other drafter sees every update, with feedback
-    restated in its own node ids (empty when the accepted path ran through the lookup's nodes)."""
-
-    def __init__(self, lookup: NgramDrafter, drafter: Drafter):
-        self.lookup, self.drafter = lookup, drafter
-        self.offset = 0  # where the other drafter's nodes began in the last merged tree
-
-    def draft(self, update: VerifierUpdate) -> DraftTree | None:
-        fb, off = update.feedback, self.offset
-        if fb is not None:
-            ours = bool(fb.accepted) and fb.accepted[0] >= off
-            fb = Feedback(
-                [n - off for n in fb.accepted] if ours else [],
-                {n - off: p for n, p in fb.target_probs.items() if n >= off},
-                {n if n < 0 else n - off: v for n, v in fb.target_topk.items() if n < 0 or n >= off},
-            )
-        found = self.lookup.draft(update)  # the n-gram drafter takes no feedback
-        tree, self.offset = merge(found, self.drafter.draft(replace(update, feedback=fb)), update.max_nodes)
-        return tree
-
-    def close(self) -> None:
-        self.lookup.close()
-        self.drafter.close()
-
-
-def merge(first: DraftTree | None, second: DraftTree | None, max_nodes: int) -> tuple[DraftTree | None, int]:
-    """first's nodes, then second's (their parents shifted) as far as max_nodes allows; returns the tree and
-    the offset of second's nodes in it. Neither may be a sampled tree (draft_probs would not merge)."""
-    trees = [t for t in (first, second) if t is not None]
-    if any(t.draft_probs is not None for t in trees):
-        raise TreeError("sampled trees cannot be merged")
-    if not trees:
-        return None, 0
-    offset = len(first) if first is not None else 0
-    tokens = (first.tokens if first is not None else ()) + (second.tokens if second is not None else ())
-    parents = (first.parents if first is not None else ()) + (
-        tuple(p + offset if p >= 0 else -1 for p in second.parents) if second is not None else ()
-    )
-    return DraftTree(tokens[:max_nodes], parents[:max_nodes], trees[0].vocab_size, max_nodes), offset

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from drafter.hybrid import Scored
 from drafter.selector import cached_selector, step_features
 from kernels.layers import ModelArgs, RMSNorm, apply_rope, rope_tables
 from kernels.linear import PackedLinear, pack_linears
@@ -441,11 +442,10 @@ class SpecBlockDrafter:
 
     # inference_mode, not no_grad: no autograd bookkeeping per op; what it creates (a sampled tree's
     # draft_probs) is only read outside it
-    @torch.inference_mode()
-    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+    def _absorb(self, update: VerifierUpdate) -> tuple[SpecBlock, int] | None:
+        """The update's committed tokens (and features) into the context cache; returns the drafting
+        model and the newest context position t, or None when there is nothing to draft from."""
         cfg = self.model.cfg
-        if update.max_nodes > cfg.max_seq_len // 2:  # a tree's depth must fit in the positions after the context
-            update = replace(update, max_nodes=cfg.max_seq_len // 2)
         self.tokens += update.new_tokens
         if update.feedback is not None:
             self.recent.append(len(update.feedback.accepted))
@@ -472,19 +472,49 @@ class SpecBlockDrafter:
             self._encode(m, m.inputs(update.hidden, toks[:-1], toks[1:]))
         if self.last_u is None or update.max_nodes <= 0:
             return None
-        t = n_f - 1
+        return m, n_f - 1
+
+    def _capped(self, update: VerifierUpdate) -> VerifierUpdate:
+        half = self.model.cfg.max_seq_len // 2  # a tree's depth must fit in the positions after the context
+        return replace(update, max_nodes=half) if update.max_nodes > half else update
+
+    # inference_mode, not no_grad: no autograd bookkeeping per op; what it creates (a sampled tree's
+    # draft_probs) is only read outside it
+    @torch.inference_mode()
+    def draft(self, update: VerifierUpdate) -> DraftTree | None:
+        update = self._capped(update)
+        if self.cfg.tree != "sampled":
+            found = self._scored(update)
+            return found.tree(update.vocab_size, update.max_nodes) if found else None
+        absorbed = self._absorb(update)
+        if absorbed is None:
+            return None
+        m, t = absorbed
         states = m.draft_blocks(self.cache, self.last_u[None], torch.tensor([t]))  # [K, 1, D]
         self.forwards += 1
-        if self.cfg.tree == "sampled":
-            temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
-            q = (m.draft_logits(states[:, 0]).float() / temperature).softmax(-1)  # [K, Vd]: the selector's features
-            return self._sampled_tree(
-                m, states[:, 0], q, t, update.max_nodes, update.vocab_size, temperature, self._delay(q)
-            )
+        temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
+        q = (m.draft_logits(states[:, 0]).float() / temperature).softmax(-1)  # [K, Vd]: the selector's features
+        return self._sampled_tree(
+            m, states[:, 0], q, t, update.max_nodes, update.vocab_size, temperature, self._delay(q)
+        )
+
+    @torch.inference_mode()
+    def scored(self, update: VerifierUpdate) -> Scored | None:
+        """A deterministic tree with each node's draft probability given its parent (drafter.hybrid's
+        source interface); max_nodes 0 only advances the context."""
+        return self._scored(self._capped(update))
+
+    def _scored(self, update: VerifierUpdate) -> Scored | None:
+        absorbed = self._absorb(update)
+        if absorbed is None:
+            return None
+        m, t = absorbed
+        states = m.draft_blocks(self.cache, self.last_u[None], torch.tensor([t]))  # [K, 1, D]
+        self.forwards += 1
         root = self._blocks(m, states, [t], [[]], ranked=self.cfg.tree == "best_first")[0]
         if self.cfg.tree == "frontier":
-            return self._frontier_tree(m, root, update.max_nodes, update.vocab_size)
-        return self._best_first_tree(m, root, update.max_nodes, update.vocab_size)
+            return self._frontier_tree(m, root, update.max_nodes)
+        return self._best_first_tree(m, root, update.max_nodes)
 
     def _slide(self, m: SpecBlock, n_f: int) -> int:
         """Sliding context: keep the newest max_seq_len / 2 of the n_f context positions (a tree of at most
@@ -507,7 +537,7 @@ class SpecBlockDrafter:
             toks = torch.tensor(self.tokens[: n + 1])
             self._encode(m, m.inputs(torch.cat(self.feats)[:n] if self.feats else None, toks[:-1], toks[1:]))
 
-    def _best_first_tree(self, m: SpecBlock, root: Block, max_nodes: int, vocab_size: int) -> DraftTree | None:
+    def _best_first_tree(self, m: SpecBlock, root: Block, max_nodes: int) -> Scored | None:
         k = m.cfg.block_size
         blocks, drafted = 1, 0
         heap = [
@@ -516,12 +546,13 @@ class SpecBlockDrafter:
         ]
         order = len(heap)
         heapq.heapify(heap)
-        tokens, parents = [], []
+        tokens, parents, path_probs = [], [], []
         while heap and len(tokens) < max_nodes and -heap[0].neg_prob >= self.cfg.min_prob:
             c = heapq.heappop(heap)
             node = len(tokens)
             tokens.append(c.token)
             parents.append(c.parent)
+            path_probs.append(-c.neg_prob)
             if c.top1 and c.j + 1 < k:  # the block already drafted the next position
                 blk, j = c.block, c.j + 1
             elif blocks < self.cfg.max_blocks:  # inherit: a new block from this node
@@ -533,9 +564,11 @@ class SpecBlockDrafter:
             for rank, (tok, p) in enumerate(zip(blk.tokens[j], blk.probs[j])):
                 heapq.heappush(heap, Candidate(c.neg_prob * p, order, node, tok, blk, j, rank == 0))
                 order += 1
-        return DraftTree(tokens, parents, vocab_size, max_nodes) if tokens else None
+        if not tokens:
+            return None
+        return Scored(tokens, parents, [p / (path_probs[a] if a >= 0 else 1.0) for p, a in zip(path_probs, parents)])
 
-    def _frontier_tree(self, m: SpecBlock, root: Block, max_nodes: int, vocab_size: int) -> DraftTree:
+    def _frontier_tree(self, m: SpecBlock, root: Block, max_nodes: int) -> Scored:
         """EAGLE-2's dynamic tree. Expansion, depth by depth: the max_branch drafted nodes of the newest
         depth with the highest path probability get max_branch children each (no rank head):
         from the next position of their block when they are its top-1, else from new blocks that inherit
@@ -576,11 +609,10 @@ class SpecBlockDrafter:
                 newest += add_children(i, block, 0)
         keep = sorted(range(len(nodes)), key=lambda i: (-nodes[i].prob, nodes[i].depth))[:max_nodes]
         index = {old: new for new, old in enumerate(keep)}
-        return DraftTree(
+        return Scored(
             [nodes[i].token for i in keep],
             [index[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in keep],
-            vocab_size,
-            max_nodes,
+            [nodes[i].prob / (nodes[nodes[i].parent].prob if nodes[i].parent >= 0 else 1.0) for i in keep],
         )
 
     def _delay(self, q: torch.Tensor) -> int:

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bandit.online import BanditConfig
-from drafter.ngram import LookupFirst, NgramConfig, NgramDrafter
+from drafter.hybrid import Calibration, Hybrid, HybridConfig
+from drafter.ngram import NgramConfig, NgramDrafter
 from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
+from drafter.suffix import SuffixConfig, SuffixIndex, SuffixSession
 from drafter.synthetic import RandomDrafter
 from proto import checks
 from proto.interface import Drafter
@@ -17,12 +19,16 @@ from verifier.remote import RemoteConfig
 @dataclass
 class DrafterConfig:
     mode: typing.Literal["inprocess", "grpc"] = "inprocess"
-    kind: typing.Literal["ngram", "specblock", "random"] = "ngram"  # random: benchmark trees, never a speed-up
+    # ngram: prompt lookup; suffix: the suffix cache (this session's text and, by suffix.scope, other
+    # sessions' output); specblock: the learned drafter; random: benchmark trees, never a speed-up
+    kind: typing.Literal["ngram", "suffix", "specblock", "random"] = "ngram"
     max_nodes: int = 8  # node budget per draft tree
-    # specblock: prompt lookup first (drafter.ngram): where the context's suffix occurred before, what
-    # followed it leads the tree, and the learned drafter's tree fills the rest (drafter/ngram.py LookupFirst)
-    lookup: bool = False
+    # specblock: one tree from a lookup's candidates and the learned drafter's (drafter/hybrid.py): none,
+    # ngram (prompt lookup) or suffix (the suffix cache), ranked as `hybrid` says
+    lookup: typing.Literal["none", "ngram", "suffix"] = "none"
     ngram: NgramConfig = field(default_factory=NgramConfig)
+    suffix: SuffixConfig = field(default_factory=SuffixConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     specblock: SpecBlockDraftConfig = field(default_factory=SpecBlockDraftConfig)
     grpc: RemoteConfig = field(default_factory=RemoteConfig)
     bandit: BanditConfig = field(default_factory=BanditConfig)  # online updates from feedback (sidecar, specblock)
@@ -41,7 +47,7 @@ class DrafterConfig:
                     checks.file_in(sb.selector, "selector.safetensors", hint)
             except OSError as e:
                 raise ValueError(f"specblock.selector: {e}") from None
-        if self.lookup and (self.kind != "specblock" or sb.tree == "sampled"):
+        if self.lookup != "none" and (self.kind != "specblock" or sb.tree == "sampled"):
             raise ValueError(
                 "lookup: only in front of a specblock drafter with a deterministic tree "
                 f"(kind {self.kind!r}, specblock.tree {sb.tree!r})"
@@ -60,12 +66,30 @@ def load_drafter_model(cfg: DrafterConfig, target_args, embedding) -> SpecBlock 
     return load_specblock(Path(cfg.specblock.checkpoint), target_args, embedding)
 
 
-def make_drafter(cfg: DrafterConfig, model: SpecBlock | None = None) -> Drafter:
-    """A fresh in-process drafter (one per generation session) of the configured kind; a learned kind
-    shares one loaded model across sessions (drafter.specblock.load_specblock)."""
+class Shared:
+    """What the sessions of one drafter config share besides the model: the suffix cache's store
+    (bounded by suffix.max_tokens) and the hybrid's calibration."""
+
+    def __init__(self, cfg: DrafterConfig):
+        self.store = SuffixIndex(cfg.suffix, cfg.suffix.max_tokens)
+        self.calibration = Calibration(cfg.hybrid.prior_weight)
+
+
+def make_drafter(
+    cfg: DrafterConfig, model: SpecBlock | None = None, shared: Shared | None = None, client: str = ""
+) -> Drafter:
+    """A fresh in-process drafter (one per generation session) of the configured kind, for `client` (the
+    suffix cache's scope key under scope client). Sessions share one loaded model
+    (drafter.specblock.load_specblock) and, through `shared`, the suffix cache and the calibration;
+    without it the session has its own."""
+    shared = shared or Shared(cfg)
+    lookup = "suffix" if cfg.kind == "suffix" else cfg.lookup
     if cfg.kind == "random":
         return RandomDrafter()
-    if cfg.kind == "specblock":
-        drafter = SpecBlockDrafter(model, cfg.specblock)
-        return LookupFirst(NgramDrafter(cfg.ngram), drafter) if cfg.lookup else drafter
-    return NgramDrafter(cfg.ngram)
+    if cfg.kind == "ngram":
+        return NgramDrafter(cfg.ngram)
+    model_source = SpecBlockDrafter(model, cfg.specblock) if cfg.kind == "specblock" else None
+    if lookup == "none":
+        return model_source
+    source = SuffixSession(cfg.suffix, shared.store, client) if lookup == "suffix" else NgramDrafter(cfg.ngram)
+    return Hybrid(source, lookup, model_source, shared.calibration, cfg.hybrid)

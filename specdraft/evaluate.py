@@ -23,7 +23,7 @@ from tqdm import tqdm
 from drafter.data import chat_prompt
 from proto.interface import Drafter
 from specdraft.assets import load_target
-from specdraft.build import DrafterConfig, load_drafter_model, make_drafter
+from specdraft.build import DrafterConfig, Shared, load_drafter_model, make_drafter
 from specdraft.config import Config, ConfigError, compared_drafter
 from specdraft.datasets import Conversation, load_dataset
 from specdraft.report import print_columns
@@ -39,8 +39,10 @@ def drafter_factory(cfg: DrafterConfig, target) -> Callable[[str], Drafter]:
     a wrong address or a sidecar for another vocabulary is a config error, not a silent plain run)."""
     vocab_size = target.vocab_size
     if cfg.mode == "inprocess":
-        model = load_drafter_model(cfg, target.args, target.embedding)
-        return lambda label: make_drafter(cfg, model)
+        # one suffix store per drafter row, fed only by that row's own speculative sessions, in prompt
+        # order, from empty: never by plain decoding (whose output at temperature 0 is the answer)
+        model, shared = load_drafter_model(cfg, target.args, target.embedding), Shared(cfg)
+        return lambda label: make_drafter(cfg, model, shared)
     conn = connect(cfg.grpc)
     try:
         info = server_info(conn)

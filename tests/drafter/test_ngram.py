@@ -1,6 +1,5 @@
-from drafter.ngram import LookupFirst, NgramConfig, NgramDrafter
-from proto.interface import Feedback, VerifierUpdate
-from proto.tree import DraftTree
+from drafter.ngram import NgramConfig, NgramDrafter
+from proto.interface import VerifierUpdate
 
 
 def update(tokens, max_nodes=16):
@@ -35,39 +34,3 @@ def test_respects_budget_topological_order_and_incremental_updates():
 def test_no_match_means_no_draft():
     d = NgramDrafter(NgramConfig(max_ngram=3, min_ngram=2))
     assert d.draft(update([1, 2, 3, 4])) is None
-
-
-class Recording:
-    """A fake drafter: a fixed two-node chain (tokens 50, 51) every step; records the feedback it got."""
-
-    def __init__(self):
-        self.feedback = []
-
-    def draft(self, u):
-        self.feedback.append(u.feedback)
-        return DraftTree((50, 51), (-1, 0), u.vocab_size, u.max_nodes)
-
-    def close(self):
-        pass
-
-
-def test_lookup_first_leads_with_the_match_and_restates_feedback_in_the_other_drafters_ids():
-    inner = Recording()
-    d = LookupFirst(NgramDrafter(NgramConfig(max_ngram=2, min_ngram=2, max_depth=3, max_matches=1)), inner)
-    tree = d.draft(update([1, 2, 3, 4, 1, 2], max_nodes=4))
-    assert tree.tokens == (3, 4, 1, 50) and tree.parents == (-1, 0, 1, -1)  # the budget cut the chain's 51
-    # the target took the other drafter's node 3 (its node 0): it hears "your node 0"
-    d.draft(VerifierUpdate([50, 7], Feedback([3], {0: 0.1, 3: 0.9}), 8, 100))
-    assert inner.feedback[-1].accepted == [0] and inner.feedback[-1].target_probs == {0: 0.9}
-    # no match now ([50, 7] is new): only the other drafter's chain, at offset 0
-    tree = d.draft(VerifierUpdate([9], Feedback([], {}), 8, 100))
-    assert tree.tokens == (50, 51)
-    d.draft(VerifierUpdate([50, 51, 9], Feedback([0, 1], {0: 1.0, 1: 1.0}), 8, 100))
-    assert inner.feedback[-1].accepted == [0, 1]
-
-
-def test_lookup_first_passes_the_other_drafter_through_without_a_match():
-    inner = Recording()
-    d = LookupFirst(NgramDrafter(NgramConfig()), inner)
-    tree = d.draft(update([1, 2, 3]))
-    assert tree.tokens == (50, 51) and inner.feedback == [None]

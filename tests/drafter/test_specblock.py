@@ -132,12 +132,14 @@ def test_min_prob_keeps_exactly_the_nodes_above_it(monkeypatch):
 
 
 def test_drafter_lookup_puts_the_prompt_lookup_chain_before_the_specblock_tree():
+    from drafter.hybrid import HybridConfig
     from drafter.ngram import NgramConfig
     from specdraft.build import DrafterConfig, make_drafter
 
     cfg = DrafterConfig(
         kind="specblock",
-        lookup=True,
+        lookup="ngram",
+        hybrid=HybridConfig(rank="source_order"),
         ngram=NgramConfig(max_depth=3, max_matches=1),
         specblock=SpecBlockDraftConfig(max_blocks=1, max_branch=1),
     )
@@ -146,7 +148,7 @@ def test_drafter_lookup_puts_the_prompt_lookup_chain_before_the_specblock_tree()
     tree = make_drafter(cfg, m).draft(VerifierUpdate(prompt, None, 8, 200))
     alone = SpecBlockDrafter(m, cfg.specblock).draft(VerifierUpdate(prompt, None, 8, 200))
     assert tree.tokens == (52, 53, 54) + alone.tokens and tree.parents[:3] == (-1, 0, 1)
-    assert make_drafter(replace(cfg, lookup=False), m).draft(VerifierUpdate(prompt, None, 8, 200)) == alone
+    assert make_drafter(replace(cfg, lookup="none"), m).draft(VerifierUpdate(prompt, None, 8, 200)) == alone
 
 
 def test_frontier_tree_expands_one_depth_per_batched_forward():
