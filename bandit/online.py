@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from drafter.train import TrainConfig, block_loss, draft_index, window
 from proto import checks
 from proto.interface import VerifierUpdate
 from proto.tree import DraftTree
@@ -233,8 +234,6 @@ class OnlineAdapter:
     draft while `observe` runs: the sidecar calls it between drafting rounds on its event loop)."""
 
     def __init__(self, model, cfg: BanditConfig, clock=time.perf_counter):
-        from drafter.train import TrainConfig, draft_index
-
         self.model, self.cfg, self.clock = model, cfg, clock
         model.version = 0  # its weights now change: sessions keep what they need to recompute
         self.buffer = FeedbackBuffer(cfg.buffer_positions, cfg.shared)
@@ -295,8 +294,6 @@ class OnlineAdapter:
         return train, guard
 
     def update(self, steps: int) -> dict:
-        from drafter.train import block_loss, window
-
         train, guard = self.split()
         if not train or not guard:
             return {"skipped": "not enough feedback yet"}
@@ -332,8 +329,6 @@ class OnlineAdapter:
 
     def guard_hits(self, guard: list[dict]) -> torch.Tensor:
         """Per scored guard row: does the drafter's first block position agree with the target's top-1."""
-        from drafter.train import block_loss
-
         with torch.no_grad():
             return torch.cat([block_loss(self.model, g, self.to_draft, self.train_cfg)[1]["hits"] for g in guard])
 

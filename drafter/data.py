@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from kernels.topk import top_k
 from proto import checks
 
 log = logging.getLogger(__name__)
@@ -175,20 +176,6 @@ def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 25
     hidden, logits = features(ids)
     top_ids, top_p = top_k(logits, hidden, topk, chunk)
     return {"hidden": hidden.to(torch.bfloat16), "topk_ids": top_ids, "topk_probs": top_p}
-
-
-def top_k(
-    logits: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, k: int, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's top-k next-token ids [M, k] int32 and probabilities [M, k] float16 for state rows
-    [M, dim], through its LM head `logits`, chunk rows at a time ([chunk, V] float32 logits each: a full
-    [M, V] would be hundreds of MB)."""
-    top_ids, top_p = [torch.zeros(0, k, dtype=torch.int32)], [torch.zeros(0, k, dtype=torch.float16)]
-    for s in range(0, len(rows), chunk):
-        top = logits(rows[s : s + chunk]).float().softmax(-1).topk(k, dim=-1)
-        top_ids.append(top.indices.int())
-        top_p.append(top.values.half())
-    return torch.cat(top_ids), torch.cat(top_p)
 
 
 def build_cache(

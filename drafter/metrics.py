@@ -79,3 +79,13 @@ class Metrics:
             thread.join(timeout=1)
 
         return stop
+
+
+def percentiles(values, *qs: float) -> list[float]:
+    """The q-quantiles (0..1) of values by rank (sorted once), 0.0 for none."""
+    ordered = sorted(values)
+    return [ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0 for q in qs]
+
+
+def percentile(values, q: float) -> float:
+    return percentiles(values, q)[0]

@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from drafter.metrics import Metrics
+from drafter.metrics import Metrics, percentiles
 from proto import checks
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
@@ -91,16 +91,6 @@ class ServerConfig:
         checks.token_set(self, "token_env")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: must be a port number (0 = off), got {self.metrics_port}")
-
-
-def percentiles(values, *qs: float) -> list[float]:
-    """The q-quantiles (0..1) of values by rank (sorted once), 0.0 for none."""
-    ordered = sorted(values)
-    return [ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0 for q in qs]
-
-
-def percentile(values, q: float) -> float:
-    return percentiles(values, q)[0]
 
 
 @dataclass

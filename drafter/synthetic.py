@@ -4,13 +4,7 @@ measures what the transport and the verifier cost for a given tree size, and ear
 import random
 
 from proto.interface import VerifierUpdate
-from proto.tree import DraftTree
-
-
-def random_tree(n: int, vocab: int, rng: random.Random) -> DraftTree:
-    """n nodes, each under a uniformly chosen earlier node or the root, random tokens."""
-    parents = [-1] + [rng.randrange(-1, i) for i in range(1, n)]
-    return DraftTree([rng.randrange(vocab) for _ in range(n)], parents, vocab, n)
+from proto.tree import DraftTree, random_tree
 
 
 class RandomDrafter:

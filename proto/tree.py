@@ -1,5 +1,6 @@
 """DraftTree: the drafter's proposal, flat arrays in topological order."""
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -80,3 +81,10 @@ class DraftTree:
         parents = [new[self.parents[i]] if self.parents[i] >= 0 else -1 for i in kept]
         probs = None if self.draft_probs is None else self.draft_probs[[0] + [i + 1 for i in kept]]
         return DraftTree([self.tokens[i] for i in kept], parents, self.vocab_size, self.max_nodes, probs), kept
+
+
+def random_tree(n: int, vocab: int, rng: random.Random) -> DraftTree:
+    """n nodes, each under a uniformly chosen earlier node or the root, random tokens (benchmarks, load
+    tests and the tests of tree forwards; drafter.synthetic's RandomDrafter draws these)."""
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, n)]
+    return DraftTree([rng.randrange(vocab) for _ in range(n)], parents, vocab, n)

@@ -25,10 +25,11 @@ import torch
 from tqdm import tqdm
 
 from drafter.data import chat_prompt
-from drafter.server import percentile
-from drafter.synthetic import RandomDrafter, random_tree
+from drafter.metrics import percentile
+from drafter.synthetic import RandomDrafter
 from kernels.linear import cpu_flags
 from proto.interface import VerifierUpdate
+from proto.tree import random_tree
 from specdraft.assets import DTYPES, auto_dtype, load_target, load_transformer
 from specdraft.build import DrafterConfig
 from specdraft.config import Config
@@ -81,7 +82,7 @@ def hf_generate(hf, prompt: list[int]):
 
 
 def run_bench(path, prefix_len: int, tree_sizes: list[int], reps: int, gen_tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # no cycle: deferred, it takes seconds and only this uses it
 
     rng = random.Random(0)
     results = {}

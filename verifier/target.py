@@ -10,12 +10,11 @@ from typing import Protocol
 
 import torch
 
-from drafter.data import top_k
-from drafter.synthetic import random_tree
 from kernels import compact_kv, verify_ancestors
 from kernels.attention import max_tree_depth
 from kernels.layers import ModelArgs
-from proto.tree import DraftTree
+from kernels.topk import top_k
+from proto.tree import DraftTree, random_tree
 from verifier.model import Transformer
 
 

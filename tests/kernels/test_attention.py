@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drafter.synthetic import random_tree
 from kernels.attention import BLOCK, ancestor_bias, max_tree_depth, reference_attention, tree_attention
 from kernels.linear import fast_bf16
 from kernels.tree import verify_ancestors
+from proto.tree import random_tree
 
 HKV, G, D = 3, 3, 64
 

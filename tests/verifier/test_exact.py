@@ -10,8 +10,7 @@ import random
 import pytest
 import torch
 
-from drafter.synthetic import random_tree
-from proto.tree import DraftTree
+from proto.tree import DraftTree, random_tree
 from specdraft.assets import auto_dtype, load_transformer
 from verifier.target import TorchTarget, plain_rows, tree_divergence
 

@@ -6,8 +6,7 @@ import random
 import pytest
 import torch
 
-from drafter.synthetic import random_tree
-from proto.tree import DraftTree
+from proto.tree import DraftTree, random_tree
 from specdraft.assets import load_transformer
 from verifier.target import TorchTarget
 
