@@ -9,18 +9,28 @@ import torch
 from proto import checks
 from proto.tree import DraftTree
 
+# Sampling below this temperature is greedy to float precision (a logit gap of 1e-4 already means odds of
+# e^100), and the smallest temperatures overflow logits / temperature in float32 (1e-45: inf, then NaN
+# probabilities). So 0 < temperature < MIN_TEMPERATURE is refused in a config and read as greedy (0) from
+# the wire (proto.wire.msg_to_update).
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass
 class SamplingParams:
     """How the verifier samples from the target; drafters that sample their trees may follow it."""
 
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy; 0 < t < 1e-6 is refused (too small to divide by: MIN_TEMPERATURE)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0  # the verifier's own rng seed (not sent to a remote drafter)
 
     def validate(self) -> None:
         checks.nonneg(self, "temperature", "top_k")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature: {self.temperature} is below {MIN_TEMPERATURE}, too small to divide logits by; 0 = greedy"
+            )
         checks.fraction(self, "top_p", low_open=True)
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from proto import drafter_pb2 as pb
-from proto.interface import Feedback, SamplingParams, VerifierUpdate
+from proto.interface import MIN_TEMPERATURE, Feedback, SamplingParams, VerifierUpdate
 
 API_VERSION = "specdraft.v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,7 +154,9 @@ def msg_to_update(
             raise WireError(f"sampling.top_k: {s.top_k} is negative")
         if not 0.0 <= s.top_p <= 1.0:
             raise WireError(f"sampling.top_p: {s.top_p} is not in [0, 1]")
-        sampling = SamplingParams(s.temperature, s.top_k, s.top_p or 1.0)
+        # a temperature too small to divide by is greedy (0): what sampling at it amounts to
+        temperature = s.temperature if s.temperature >= MIN_TEMPERATURE else 0.0
+        sampling = SamplingParams(temperature, s.top_k, s.top_p or 1.0)
 
     feedback = None
     if msg.HasField("feedback"):

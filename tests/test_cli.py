@@ -317,3 +317,11 @@ def test_a_huge_bad_value_is_quoted_short(tmp_path, capsys):
     assert main(["eval", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "... (1002 characters): unknown key" in err and len(err) < 400, err
+
+
+def test_a_temperature_too_small_to_divide_by_exits_2(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("sampling: {temperature: 1.0e-45}\n")
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("sampling.temperature: 1e-45 is below 1e-06, too small to divide logits by; 0 = greedy"), err

@@ -262,11 +262,11 @@ def test_sigterm_drain_keeps_the_port_open_then_cuts_streams_cleanly(tmp_path):
     assert "ended (cut at the end of the drain)" in log
 
 
-def specblock_yaml(checkpoint: str) -> str:
+def specblock_yaml(checkpoint: str, tree: str = "best_first") -> str:
     """A shipped SpecBlock drafter on one torch thread (the tests share two cores)."""
     return (
         f"target: {{threads: 1}}\n"
-        f"drafter: {{kind: specblock, max_nodes: 8, specblock: {{checkpoint: {MODELS / checkpoint}}}}}"
+        f"drafter: {{kind: specblock, max_nodes: 8, specblock: {{checkpoint: {MODELS / checkpoint}, tree: {tree}}}}}"
     )
 
 
@@ -478,3 +478,20 @@ def test_feedback_larger_than_its_tree_is_refused_before_it_is_read(hostile, fee
         f"the other session's worst round meanwhile {1000 * max(lat):.1f} ms over {len(lat)} rounds"
     )
     assert max(lat) < 0.5, lat
+
+
+def test_a_temperature_too_small_to_divide_by_drafts_greedy_on_a_sampled_specblock(tmp_path):
+    """Issue 24, case 6: sampling.temperature 1e-45 on a SpecBlock sidecar building sampled trees was
+    INTERNAL ("probability tensor contains inf/nan"). Below MIN_TEMPERATURE (1e-6) it is read as greedy;
+    every round gets a tree, and nothing but OK is counted."""
+    s = Sidecar(tmp_path, "max_sessions: 4", other_yaml=specblock_yaml("specblock-tokens-smollm2", "sampled"))
+    try:
+        for t in (1e-45, 1e-30, 1e-7, 1e-6, 0.7):
+            up = first(list(range(100, 140)), sampling=pb.SamplingParams(temperature=t))
+            again = pb.VerifierUpdate(round=1, new_tokens=[140], max_nodes=8, sampling=up.sampling)
+            replies = session(s.stub, [up, again], metadata=())
+            assert all(len(r.tokens) > 0 for r in replies), t
+        assert dict(s.stats().errors) == {}
+        assert "Traceback" not in s.log_path.read_text()
+    finally:
+        assert s.stop() == 0
