@@ -3,9 +3,29 @@
 import argparse
 import logging
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 EPILOG = "Bad input (config key, type, missing file) exits with code 2 and one line naming it."
+# Each subcommand's page in docs/; its config sections (specdraft.config.COMMAND_SECTIONS, not imported here:
+# --help stays fast) are listed in docs/config.md, one heading per section.
+DOCS = {
+    "eval": ("evaluation.md", ("target", "drafter", "sampling", "verify", "verifier", "eval")),
+    "generate": ("evaluation.md", ("target", "drafter", "sampling", "verify")),
+    "bench": ("benchmarks.md", ("target", "sampling", "verify")),
+    "bench-sidecar": ("sidecar.md", ()),
+    "serve-drafter": ("sidecar.md", ("target", "drafter", "server")),
+    "prepare-data": ("training.md", ("target", "sampling", "verifier", "data")),
+    "train": ("training.md", ("target", "train")),
+    "bandit-experiment": ("online-learning.md", ("target", "drafter", "sampling", "verify", "experiment")),
+    "prepare": ("setup.md", ()),
+}
+
+
+def docs_epilog(command: str, epilog: str | None) -> str:
+    page, sections = DOCS[command]
+    keys = f"Config sections {', '.join(sections)}: every key in docs/config.md. " if sections else ""
+    return f"{keys}More: docs/{page}." + (f" {epilog}" if epilog else "")
 
 
 def positive_int(text: str) -> int:
@@ -319,6 +339,7 @@ def cmd_prepare(args) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specdraft", description="Speculative-decoding drafting service.", epilog=EPILOG)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--version", action="version", version=f"%(prog)s {version('specdraft')}")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser(
@@ -483,6 +504,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
     r.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name (default: %(default)s)")
     r.set_defaults(func=cmd_prepare)
+    for name, command in sub.choices.items():
+        command.epilog = docs_epilog(name, command.epilog)
     return p
 
 

@@ -325,3 +325,31 @@ def test_a_temperature_too_small_to_divide_by_exits_2(tmp_path, capsys):
     assert main(["eval", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("sampling.temperature: 1e-45 is below 1e-06, too small to divide logits by; 0 = greedy"), err
+
+
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"specdraft {version('specdraft')}"
+
+
+def test_each_subcommands_help_names_its_docs_page_and_config_sections(capsys):
+    from specdraft.cli import parser
+
+    root = Path(__file__).resolve().parents[1]
+    commands = parser()._subparsers._group_actions[0].choices
+    assert set(commands) >= set(COMMAND_SECTIONS) - {"proposer"}
+    for name in commands:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        pages = [w.rstrip(".,") for w in text.split() if w.startswith("docs/")]
+        assert pages and all((root / p).is_file() for p in pages), (name, pages)
+        sections = COMMAND_SECTIONS.get(name, ())
+        if sections:
+            assert f"Config sections {', '.join(sections)}: every key in docs/config.md." in text, name
+        config_doc = (root / "docs" / "config.md").read_text()
+        assert all(f"\n## {s}\n" in config_doc for s in sections), name
