@@ -80,3 +80,26 @@ def test_the_store_is_bounded_and_evicts_the_oldest_session_first():
     assert {p[0] for p in paths(found) if len(p) == 1} == {
         200 + i for i in range(4) if sessions[i].shared_doc in store.docs
     }
+
+
+def test_a_config_store_learns_only_from_its_own_speculative_output_in_order():
+    """Eval integrity: one store per drafter row, fed by that row's sessions only; plain decoding (no
+    drafter) of the same prompts adds nothing, and no prompt token enters it."""
+    from specdraft.build import DrafterConfig, Shared, make_drafter
+    from tests.fakes import FakeTarget
+    from verifier.engine import generate
+    from verifier.rules import SamplingParams
+
+    cfg = DrafterConfig(kind="suffix", suffix=SuffixConfig(scope="global", min_match=1))
+    shared, target, greedy = Shared(cfg), FakeTarget(5), SamplingParams()
+    prompts = [[1, 2, 3], [3, 2, 1], [1, 2, 3]]
+    outs = []
+    for prompt in prompts:
+        list(generate(target, prompt, greedy, 30, set()))  # the AR baseline of the same prompt
+        d = make_drafter(cfg, None, shared)
+        outs.append([t for s in generate(target, prompt, greedy, 30, set(), d, max_nodes=8) for t in s.tokens])
+        d.close()
+    docs = [t for _, t in shared.store.docs.values()]
+    assert len(docs) == len(prompts)
+    for doc, out in zip(docs, outs):  # every token after the first, up to the last step's (never sent)
+        assert doc == out[1 : 1 + len(doc)] and len(doc) >= len(out) - 1 - 9
