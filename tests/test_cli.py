@@ -222,7 +222,46 @@ def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
         return sum(s["tau"] for s in ds) / len(ds)
 
     assert tau("specblock-smollm2") > 1.15 and tau("untrained") < 1.05, (tau("specblock-smollm2"), tau("untrained"))
-    assert out.with_suffix(".png").stat().st_size > 10_000
+    from matplotlib.image import imread
+
+    # one 5.5 x 4 in panel per dataset at 110 dpi (what each panel draws: test_the_acceptance_plot_...)
+    assert imread(out.with_suffix(".png")).shape[:2] == (440, 2 * 605)
+
+
+def test_the_acceptance_plot_draws_each_drafters_acceptance_by_depth_per_dataset(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.image import imread
+
+    from specdraft.evaluate import plot_acceptance
+
+    def summary(acc, tau):
+        return {"acceptance_per_depth": acc, "tau": tau}
+
+    report = {
+        "drafter": "ngram",
+        "config": {"sampling": {"temperature": 0.0}},
+        "datasets": {"mt_bench": summary([0.5, 0.25], 1.6), "humaneval": summary([0.75, 0.5, 0.125], 2.1)},
+        "compare": {
+            "specblock": {"datasets": {"mt_bench": summary([0.625], 1.4), "humaneval": summary([], 1.0)}},
+        },
+    }
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kw):  # the figure the plot saves, to read its curves back
+        saved.append(fig)
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    plot_acceptance(report, tmp_path / "eval.png")
+    assert imread(tmp_path / "eval.png").shape[:2] == (440, 2 * 605) and len(saved) == 1
+    curves = {
+        ax.get_title(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+        for ax in saved[0].axes
+    }
+    assert curves == {
+        "mt_bench": {"ngram (tau 1.60)": ([1, 2], [0.5, 0.25]), "specblock (tau 1.40)": ([1], [0.625])},
+        "humaneval": {"ngram (tau 2.10)": ([1, 2, 3], [0.75, 0.5, 0.125])},  # no acceptance, no curve
+    }
 
 
 def test_bad_bench_flag_exits_2_naming_it(capsys):

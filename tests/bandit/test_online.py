@@ -253,20 +253,25 @@ def test_a_kept_update_is_credited_with_its_guard_measured_gain_over_the_horizon
     assert ad.bandit.n == [2.0] and ad.bandit.sum == [pytest.approx(4.0 + 2.0)]
 
 
-def test_a_policy_clock_runs_only_while_its_policy_decodes():
-    import time
+def test_a_policy_clock_runs_only_while_its_policy_decodes(monkeypatch):
+    from types import SimpleNamespace
 
+    from specdraft import experiment
     from specdraft.experiment import PolicyClock
 
+    now = [100.0]  # a fake perf_counter: the test moves time, no sleeping, no timing tolerance
+    monkeypatch.setattr(experiment, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     c = PolicyClock()
     assert c() == 0.0
     c.start()
-    time.sleep(0.02)
-    first = c.stop()
-    time.sleep(0.05)  # another policy's turn: not counted
-    assert c() == first and 0.02 <= first < 0.05
+    now[0] += 2.0
+    assert c() == 2.0  # running: counts up to now
+    assert c.stop() == 2.0 and c() == 2.0
+    now[0] += 5.0  # another policy's turn: not counted
+    assert c() == 2.0
     c.start()
-    assert c() >= first
+    now[0] += 1.0
+    assert c() == 3.0 and c.stop() == 1.0 and c() == 3.0
 
 
 @pytest.mark.model
@@ -318,10 +323,13 @@ def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_pa
 
 
 @pytest.mark.model
-def test_the_experiment_runs_every_policy_on_the_same_stream_and_plots_it(model_path, tmp_path):
+def test_the_experiment_runs_every_policy_on_the_same_stream_and_plots_it(model_path, tmp_path, monkeypatch):
     """The experiment's plumbing on the real target with an untrained drafter (its numbers mean
-    nothing here): every policy decodes the same prompts, the always policy updates, the plot exists."""
+    nothing here): every policy decodes the same prompts, the always policy updates, and the plot draws
+    each policy's tau per prompt and cumulative tokens/s from the report's rows."""
     from dataclasses import replace
+
+    import matplotlib.figure
 
     from drafter.specblock import SpecBlock, SpecBlockConfig
     from drafter.train import TrainConfig, save
@@ -339,10 +347,29 @@ def test_the_experiment_runs_every_policy_on_the_same_stream_and_plots_it(model_
     cfg.experiment = replace(
         cfg.experiment, prompts_per_segment=[1, 1], max_new_tokens=12, output=str(tmp_path / "out")
     )
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kw):  # the figure the plot saves, to read its curves back
+        saved.append(fig)
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     report = run_experiment(cfg)
     ids = {p: [r["id"] for r in run["rows"]] for p, run in report["runs"].items()}
     assert ids["never"] == ids["always"] == ids["bandit"] and len(ids["never"]) == 2
     assert report["runs"]["never"]["adapter"] is None
     assert report["runs"]["always"]["adapter"]["updates"] >= 1
     assert set(report["segments"]["bandit"]) == {"humaneval", "mt_bench"}
-    assert (tmp_path / "out" / "experiment.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "experiment.png").is_file() and len(saved) == 1
+    tau_panel, speed_panel = saved[0].axes
+    for panel, value in ((tau_panel, lambda rows, i: rows[i]["tau"]), (speed_panel, cumulative_tokens_per_s)):
+        curves = {line.get_label(): line for line in panel.lines if not line.get_label().startswith("_")}
+        assert set(curves) == set(report["runs"])
+        for policy, run in report["runs"].items():
+            rows = run["rows"]
+            assert list(curves[policy].get_xdata()) == list(range(1, len(rows) + 1))
+            assert list(curves[policy].get_ydata()) == pytest.approx([value(rows, i) for i in range(len(rows))])
+
+
+def cumulative_tokens_per_s(rows: list[dict], i: int) -> float:
+    return sum(r["tokens"] for r in rows[: i + 1]) / sum(r["wall_s"] for r in rows[: i + 1])

