@@ -12,7 +12,7 @@ import torch
 from specdraft.cli import main
 from specdraft.config import COMMAND_SECTIONS, Config, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -378,7 +378,7 @@ def test_version_is_the_installed_packages(capsys):
 def test_each_subcommands_help_names_its_docs_page_and_config_sections(capsys):
     from specdraft.cli import parser
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     commands = parser()._subparsers._group_actions[0].choices
     assert set(commands) >= set(COMMAND_SECTIONS) - {"proposer"}
     for name in commands:

@@ -30,7 +30,7 @@ from specdraft.evaluate import answered, turn_prompts
 from verifier.model import Transformer
 from verifier.target import TorchTarget
 
-HERE = Path(__file__).parent / "datasets"
+HERE = Path(__file__).parent.parent / "datasets"
 
 
 def test_each_format_reads_to_chat_messages():
