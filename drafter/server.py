@@ -106,8 +106,9 @@ class DrafterInfo:
 
 
 class Session:
-    def __init__(self, sid: str, drafter):
-        self.id, self.drafter, self.label = sid, drafter, ""
+    def __init__(self, sid: str):
+        self.id, self.label = sid, ""
+        self.drafter: Drafter | None = None  # made on the first update, for its client_label
         self.rounds = self.tokens = self.nodes = self.accepted = self.feedback_rounds = 0
         self.last_seen = time.monotonic()
         self.prev_tree: DraftTree | None = None  # the last tree sent, to check feedback against
@@ -149,7 +150,8 @@ class Stats:
 
 
 class DrafterService(pb_grpc.DrafterServicer):
-    def __init__(self, cfg: ServerConfig, new_drafter: Callable[[], Drafter], info: DrafterInfo, adapter=None):
+    def __init__(self, cfg: ServerConfig, new_drafter: Callable[[str], Drafter], info: DrafterInfo, adapter=None):
+        # new_drafter(client_label): a session's drafter, made when its first update arrives
         self.cfg, self.new_drafter, self.info = cfg, new_drafter, info
         self.token = checks.env_token(cfg.token_env)
         self.sessions: dict[str, Session] = {}
@@ -202,7 +204,7 @@ class DrafterService(pb_grpc.DrafterServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{len(self.sessions)} sessions open, the server's limit is {self.cfg.max_sessions}",
             )
-        sess = Session(uuid.uuid4().hex[:16], self.new_drafter())
+        sess = Session(uuid.uuid4().hex[:16])
         self.sessions[sess.id] = sess
         self.stats.sessions_total += 1
         self.metrics.sessions.inc()
@@ -233,6 +235,7 @@ class DrafterService(pb_grpc.DrafterServicer):
                     await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
                 if first:
                     sess.label = msg.client_label[:LABEL_CHARS]
+                    await self._new_drafter(context, sess)
                     log.info(
                         "session %s opened (%s, %d prompt tokens)",
                         sess.id,
@@ -280,10 +283,11 @@ class DrafterService(pb_grpc.DrafterServicer):
             self.tokens_held -= sess.tokens
             if self.adapter is not None:
                 self.adapter.buffer.end(sess.id)
-            if sess.drafting is not None and not sess.drafting.done():  # close once the worker lets go
-                sess.drafting.add_done_callback(lambda _, drafter=sess.drafter: drafter.close())
-            else:
-                sess.drafter.close()
+            drafter = sess.drafter
+            if drafter is not None and sess.drafting is not None and not sess.drafting.done():
+                sess.drafting.add_done_callback(lambda _: drafter.close())  # close once the worker lets go
+            elif drafter is not None:
+                drafter.close()
             log.info(
                 "session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree",
                 sess.id,
@@ -320,6 +324,15 @@ class DrafterService(pb_grpc.DrafterServicer):
         if msg.ByteSize() <= INLINE_UPDATE_BYTES:
             return msg_to_update(*args)
         return await asyncio.to_thread(msg_to_update, *args)
+
+    async def _new_drafter(self, context, sess: Session) -> None:
+        """The session's drafter, for its client label; an error making it ends this session only."""
+        try:
+            sess.drafter = self.new_drafter(sess.label)
+        except Exception as e:
+            log.exception("session %s: making its drafter failed", sess.id)
+            sess.ended = "drafter failed"
+            await self._fail(context, grpc.StatusCode.INTERNAL, f"session {sess.id}: making its drafter failed: {e!r}")
 
     async def _draft_round(self, context, sess: Session, update) -> DraftTree | None:
         """This round's tree, on the event loop or a worker thread; a drafter error or a round slower than
@@ -566,7 +579,7 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
 
 
 async def serve(
-    cfg: ServerConfig, new_drafter: Callable[[], Drafter], info: DrafterInfo, adapter=None, ready=None
+    cfg: ServerConfig, new_drafter: Callable[[str], Drafter], info: DrafterInfo, adapter=None, ready=None
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions get UNAVAILABLE, the
     port stays open while open streams get cfg.drain_s to finish, and those still open then are cut with

@@ -44,7 +44,7 @@ def serve_drafter(cfg: Config, ready=None) -> None:
         tree_builder=tree_builder(cfg.drafter),
     )
     adapter = OnlineAdapter(model, cfg.drafter.bandit) if cfg.drafter.bandit.enabled and model is not None else None
-    asyncio.run(serve(cfg.server, lambda: make_drafter(cfg.drafter, model), info, adapter, ready))
+    asyncio.run(serve(cfg.server, lambda client: make_drafter(cfg.drafter, model), info, adapter, ready))
 
 
 def spawn(

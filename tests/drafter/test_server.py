@@ -377,3 +377,45 @@ def test_stats_stay_bounded_however_many_rounds():
     took = time.perf_counter() - t0
     assert (p50, p99) == (50.0, 99.0) and rate > 0
     print(f"\nstats read after 300k rounds: {1000 * took:.2f} ms")
+
+
+def test_the_drafter_is_made_on_the_first_update_for_its_client_label():
+    """DrafterService calls new_drafter(client_label) when a session's first update arrives, not when the
+    stream opens (the label is what a per-client drafter is keyed by), with the label cut as logged."""
+    import asyncio
+
+    from drafter.server import DrafterInfo, DrafterService, ServerConfig
+    from proto import drafter_pb2_grpc as pb_grpc
+
+    made = []
+
+    def new_drafter(client: str):
+        made.append(client)
+        return NgramDrafter(NgramConfig())
+
+    async def run():
+        info = DrafterInfo("ngram", "test", VOCAB, VOCAB, 0, "trie")
+        service = DrafterService(ServerConfig(), new_drafter, info)
+        server = grpc.aio.server()
+        pb_grpc.add_DrafterServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.DrafterStub(channel).Session()
+                for _ in range(100):  # the stream is open before any update
+                    if service.sessions:
+                        break
+                    await asyncio.sleep(0.01)
+                assert len(service.sessions) == 1 and made == []
+                await call.write(first([1, 2, 3, 1, 2], client_label="tenant-7/" + "x" * 300))
+                assert len((await call.read()).tokens) > 0
+                await call.write(pb.VerifierUpdate(round=1, new_tokens=[3], max_nodes=8))
+                await call.read()
+                await call.done_writing()
+                assert await call.read() == grpc.aio.EOF
+        finally:
+            await server.stop(0)
+
+    asyncio.run(run())
+    assert made == ["tenant-7/" + "x" * 91]  # LABEL_CHARS = 100
