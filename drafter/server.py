@@ -4,8 +4,17 @@ slow drafter never blocks the other streams, or inline on the event loop for che
 (workers: 0). The standard health and reflection services ride along.
 
 A bad update ends its own stream with a precise status; every other session goes on. Each session is
-bounded in tokens, in drafting time per round and in how long a reply may wait for its client to read
-it, and all sessions together in tokens held (README, "Run as a sidecar")."""
+bounded in tokens, in drafting time per round, in how long it may wait before its first update and in how
+long a reply may wait for its client to read it; all sessions together in tokens held. Every bound is
+reserved before any await (so concurrent streams cannot all pass one check) and given back on every way
+out. An update's work is bounded by the tree it answers, not by its bytes (proto.wire.msg_to_update).
+
+With server.token_env set every method needs the token, health Watch included; health Check stays open
+(load balancers and Kubernetes probes carry no token) and tells only SERVING / NOT_SERVING. Watch streams
+are capped at server.max_watches. /metrics (server.metrics_port) is served on its own small HTTP server:
+server.metrics_host (default: the gRPC address's host), HTTPS with the gRPC pair when tls_cert / tls_key
+are set, at most METRICS_CONNECTIONS connections at once, each closed after server.metrics_timeout_s of
+silence. SIGTERM, SIGINT and SIGHUP all drain (`serve`). Every key and its default: ServerConfig below."""
 
 import asyncio
 import collections
@@ -14,6 +23,8 @@ import hmac
 import inspect
 import logging
 import signal
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -21,12 +32,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from drafter.metrics import Metrics, percentiles
 from proto import checks
@@ -43,6 +57,7 @@ LABEL_CHARS = 100  # a client_label is kept (and logged, escaped) up to this man
 INLINE_UPDATE_BYTES = 1 << 16  # larger updates are checked on a thread, off the event loop
 LATENCY_WINDOW = 4096  # the latest rounds whose latencies GetStats' percentiles cover
 RATE_WINDOW_S = 60  # seconds over which GetStats' rounds_per_s counts
+METRICS_CONNECTIONS = 16  # /metrics connections served at once; more are closed unread
 
 
 @dataclass
@@ -53,17 +68,21 @@ class ServerConfig:
     max_topk: int = 64  # tokens per feedback.target_topk row at most (verify.feedback_topk of the clients)
     max_message_mb: float = 16.0  # larger messages get RESOURCE_EXHAUSTED
     session_ttl_s: float = 300.0  # a session idle this long is evicted
+    first_update_s: float = 10.0  # a stream that sends no first update this long is closed: DEADLINE_EXCEEDED
     max_session_tokens: int = 65536  # committed tokens one session may hold; an update past it: RESOURCE_EXHAUSTED
     max_total_tokens: int = 1048576  # committed tokens all open sessions hold together; past it: RESOURCE_EXHAUSTED
     reply_timeout_s: float = 10.0  # a reply its client leaves unread this long ends the session: RESOURCE_EXHAUSTED
     max_draft_s: float = 10.0  # a round drafting longer ends its session: DEADLINE_EXCEEDED
-    drain_s: float = 5.0  # on SIGTERM/SIGINT, open streams get this long to finish
+    drain_s: float = 5.0  # on SIGTERM/SIGINT/SIGHUP, open streams get this long to finish
     workers: int = 0  # drafting threads; 0 = draft on the event loop itself, the
     # fastest for cheap drafters (ngram); a neural drafter wants >= 1
     tls_cert: str = ""  # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""
     token_env: str = ""  # environment variable holding the shared-secret token; "" = none
-    metrics_port: int = 0  # Prometheus /metrics over HTTP on the address's host at this port; 0 = off
+    max_watches: int = 64  # health Watch streams open at once (token required); more get RESOURCE_EXHAUSTED
+    metrics_port: int = 0  # Prometheus /metrics at this port (HTTPS when tls_cert/tls_key are set); 0 = off
+    metrics_host: str = ""  # the host /metrics binds; "" = the host of address
+    metrics_timeout_s: float = 5.0  # a /metrics connection silent this long is closed
 
     def validate(self) -> None:
         checks.host_port(self, "address")
@@ -74,10 +93,13 @@ class ServerConfig:
             "max_topk",
             "max_message_mb",
             "session_ttl_s",
+            "first_update_s",
             "max_session_tokens",
             "max_total_tokens",
             "reply_timeout_s",
             "max_draft_s",
+            "max_watches",
+            "metrics_timeout_s",
         )
         checks.nonneg(self, "drain_s", "workers")
         if self.max_message_mb >= 2048:  # grpc takes the byte limit as an int32
@@ -211,19 +233,23 @@ class DrafterService(pb_grpc.DrafterServicer):
         requests = request_iterator.__aiter__()
         try:
             while True:
+                cfg = self.cfg
+                wait = cfg.session_ttl_s if sess.rounds else min(cfg.first_update_s, cfg.session_ttl_s)
                 try:
-                    async with asyncio.timeout(self.cfg.session_ttl_s):
+                    async with asyncio.timeout(wait):
                         msg = await anext(requests)
                 except StopAsyncIteration:
                     sess.ended = "client closed"
                     break
                 except TimeoutError:
                     self.stats.sessions_evicted += 1
-                    sess.ended = "evicted"
+                    sess.ended = "evicted" if sess.rounds else "no first update"
                     await self._fail(
                         context,
                         grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"session {sess.id} idle for more than {self.cfg.session_ttl_s} s; evicted",
+                        f"session {sess.id} idle for more than {wait} s; evicted"
+                        if sess.rounds
+                        else f"session {sess.id} sent no first update within {wait} s; closed",
                     )
                 t0 = time.perf_counter()
                 first = sess.rounds == 0
@@ -525,6 +551,101 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=lenient(handler.request_deserializer), **{kind: behaviour})
 
 
+class GuardedHealth(health.aio.HealthServicer):
+    """grpc's health service with Watch authorized like every other method and bounded: at most
+    cfg.max_watches streams at once (RESOURCE_EXHAUSTED past it), each on a service name of at most
+    LABEL_CHARS characters. Check stays open: probes carry no token."""
+
+    def __init__(self, service: DrafterService):
+        super().__init__()
+        self.service, self.watching = service, 0
+
+    async def Watch(self, request, context):
+        service, most = self.service, self.service.cfg.max_watches
+        await service._authorize(context)
+        if self.watching >= most:
+            await service._fail(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.watching} health watches open, the server's limit is {most}",
+            )
+        if len(request.service) > LABEL_CHARS:
+            await service._fail(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"service: {quote(request.service)}: no such service"
+            )
+        self.watching += 1  # counted with no await since the check
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watching -= 1
+
+
+class MetricsServer(ThreadingWSGIServer):
+    """prometheus_client's threaded WSGI server, bounded: METRICS_CONNECTIONS connections at once (more are
+    closed unread); a connection that goes silent for its handler's timeout is closed and logged at debug
+    level, not as a traceback."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # the connection's own thread
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        log.debug("/metrics: connection from %s dropped", client_address, exc_info=True)
+
+
+class MetricsRequest(WSGIRequestHandler):
+    """One /metrics connection: reads time out (the `timeout` of the subclass serve_metrics makes), and a
+    TLS handshake runs here, on the connection's thread, not in the accept loop."""
+
+    def setup(self):
+        super().setup()  # applies self.timeout to the socket
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
+
+    def log_message(self, format, *args):
+        pass
+
+
+def serve_metrics(
+    registry, host: str, port: int, timeout_s: float, tls: tuple[str, str] | None = None
+) -> Callable[[], None]:
+    """/metrics of `registry` on host:port from a daemon thread (MetricsServer, MetricsRequest), over HTTPS
+    with tls = (cert, key); returns the function that stops it."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServerFor", (MetricsServer,), {"address_family": family})
+    handler = type("MetricsRequestFor", (MetricsRequest,), {"timeout": timeout_s})
+    httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=1)
+
+    return stop
+
+
 def enable_reflection(server, services: list[str]) -> None:
     """Server reflection as grpc.reflection.v1 and v1alpha. grpcio-reflection ships v1alpha only; v1 has
     the same messages under another package, so v1alpha's servicer answers both, and v1's descriptor
@@ -581,9 +702,9 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
 async def serve(
     cfg: ServerConfig, new_drafter: Callable[[str], Drafter], info: DrafterInfo, adapter=None, ready=None
 ) -> None:
-    """Run until SIGTERM/SIGINT, then drain: health turns NOT_SERVING, new sessions get UNAVAILABLE, the
-    port stays open while open streams get cfg.drain_s to finish, and those still open then are cut with
-    UNAVAILABLE. ready("host:port") is called once the port is bound."""
+    """Run until SIGTERM, SIGINT or SIGHUP, then drain: health turns NOT_SERVING, new sessions get
+    UNAVAILABLE, the port stays open while open streams get cfg.drain_s to finish, and those still open
+    then are cut with UNAVAILABLE. ready("host:port") is called once the port is bound."""
     limit = int(cfg.max_message_mb * 2**20)
     service = DrafterService(cfg, new_drafter, info, adapter)
     server = grpc.aio.server(
@@ -595,7 +716,7 @@ async def serve(
         ],
     )
     pb_grpc.add_DrafterServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = GuardedHealth(service)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE, health.SERVICE_NAME])
     try:
@@ -612,11 +733,15 @@ async def serve(
     host = cfg.address.rsplit(":", 1)[0]
     stop_metrics = None
     if cfg.metrics_port:
+        mhost = cfg.metrics_host or host
+        tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         try:
-            stop_metrics = service.metrics.serve(host.strip("[]"), cfg.metrics_port)
+            stop_metrics = serve_metrics(
+                service.metrics.registry, mhost.strip("[]"), cfg.metrics_port, cfg.metrics_timeout_s, tls
+            )
         except OSError as e:
-            raise OSError(f"server.metrics_port: cannot listen on {host}:{cfg.metrics_port} ({e})") from None
-        log.info("Prometheus metrics on http://%s:%d/metrics", host, cfg.metrics_port)
+            raise OSError(f"server.metrics_port: cannot listen on {mhost}:{cfg.metrics_port} ({e})") from None
+        log.info("Prometheus metrics on http%s://%s:%d/metrics", "s" if tls else "", mhost, cfg.metrics_port)
     log.info(
         "specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s",
         info.kind,
@@ -631,13 +756,24 @@ async def serve(
         ready(f"{host}:{port}")
 
     stop = asyncio.Event()
+    got: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        got.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal went away; drain too
+        loop.add_signal_handler(sig, on_signal, sig)
     reporter = asyncio.ensure_future(log_stats(service, STATS_LOG_S))
     await stop.wait()
     reporter.cancel()
-    log.info("shutting down: draining %d open sessions for up to %.1f s", len(service.sessions), cfg.drain_s)
+    log.info(
+        "%s: shutting down, draining %d open sessions for up to %.1f s",
+        got[0].name,
+        len(service.sessions),
+        cfg.drain_s,
+    )
     service.closing = True
     await health_servicer.enter_graceful_shutdown()
     await service.drain(cfg.drain_s)

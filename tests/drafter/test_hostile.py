@@ -3,7 +3,11 @@ that never reads loses its slot, token bounds hold per session and over all sess
 leaves a SpecBlock sidecar's memory bounded and its other sessions served, a SpecBlock session drafts
 past the model's max_seq_len, every bad input gets INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a short
 message naming the field (counted in stats), labels are capped and escaped in the log, SIGTERM drains
-with the port open, and reflection answers as v1 and v1alpha."""
+with the port open, and reflection answers as v1 and v1alpha. Issue 24's second round: admission bounds
+hold under concurrent clients with worker threads, feedback larger than its tree is refused before it is
+read, a temperature too small to divide by drafts greedy, health Watch needs the token and is capped,
+silent streams and /metrics connections are freed after their timeouts, /metrics is HTTPS when TLS is on,
+and SIGHUP drains like SIGTERM."""
 
 import contextlib
 import math
@@ -20,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
-from tests.sidecar import AUTH, TOKEN_ENV, VOCAB, Sidecar, session
+from tests.sidecar import AUTH, TOKEN_ENV, VOCAB, Sidecar, free_port, session
 
 Code = grpc.StatusCode
 HIDDEN = 576  # SmolLM2-135M's width: the features SpecBlock's hidden_dim
@@ -52,11 +56,12 @@ def peak_rss_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """A random-drafter sidecar (full trees of the budget, so unread replies fill a window fast) with
-    small bounds: 4 sessions, 1 s to read a reply, 1,000 tokens a session and 1,500 in all."""
+    small bounds: 4 sessions, 1 s to read a reply or to send the first update, 1,000 tokens a session and
+    1,500 in all, 2 health watches."""
     s = Sidecar(
         tmp_path_factory.mktemp("hostile"),
         f"max_sessions: 4, max_nodes: 256, session_ttl_s: 3, reply_timeout_s: 1, max_session_tokens: 1000, "
-        f"max_total_tokens: 1500, drain_s: 1, token_env: {TOKEN_ENV}",
+        f"max_total_tokens: 1500, drain_s: 1, first_update_s: 1, max_watches: 2, token_env: {TOKEN_ENV}",
         other_yaml="drafter: {kind: random}",
     )
     yield s
@@ -495,3 +500,154 @@ def test_a_temperature_too_small_to_divide_by_drafts_greedy_on_a_sampled_specblo
         assert "Traceback" not in s.log_path.read_text()
     finally:
         assert s.stop() == 0
+
+
+def test_health_watch_needs_the_token_and_is_capped(hostile):
+    """Issue 24, case 7: 60,000 unauthenticated watches took RSS from 417 to 1,811 MB. Watch now needs the
+    token and at most max_watches (2) are open at once; Check stays open (probes carry no token)."""
+    health = health_pb2_grpc.HealthStub(hostile.channel)
+    request = health_pb2.HealthCheckRequest(service="specdraft.v1.Drafter")
+    assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    err = rpc_error(lambda: next(health.Watch(request, timeout=5)))
+    assert err.code() == Code.UNAUTHENTICATED, err.details()
+    watches = [health.Watch(request, metadata=AUTH, timeout=30) for _ in range(2)]
+    assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
+    err = rpc_error(lambda: next(health.Watch(request, metadata=AUTH, timeout=5)))
+    assert err.code() == Code.RESOURCE_EXHAUSTED and "2 health watches open, the server's limit is 2" in err.details()
+    watches[0].cancel()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:  # the server sees the cancel a moment later
+        try:
+            again = health.Watch(request, metadata=AUTH, timeout=30)
+            assert next(again).status == health_pb2.HealthCheckResponse.SERVING
+            break
+        except grpc.RpcError:
+            time.sleep(0.05)
+    else:
+        pytest.fail("a watch slot was not given back")
+    for w in (watches[1], again):
+        w.cancel()
+
+
+def test_streams_that_send_nothing_are_closed_after_first_update_s(hostile):
+    """Issue 24: 64 streams that never sent a first update held every slot until session_ttl_s (300 s).
+    Four such streams fill this sidecar's slots and are closed after first_update_s (1 s)."""
+    hostile.wait_sessions_closed()
+    stop = threading.Event()
+
+    def nothing():
+        stop.wait(20)
+        return
+        yield
+
+    calls = [hostile.stub.Session(nothing(), metadata=AUTH, timeout=20) for _ in range(4)]
+    t0 = time.monotonic()
+    while hostile.stats().sessions_open < 4 and time.monotonic() - t0 < 5:
+        time.sleep(0.02)
+    full = time.monotonic()
+    while hostile.stats().sessions_open and time.monotonic() - t0 < 10:
+        time.sleep(0.02)
+    print(f"\n4 silent streams: slots full after {full - t0:.2f} s, freed {time.monotonic() - full:.2f} s later")
+    assert hostile.stats().sessions_open == 0 and time.monotonic() - full < 3
+    for call in calls:
+        err = rpc_error(lambda call=call: next(call))
+        assert err.code() == Code.DEADLINE_EXCEEDED and "sent no first update within 1.0 s" in err.details()
+    stop.set()
+    round_trip_ok(hostile)
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def test_stalled_metrics_connections_are_bounded_and_time_out(tmp_path):
+    """Issue 24: 611 incomplete HTTP requests held 622 threads. 40 connections that send half a request
+    hold at most METRICS_CONNECTIONS (16) threads, and each is closed after metrics_timeout_s (1 s)."""
+    import socket
+    import urllib.request
+
+    from drafter.server import METRICS_CONNECTIONS
+
+    port = free_port()
+    s = Sidecar(tmp_path, f"metrics_port: {port}, metrics_host: 127.0.0.1, metrics_timeout_s: 1")
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert b"specdraft_sessions_open" in urllib.request.urlopen(url, timeout=5).read()
+        base = threads_of(s.proc.pid)
+        stalled = []
+        for _ in range(40):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            c.sendall(b"GET /metr")
+            stalled.append(c)
+        time.sleep(0.5)
+        held = threads_of(s.proc.pid) - base
+        t0 = time.monotonic()
+        assert all(c.recv(16) == b"" for c in stalled)  # closed by the server: at once, or after the timeout
+        closed = time.monotonic() - t0
+        print(f"\n40 stalled /metrics connections: {held} threads held, all closed {closed + 0.5:.2f} s after")
+        assert held <= METRICS_CONNECTIONS and closed < 2.0
+        assert b"specdraft_sessions_open" in urllib.request.urlopen(url, timeout=5).read()
+        for c in stalled:
+            c.close()
+        assert "Traceback" not in s.log_path.read_text()
+    finally:
+        assert s.stop() == 0
+
+
+def test_metrics_are_https_when_tls_is_on(tmp_path):
+    """Issue 24: /metrics was plain HTTP on the gRPC host with TLS on. With tls_cert / tls_key it is
+    HTTPS with the same pair, and a client that never finishes its handshake blocks no other scrape."""
+    import socket
+    import ssl
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1"]
+        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    s = Sidecar(tmp_path, f"tls_cert: {cert}, tls_key: {key}, metrics_port: {port}, metrics_timeout_s: 2")
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)  # connects, never says hello
+        context = ssl.create_default_context(cafile=str(cert))
+        page = urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=context, timeout=5).read()
+        assert b"specdraft_sessions_open" in page
+        with pytest.raises((urllib.error.URLError, ConnectionError, http_client_errors())):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        silent.close()
+        assert f"Prometheus metrics on https://127.0.0.1:{port}/metrics" in s.log_path.read_text()
+    finally:
+        assert s.stop() == 0
+
+
+def http_client_errors():
+    import http.client
+
+    return http.client.HTTPException
+
+
+def test_sighup_drains_like_sigterm(tmp_path):
+    """Issue 24: SIGHUP killed the process at once, with no drain and no log line."""
+    s = Sidecar(tmp_path, "drain_s: 1")
+    q: queue.Queue = queue.Queue()
+    call = s.stub.Session(iter(q.get, None), timeout=20)
+    q.put(first([4, 5, 6, 4, 5]))
+    next(call)
+    s.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.3)
+    err = rpc_error(lambda: session(pb_grpc.DrafterStub(grpc.insecure_channel(s.address)), [first([1])]))
+    assert err.code() == Code.UNAVAILABLE and err.details() == "server is shutting down", err.details()
+    q.put(pb.VerifierUpdate(round=1, new_tokens=[6], max_nodes=8))
+    assert next(call).round == 1  # still served while draining
+    q.put(None)
+    assert list(call) == []
+    assert s.proc.wait(timeout=10) == 0
+    s.stop()
+    log = s.log_path.read_text()
+    assert "SIGHUP: shutting down, draining 1 open sessions for up to 1.0 s" in log and "Traceback" not in log
