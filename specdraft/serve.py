@@ -9,11 +9,12 @@ import sys
 from bandit.online import OnlineAdapter
 from drafter.server import DrafterInfo, serve
 from specdraft.assets import DTYPES, model_dir, resolved_dtype, target_embedding, use_threads
-from specdraft.build import DrafterConfig, load_drafter_model, make_drafter
+from specdraft.build import DrafterConfig, Shared, load_drafter_model, make_drafter
 from specdraft.config import Config
 
 TREE_BUILDERS = {
     "ngram": "prompt-lookup trie (deterministic)",
+    "suffix": "suffix cache over the session and, by scope, other sessions' output (deterministic)",
     "random": "random trees of the full budget (benchmark)",
     "specblock": "block-iterative expansion, rank-head branching (deterministic)",
 }
@@ -23,6 +24,8 @@ def tree_builder(cfg: DrafterConfig) -> str:
     """ServerInfo.tree_builders' entry for a drafter config."""
     if cfg.kind == "specblock" and cfg.specblock.tree == "sampled":  # the wire carries no draft distributions
         return "block-iterative delayed expansion, i.i.d. sampled groups (q not sent: verify with rule walk)"
+    if cfg.kind == "specblock" and cfg.lookup != "none":
+        return f"one tree from {cfg.lookup} lookup and block-iterative expansion, by {cfg.hybrid.rank} (deterministic)"
     return TREE_BUILDERS[cfg.kind]
 
 
@@ -44,7 +47,10 @@ def serve_drafter(cfg: Config, ready=None) -> None:
         tree_builder=tree_builder(cfg.drafter),
     )
     adapter = OnlineAdapter(model, cfg.drafter.bandit) if cfg.drafter.bandit.enabled and model is not None else None
-    asyncio.run(serve(cfg.server, lambda client: make_drafter(cfg.drafter, model), info, adapter, ready))
+    shared = Shared(cfg.drafter)  # the suffix cache and calibration every session of this sidecar shares
+    asyncio.run(
+        serve(cfg.server, lambda client: make_drafter(cfg.drafter, model, shared, client), info, adapter, ready)
+    )
 
 
 def spawn(
