@@ -199,8 +199,7 @@ class DrafterService(pb_grpc.DrafterServicer):
     def _status(self, context, code: grpc.StatusCode, message: str) -> None:
         """Count, log and set the status the call ends with once its handler returns. Unlike abort this
         waits for nothing: a status can wait behind replies the client has not read."""
-        self.stats.errors[code.name] += 1
-        self.metrics.errors.labels(code.name).inc()
+        self._count_error(code)
         log.warning("%s: %s", code.name, message)
         context.set_code(code)
         context.set_details(message)
@@ -217,83 +216,13 @@ class DrafterService(pb_grpc.DrafterServicer):
             )
 
     async def Session(self, request_iterator, context):
-        await self._authorize(context)
-        if self.closing:
-            await self._fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        if len(self.sessions) >= self.cfg.max_sessions:
-            await self._fail(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(self.sessions)} sessions open, the server's limit is {self.cfg.max_sessions}",
-            )
-        sess = Session(uuid.uuid4().hex[:16])
-        self.sessions[sess.id] = sess
-        self.stats.sessions_total += 1
-        self.metrics.sessions.inc()
+        """One generation session: admission, then one round per update until the client closes or a bound
+        ends it; however it ends, what it holds is given back (_close)."""
+        sess = await self._admit(context)
         requests = request_iterator.__aiter__()
         try:
-            while True:
-                cfg = self.cfg
-                wait = cfg.session_ttl_s if sess.rounds else min(cfg.first_update_s, cfg.session_ttl_s)
-                try:
-                    async with asyncio.timeout(wait):
-                        msg = await anext(requests)
-                except StopAsyncIteration:
-                    sess.ended = "client closed"
-                    break
-                except TimeoutError:
-                    self.stats.sessions_evicted += 1
-                    sess.ended = "evicted" if sess.rounds else "no first update"
-                    await self._fail(
-                        context,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"session {sess.id} idle for more than {wait} s; evicted"
-                        if sess.rounds
-                        else f"session {sess.id} sent no first update within {wait} s; closed",
-                    )
-                t0 = time.perf_counter()
-                first = sess.rounds == 0
-                await self._reserve_tokens(context, sess, len(msg.new_tokens))
-                try:
-                    update = await self._check_update(msg, sess, first)
-                except WireError as e:
-                    sess.ended = "bad update"
-                    await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
-                if first:
-                    sess.label = msg.client_label[:LABEL_CHARS]
-                    await self._new_drafter(context, sess)
-                    log.info(
-                        "session %s opened (%s, %d prompt tokens)",
-                        sess.id,
-                        quote(sess.label) if sess.label else "no label",
-                        len(update.new_tokens),
-                    )
-                tree = await self._draft_round(context, sess, update) if update.max_nodes > 0 else None
-                if self.adapter is not None:  # may run an online update: between rounds, under the model lock
-                    with self.model_lock:
-                        self.adapter.observe(sess.id, update, first, sess.prev_tree)
-                sess.rounds += 1
-                sess.last_seen = time.monotonic()
-                if update.feedback is not None:
-                    sess.feedback_rounds += 1
-                    sess.accepted += len(update.feedback.accepted)
-                    self.stats.feedback_rounds += 1
-                    self.stats.accepted += len(update.feedback.accepted)
-                n = len(tree) if tree else 0
-                sess.nodes += n
-                sess.prev_tree = tree
-                ms = 1000 * (time.perf_counter() - t0)
-                self.stats.add_round(n, ms)
-                accepted = None if update.feedback is None else len(update.feedback.accepted)
-                self.metrics.round(ms / 1000, update.max_nodes > 0, n, accepted)
-                reply = pb.DraftTree(
-                    session_id=sess.id,
-                    round=msg.round,
-                    tokens=tree.tokens if tree else (),
-                    parents=tree.parents if tree else (),
-                    draft_ms=ms,
-                )
-                if not await self._send(context, sess, reply):
+            while (msg := await self._next_update(context, sess, requests)) is not None:
+                if not await self._round(context, sess, msg):
                     return
         except asyncio.CancelledError:
             if not self.cutting:
@@ -305,23 +234,135 @@ class DrafterService(pb_grpc.DrafterServicer):
                 context, grpc.StatusCode.UNAVAILABLE, f"session {sess.id}: server shut down after {self.cfg.drain_s} s"
             )
         finally:
-            del self.sessions[sess.id]
-            self.tokens_held -= sess.tokens
-            if self.adapter is not None:
-                self.adapter.buffer.end(sess.id)
-            drafter = sess.drafter
-            if drafter is not None and sess.drafting is not None and not sess.drafting.done():
-                sess.drafting.add_done_callback(lambda _: drafter.close())  # close once the worker lets go
-            elif drafter is not None:
-                drafter.close()
-            log.info(
-                "session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree",
-                sess.id,
-                sess.ended,
-                sess.rounds,
-                sess.tokens,
-                sess.nodes / max(sess.rounds, 1),
+            self._close(sess)
+
+    async def _admit(self, context) -> Session:
+        """A new session, open and counted; UNAUTHENTICATED, UNAVAILABLE while draining, or RESOURCE_EXHAUSTED
+        at cfg.max_sessions end the call instead."""
+        await self._authorize(context)
+        if self.closing:
+            await self._fail(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if len(self.sessions) >= self.cfg.max_sessions:
+            await self._fail(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self.sessions)} sessions open, the server's limit is {self.cfg.max_sessions}",
             )
+        sess = Session(uuid.uuid4().hex[:16])
+        self.sessions[sess.id] = sess
+        self._count_session()
+        return sess
+
+    async def _next_update(self, context, sess: Session, requests) -> pb.VerifierUpdate | None:
+        """The client's next update; None when it closed its side. A session silent for cfg.session_ttl_s
+        (before its first update: cfg.first_update_s) is closed with DEADLINE_EXCEEDED."""
+        cfg = self.cfg
+        wait = cfg.session_ttl_s if sess.rounds else min(cfg.first_update_s, cfg.session_ttl_s)
+        try:
+            async with asyncio.timeout(wait):
+                return await anext(requests)
+        except StopAsyncIteration:
+            sess.ended = "client closed"
+            return None
+        except TimeoutError:
+            self._count_eviction()
+            sess.ended = "evicted" if sess.rounds else "no first update"
+            await self._fail(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"session {sess.id} idle for more than {wait} s; evicted"
+                if sess.rounds
+                else f"session {sess.id} sent no first update within {wait} s; closed",
+            )
+
+    async def _round(self, context, sess: Session, msg: pb.VerifierUpdate) -> bool:
+        """One round: the update's tokens reserved and checked, the drafter made on the first one, the
+        tree drafted (none when the update asks for none), the online learner shown the round, the round
+        counted and the tree sent. False when the client left the reply unread (the session ends)."""
+        t0 = time.perf_counter()
+        first = sess.rounds == 0
+        await self._reserve_tokens(context, sess, len(msg.new_tokens))
+        try:
+            update = await self._check_update(msg, sess, first)
+        except WireError as e:
+            sess.ended = "bad update"
+            await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, f"session {sess.id}: {e}")
+        if first:
+            sess.label = msg.client_label[:LABEL_CHARS]
+            await self._new_drafter(context, sess)
+            log.info(
+                "session %s opened (%s, %d prompt tokens)",
+                sess.id,
+                quote(sess.label) if sess.label else "no label",
+                len(update.new_tokens),
+            )
+        tree = await self._draft_round(context, sess, update) if update.max_nodes > 0 else None
+        if self.adapter is not None:  # may run an online update: between rounds, under the model lock
+            with self.model_lock:
+                self.adapter.observe(sess.id, update, first, sess.prev_tree)
+        ms = self._count_round(sess, update, tree, t0)
+        sess.prev_tree = tree
+        reply = pb.DraftTree(
+            session_id=sess.id,
+            round=msg.round,
+            tokens=tree.tokens if tree else (),
+            parents=tree.parents if tree else (),
+            draft_ms=ms,
+        )
+        return await self._send(context, sess, reply)
+
+    def _close(self, sess: Session) -> None:
+        """Give back what an ended session holds (its slot, its tokens, its drafter, its learner buffer)
+        and log how it ended."""
+        del self.sessions[sess.id]
+        self.tokens_held -= sess.tokens
+        if self.adapter is not None:
+            self.adapter.buffer.end(sess.id)
+        drafter = sess.drafter
+        if drafter is not None and sess.drafting is not None and not sess.drafting.done():
+            sess.drafting.add_done_callback(lambda _: drafter.close())  # close once the worker lets go
+        elif drafter is not None:
+            drafter.close()
+        log.info(
+            "session %s ended (%s): %d rounds, %d tokens, %.1f nodes/tree",
+            sess.id,
+            sess.ended,
+            sess.rounds,
+            sess.tokens,
+            sess.nodes / max(sess.rounds, 1),
+        )
+
+    # Accounting: the only place where the per-session counters, Stats and the Prometheus metrics change,
+    # each event updating all of them together. (sess.tokens and tokens_held are a bound, not a count:
+    # _reserve_tokens reserves them before any await, _close gives them back.)
+
+    def _count_session(self) -> None:
+        self.stats.sessions_total += 1
+        self.metrics.sessions.inc()
+
+    def _count_eviction(self) -> None:
+        self.stats.sessions_evicted += 1
+
+    def _count_error(self, code: grpc.StatusCode) -> None:
+        self.stats.errors[code.name] += 1
+        self.metrics.errors.labels(code.name).inc()
+
+    def _count_round(self, sess: Session, update, tree: DraftTree | None, t0: float) -> float:
+        """A round served, from perf_counter t0 to now; returns its milliseconds."""
+        sess.rounds += 1
+        sess.last_seen = time.monotonic()
+        accepted = None if update.feedback is None else len(update.feedback.accepted)
+        if accepted is not None:
+            sess.feedback_rounds += 1
+            sess.accepted += accepted
+            self.stats.feedback_rounds += 1
+            self.stats.accepted += accepted
+        n = len(tree) if tree else 0
+        sess.nodes += n
+        ms = 1000 * (time.perf_counter() - t0)
+        self.stats.add_round(n, ms)
+        self.metrics.round(ms / 1000, update.max_nodes > 0, n, accepted)
+        return ms
 
     async def _reserve_tokens(self, context, sess: Session, n: int) -> None:
         """Count an update's n new tokens against the session's and the server's bounds before anything
