@@ -8,7 +8,8 @@ from pathlib import Path
 from bandit.online import BanditConfig
 from drafter.hybrid import Calibration, Hybrid, HybridConfig
 from drafter.ngram import NgramConfig, NgramDrafter
-from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
+from drafter.specblock import SpecBlock, load_specblock
+from drafter.specblock_draft import SpecBlockDraftConfig, SpecBlockDrafter
 from drafter.suffix import SuffixConfig, SuffixIndex, SuffixSession
 from drafter.synthetic import RandomDrafter
 from proto import checks

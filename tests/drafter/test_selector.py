@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from drafter.selector import SelectorTrainConfig, load_selector, step_features, train_selector
-from drafter.specblock import SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
+from drafter.specblock import SpecBlock
+from drafter.specblock_draft import SpecBlockDraftConfig, SpecBlockDrafter
 from proto.interface import Feedback, SamplingParams, VerifierUpdate
 from specdraft.cli import main
 from tests.tiny import ARGS, tiny_specblock

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drafter.specblock import ContextCache, SpecBlock, SpecBlockDraftConfig, SpecBlockDrafter
+from drafter.specblock import ContextCache, SpecBlock
+from drafter.specblock_draft import SpecBlockDraftConfig, SpecBlockDrafter
 from drafter.train import TrainConfig, evaluate_checkpoint, train, valid_prefix
 from proto.interface import SamplingParams, VerifierUpdate
 from tests.stats import chi_square_p_value

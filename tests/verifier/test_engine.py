@@ -64,7 +64,8 @@ def prompts_and_ar(target_fp32, tokenizer):
 def untrained_specblock(target):
     """A SpecBlock drafter with random weights on the real target's embedding: real trees from the real
     code path (hidden states, blocks, inheritance), mostly rejected."""
-    from drafter.specblock import SpecBlock, SpecBlockConfig, SpecBlockDraftConfig, SpecBlockDrafter
+    from drafter.specblock import SpecBlock, SpecBlockConfig
+    from drafter.specblock_draft import SpecBlockDraftConfig, SpecBlockDrafter
 
     torch.manual_seed(0)
     model = SpecBlock(

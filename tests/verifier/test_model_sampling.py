@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from drafter.data import chat_prompt
-from drafter.specblock import SpecBlockDraftConfig, SpecBlockDrafter, load_specblock
+from drafter.specblock import load_specblock
+from drafter.specblock_draft import SpecBlockDraftConfig, SpecBlockDrafter
 from proto.interface import SamplingParams, VerifierUpdate
 from proto.tree import DraftTree
 from tests.stats import chi_square_p_value
