@@ -1,10 +1,10 @@
-"""The `specdraft` command."""
+"""The `specdraft` command: argument parsing and dispatch. What a command does lives in its module
+(specdraft.evaluate, bench, serve, training, experiment); cmd_* apply the arguments to the config and call it."""
 
 import argparse
 import logging
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 EPILOG = "Bad input (config key, type, missing file) exits with code 2 and one line naming it."
 # Each subcommand's page in docs/; its config sections (specdraft.config.COMMAND_SECTIONS, not imported here:
@@ -170,11 +170,7 @@ def cmd_bench_sidecar(args) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from tqdm import tqdm
-
-    from drafter.data import build_cache
-    from specdraft.assets import load_target
-    from specdraft.config import ConfigError
+    from specdraft.training import run_prepare_data
 
     def override(cfg):
         if args.max_conversations is not None:
@@ -186,49 +182,11 @@ def cmd_prepare_data(args) -> None:
         if args.strict:
             cfg.data.strict = True
 
-    cfg = config_for(args, "prepare-data", override)
-    conversations = source_conversations(cfg.data.source, cfg.data.strict)()
-    target, tokenizer, stops = load_target(cfg.target)
-    replies = None
-    if cfg.data.replies == "target":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(
-                f"data.replies: target needs vLLM to generate the replies (make setup-vllm): {e}"
-            ) from None
-        from specdraft.vllm import reply_generator
-
-        replies = reply_generator(cfg, stops)
-
-    def features(ids):
-        return target.prefill(ids), target.logits
-
-    with tqdm(desc="teacher forcing", unit="tok") as bar:
-        try:
-            manifest = build_cache(conversations, tokenizer, features, cfg.data, cfg.target.model, bar.update, replies)
-        except ValueError as e:  # an out_dir written by another config
-            raise ConfigError(f"data.out_dir: {e}") from None
-    for split in ("train", "heldout"):
-        shards = [s for s in manifest["shards"] if s["split"] == split]
-        print(
-            f"{split}: {sum(s['conversations'] for s in shards)} conversations, "
-            f"{sum(s['tokens'] for s in shards)} tokens in {len(shards)} shards"
-        )
-    print(f"data: {cfg.data.out_dir}")
-    if any(s["split"] == "heldout" for s in manifest["shards"]):
-        print(f"held-out conversations (for specdraft eval --datasets): {cfg.data.out_dir}/heldout.jsonl")
+    run_prepare_data(config_for(args, "prepare-data", override))
 
 
 def cmd_train(args) -> None:
-    import json
-
-    from tqdm import tqdm
-
-    from drafter.train import data_dirs, evaluate_checkpoint, train
-    from proto import checks
-    from specdraft.assets import model_dir, target_embedding
-    from specdraft.config import ConfigError
+    from specdraft.training import run_train
 
     def override(cfg):
         if args.steps is not None:
@@ -237,70 +195,7 @@ def cmd_train(args) -> None:
             else:
                 cfg.train.steps = args.steps
 
-    cfg = config_for(args, "train", override)
-    if cfg.train.kind == "selector":
-        from drafter.selector import load_traces, train_selector
-
-        sc = cfg.train.selector
-        try:
-            metrics = train_selector(sc, load_traces(sc.traces))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        print(json.dumps({k: v for k, v in metrics.items() if k != "train_config"}))
-        print(f"selector: {sc.out}")
-        return
-    targs, embedding = target_embedding(model_dir(cfg.target.model))
-    if args.evaluate:
-        try:
-            checks.file_in(args.evaluate, "drafter.safetensors")
-        except OSError as e:
-            raise ConfigError(f"--evaluate: {e}") from None
-        print(json.dumps(evaluate_checkpoint(Path(args.evaluate), cfg.train, targs, embedding)))
-        return
-    data_dirs(cfg.train)  # before the progress bar: a missing folder is one line
-    stream = None
-    if cfg.train.data == "stream":
-        stream = teacher_stream(cfg)
-    with tqdm(total=cfg.train.steps, desc="train", unit="step") as bar:
-        post = {}
-
-        def progress(m):
-            bar.n = m["step"]
-            post.update(loss=f"{m['train_loss']:.3f}", tokens=f"{m['tokens'] / 1e6:.2f}M", tok_s=f"{m['tok_s']:.0f}")
-            if "heldout" in m:
-                post["heldout top1"] = ",".join(f"{a:.2f}" for a in m["heldout"]["top1"])
-                post["tau~"] = f"{m['heldout']['tau_chain']:.2f}"
-            bar.set_postfix(post)
-
-        metrics = train(cfg.train, targs, embedding, progress, stream)
-    print(json.dumps(metrics))
-    print(f"drafter: {cfg.train.out}")
-
-
-def source_conversations(source: str, strict: bool):
-    """A function giving the (id, messages) of a conversation source in file order, afresh at each call:
-    the packaged ShareGPT set (read incrementally), or a user's file, read whole now (before the target
-    loads: a bad record under strict is one line, at once)."""
-    from drafter.data import SHAREGPT, read_sharegpt, sharegpt_conversations
-    from specdraft.assets import package_file
-    from specdraft.datasets import read_file
-
-    if source == "sharegpt":
-        path = package_file(*SHAREGPT)
-        return lambda: sharegpt_conversations(read_sharegpt(path))
-    convs = [(c.id, c.messages) for c in read_file(source, strict)]
-    return lambda: iter(convs)
-
-
-def teacher_stream(cfg):
-    """train.data: stream's input: the conversations of train.stream.source in file order, and the target
-    (target section) as a batched teacher."""
-    from drafter.train import Stream
-    from specdraft.assets import load_target
-
-    conversations = source_conversations(cfg.train.stream.source, False)
-    target, tokenizer, _ = load_target(cfg.target)
-    return Stream(conversations, tokenizer, target.teacher)
+    run_train(config_for(args, "train", override), args.evaluate)
 
 
 def cmd_bandit_experiment(args) -> None:
@@ -336,12 +231,10 @@ def cmd_prepare(args) -> None:
     print(model_dir(args.model))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="specdraft", description="Speculative-decoding drafting service.", epilog=EPILOG)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--version", action="version", version=f"%(prog)s {version('specdraft')}")
-    sub = p.add_subparsers(dest="command", required=True)
+# The argument parser: one function per subcommand, in the order --help lists them.
 
+
+def add_eval(sub) -> None:
     e = sub.add_parser(
         "eval",
         help="offline acceptance-rate evaluation on MT-Bench, HumanEval or your own conversations",
@@ -364,6 +257,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true", help="a bad record in a dataset file is an error (exit 2)")
     e.set_defaults(func=cmd_eval)
 
+
+def add_generate(sub) -> None:
     g = sub.add_parser(
         "generate",
         help="stream one chat answer, speculatively decoded",
@@ -377,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding")
     g.set_defaults(func=cmd_generate)
 
+
+def add_bench(sub) -> None:
     b = sub.add_parser(
         "bench",
         help="step costs: CPU flags, per-part speculative step costs with real drafters, target forwards",
@@ -420,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=cmd_bench)
 
+
+def add_bench_sidecar(sub) -> None:
     bs = sub.add_parser(
         "bench-sidecar",
         help="per-round latency the gRPC sidecar adds over an in-process drafter",
@@ -434,6 +333,8 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--rounds", type=positive_int, default=500, help="timed rounds per case (default: %(default)s)")
     bs.set_defaults(func=cmd_bench_sidecar)
 
+
+def add_serve_drafter(sub) -> None:
     s = sub.add_parser(
         "serve-drafter",
         help="run the drafter as a gRPC sidecar (specdraft.v1)",
@@ -447,6 +348,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="host:port to listen on (overrides server.address; port 0 = any free port)")
     s.set_defaults(func=cmd_serve_drafter)
 
+
+def add_prepare_data(sub) -> None:
     d = sub.add_parser(
         "prepare-data",
         help="teacher-force ShareGPT (or your own conversations) through the target into drafter training shards",
@@ -466,6 +369,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--strict", action="store_true", help="a bad record in the source file is an error (exit 2)")
     d.set_defaults(func=cmd_prepare_data)
 
+
+def add_train(sub) -> None:
     t = sub.add_parser(
         "train",
         help="train a SpecBlock drafter on prepare-data's shards",
@@ -484,6 +389,8 @@ def parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
+
+def add_bandit_experiment(sub) -> None:
     x = sub.add_parser(
         "bandit-experiment",
         help="online learning under a domain shift: never / always / bandit",
@@ -501,9 +408,30 @@ def parser() -> argparse.ArgumentParser:
     )
     x.set_defaults(func=cmd_bandit_experiment)
 
+
+def add_prepare(sub) -> None:
     r = sub.add_parser("prepare", help="convert the embedded model into the local cache and print its folder")
     r.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name (default: %(default)s)")
     r.set_defaults(func=cmd_prepare)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specdraft", description="Speculative-decoding drafting service.", epilog=EPILOG)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--version", action="version", version=f"%(prog)s {version('specdraft')}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        add_eval,
+        add_generate,
+        add_bench,
+        add_bench_sidecar,
+        add_serve_drafter,
+        add_prepare_data,
+        add_train,
+        add_bandit_experiment,
+        add_prepare,
+    ):
+        add(sub)
     for name, command in sub.choices.items():
         command.epilog = docs_epilog(name, command.epilog)
     return p
