@@ -100,16 +100,7 @@ def msg_to_update(
     """Check an update against the session: vocab is the server's vocabulary, hidden_dim the width the
     drafter expects (0 = it takes none: any hidden is ignored), prev_parents the parents of the tree last
     sent (None if none), max_nodes the server's cap on the budget, max_topk its cap on the tokens of one
-    feedback.target_topk row.
-
-    Feedback answers the previous tree of n nodes, so its sizes are checked against n before any loop
-    reads it: at most n accepted nodes and n prob_nodes, at most n + 1 target_topk rows (a node's each,
-    and the roots' parent's) of at most max_topk tokens; the work per update is bounded by the tree, not
-    by the message size.
-
-    A drafter that takes hidden states needs one finite row per committed token whose next token is
-    known: len(new_tokens) - 1 rows on the first update (the newest token's successor is pending), then
-    len(new_tokens) rows (the previously pending token's and each new one's but the newest)."""
+    feedback.target_topk row. The checks run in field order, so the first bad field is the one named."""
     if first and msg.vocab_size != vocab:
         raise WireError(
             f"vocab_size: {msg.vocab_size} on the first update, but this drafter serves a vocabulary of {vocab}"
@@ -123,9 +114,19 @@ def msg_to_update(
     tokens = _tokens(msg.new_tokens, vocab, "new_tokens")
     if msg.max_nodes < 0:
         raise WireError(f"max_nodes: {msg.max_nodes} is negative")
+    hidden = _hidden(msg, len(tokens), hidden_dim, first)
+    sampling = _sampling(msg.sampling) if msg.HasField("sampling") else None
+    feedback = _feedback(msg.feedback, vocab, prev_parents, max_topk) if msg.HasField("feedback") else None
+    return VerifierUpdate(tokens, feedback, min(msg.max_nodes, max_nodes), vocab, hidden, sampling)
 
+
+def _hidden(msg: pb.VerifierUpdate, new_tokens: int, hidden_dim: int, first: bool) -> torch.Tensor | None:
+    """The update's hidden states, if any. A drafter that takes them (hidden_dim > 0) needs one finite row
+    per committed token whose next token is known: new_tokens - 1 rows on the first update (the newest
+    token's successor is pending), then new_tokens rows (the previously pending token's and each new
+    one's but the newest)."""
     hidden = None
-    rows = len(tokens) - first
+    rows = new_tokens - first
     if hidden_dim and not msg.HasField("hidden"):
         raise WireError(f"hidden: missing; this drafter takes the target's hidden states [{rows}, {hidden_dim}] here")
     if msg.HasField("hidden"):
@@ -134,65 +135,67 @@ def msg_to_update(
         hidden = msg_to_tensor(msg.hidden, "hidden")
         if hidden_dim and hidden.shape[1] != hidden_dim:
             raise WireError(f"hidden.shape: width {hidden.shape[1]}, this drafter expects {hidden_dim}")
-        if hidden.shape[0] > len(tokens):
-            raise WireError(f"hidden.shape: {hidden.shape[0]} rows for {len(tokens)} new tokens")
+        if hidden.shape[0] > new_tokens:
+            raise WireError(f"hidden.shape: {hidden.shape[0]} rows for {new_tokens} new tokens")
         if hidden_dim and hidden.shape[0] != rows:
             raise WireError(
-                f"hidden.shape: {hidden.shape[0]} rows for {len(tokens)} new tokens; this drafter needs {rows} "
+                f"hidden.shape: {hidden.shape[0]} rows for {new_tokens} new tokens; this drafter needs {rows} "
                 "(one per committed token whose next token is known: all new tokens, but the newest on the "
                 "first update)"
             )
         if hidden_dim and not torch.isfinite(hidden).all():
             raise WireError("hidden.data: NaN or infinite values")
+    return hidden
 
-    sampling = None
-    if msg.HasField("sampling"):
-        s = msg.sampling
-        if not 0.0 <= s.temperature < math.inf:
-            raise WireError(f"sampling.temperature: {s.temperature} is not a finite value >= 0")
-        if s.top_k < 0:
-            raise WireError(f"sampling.top_k: {s.top_k} is negative")
-        if not 0.0 <= s.top_p <= 1.0:
-            raise WireError(f"sampling.top_p: {s.top_p} is not in [0, 1]")
-        # a temperature too small to divide by is greedy (0): what sampling at it amounts to
-        temperature = s.temperature if s.temperature >= MIN_TEMPERATURE else 0.0
-        sampling = SamplingParams(temperature, s.top_k, s.top_p or 1.0)
 
-    feedback = None
-    if msg.HasField("feedback"):
-        fb = msg.feedback
-        if prev_parents is None:
-            raise WireError("feedback: there was no previous tree in this session")
-        n = len(prev_parents)
-        for name, count, most in (
-            ("accepted", len(fb.accepted), n),
-            ("prob_nodes", len(fb.prob_nodes), n),
-            ("target_topk", len(fb.target_topk), n + 1),
-        ):
-            if count > most:
-                raise WireError(f"feedback.{name}: {count} entries for the previous tree of {n} nodes (at most {most})")
-        if len(fb.prob_nodes) != len(fb.probs):
-            raise WireError(f"feedback.probs: {len(fb.probs)} values for {len(fb.prob_nodes)} prob_nodes")
-        last = -1
-        for i, node in enumerate(fb.accepted):
-            if not 0 <= node < n or prev_parents[node] != last:
-                raise WireError(
-                    f"feedback.accepted[{i}]: node {node} does not continue the path "
-                    f"{quote(list(fb.accepted[:i]))} in the previous tree of {n} nodes"
-                )
-            last = node
-        for i, node in enumerate(fb.prob_nodes):
-            if not 0 <= node < n:
-                raise WireError(f"feedback.prob_nodes[{i}]: node {node} outside the previous tree of {n} nodes")
-        topk = {}
-        for i, row in enumerate(fb.target_topk):
-            field = f"feedback.target_topk[{i}]"
-            if not -1 <= row.node < n:
-                raise WireError(f"{field}.node: {row.node} outside the previous tree of {n} nodes")
-            if len(row.tokens) > max_topk:
-                raise WireError(f"{field}.tokens: {len(row.tokens)} tokens, the server takes at most {max_topk}")
-            if len(row.tokens) != len(row.probs):
-                raise WireError(f"{field}.probs: {len(row.probs)} values for {len(row.tokens)} tokens")
-            topk[row.node] = (_tokens(row.tokens, vocab, f"{field}.tokens"), _probs(row.probs, f"{field}.probs"))
-        feedback = Feedback(list(fb.accepted), dict(zip(fb.prob_nodes, _probs(fb.probs, "feedback.probs"))), topk)
-    return VerifierUpdate(tokens, feedback, min(msg.max_nodes, max_nodes), vocab, hidden, sampling)
+def _sampling(s: pb.SamplingParams) -> SamplingParams:
+    if not 0.0 <= s.temperature < math.inf:
+        raise WireError(f"sampling.temperature: {s.temperature} is not a finite value >= 0")
+    if s.top_k < 0:
+        raise WireError(f"sampling.top_k: {s.top_k} is negative")
+    if not 0.0 <= s.top_p <= 1.0:
+        raise WireError(f"sampling.top_p: {s.top_p} is not in [0, 1]")
+    # a temperature too small to divide by is greedy (0): what sampling at it amounts to
+    temperature = s.temperature if s.temperature >= MIN_TEMPERATURE else 0.0
+    return SamplingParams(temperature, s.top_k, s.top_p or 1.0)
+
+
+def _feedback(fb: pb.Feedback, vocab: int, prev_parents: tuple[int, ...] | None, max_topk: int) -> Feedback:
+    """Feedback answers the previous tree of n nodes, so its sizes are checked against n before any loop
+    reads it: at most n accepted nodes and n prob_nodes, at most n + 1 target_topk rows (a node's each,
+    and the roots' parent's) of at most max_topk tokens; the work per update is bounded by the tree, not
+    by the message size."""
+    if prev_parents is None:
+        raise WireError("feedback: there was no previous tree in this session")
+    n = len(prev_parents)
+    for name, count, most in (
+        ("accepted", len(fb.accepted), n),
+        ("prob_nodes", len(fb.prob_nodes), n),
+        ("target_topk", len(fb.target_topk), n + 1),
+    ):
+        if count > most:
+            raise WireError(f"feedback.{name}: {count} entries for the previous tree of {n} nodes (at most {most})")
+    if len(fb.prob_nodes) != len(fb.probs):
+        raise WireError(f"feedback.probs: {len(fb.probs)} values for {len(fb.prob_nodes)} prob_nodes")
+    last = -1
+    for i, node in enumerate(fb.accepted):
+        if not 0 <= node < n or prev_parents[node] != last:
+            raise WireError(
+                f"feedback.accepted[{i}]: node {node} does not continue the path "
+                f"{quote(list(fb.accepted[:i]))} in the previous tree of {n} nodes"
+            )
+        last = node
+    for i, node in enumerate(fb.prob_nodes):
+        if not 0 <= node < n:
+            raise WireError(f"feedback.prob_nodes[{i}]: node {node} outside the previous tree of {n} nodes")
+    topk = {}
+    for i, row in enumerate(fb.target_topk):
+        field = f"feedback.target_topk[{i}]"
+        if not -1 <= row.node < n:
+            raise WireError(f"{field}.node: {row.node} outside the previous tree of {n} nodes")
+        if len(row.tokens) > max_topk:
+            raise WireError(f"{field}.tokens: {len(row.tokens)} tokens, the server takes at most {max_topk}")
+        if len(row.tokens) != len(row.probs):
+            raise WireError(f"{field}.probs: {len(row.probs)} values for {len(row.tokens)} tokens")
+        topk[row.node] = (_tokens(row.tokens, vocab, f"{field}.tokens"), _probs(row.probs, f"{field}.probs"))
+    return Feedback(list(fb.accepted), dict(zip(fb.prob_nodes, _probs(fb.probs, "feedback.probs"))), topk)
