@@ -178,26 +178,12 @@ def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 25
     return {"hidden": hidden.to(torch.bfloat16), "topk_ids": top_ids, "topk_probs": top_p}
 
 
-def build_cache(
-    conversations: Iterator[tuple[str, list[dict] | None]],
-    tokenizer,
-    features: Features,
-    cfg: DataConfig,
-    model: str,
-    progress=None,
-    replies: Replies | None = None,
-) -> dict:
-    """Teacher-force conversations, (id, chat messages or None for a record that cannot train), into
-    shards under cfg.out_dir; returns the manifest. Resumable: a
-    shard is written whole (temporary name, then renamed) and the manifest records, per split, the last
-    record on disk, so a rerun skips exactly the conversations already in shards. `replies` generates the
-    target's replies when cfg.replies is "target"."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
+def open_manifest(path: Path, cfg: DataConfig, model: str) -> dict:
+    """The manifest of a data folder: the one on disk, which must be of this model, top-k, replies and
+    source (a ValueError naming both otherwise), or a new one."""
     manifest = (
-        json.loads(manifest_path.read_text())
-        if manifest_path.is_file()
+        json.loads(path.read_text())
+        if path.is_file()
         else {"model": model, "config": asdict(cfg), "shards": [], "done": {"train": 0, "heldout": 0}}
     )
     built = (
@@ -208,14 +194,41 @@ def build_cache(
     )
     if built != (model, cfg.topk, cfg.replies, cfg.source):
         raise ValueError(
-            f"{manifest_path}: built for {built[0]} with topk {built[1]}, replies {built[2]} from {built[3]}; "
+            f"{path}: built for {built[0]} with topk {built[1]}, replies {built[2]} from {built[3]}; "
             f"use another data.out_dir for {model} with topk {cfg.topk}, replies {cfg.replies} from {cfg.source}"
         )
-    pending = {"train": [], "heldout": []}
-    n_read = 0
+    return manifest
 
-    def flush(split: str) -> None:
-        convs = pending[split]
+
+class ShardWriter:
+    """Teacher-forced conversations gathered per split and written as a shard once cfg.shard_tokens are
+    pending: whole (temporary name, then renamed), held-out conversations also to heldout.jsonl, and the
+    manifest rewritten after each shard with the split's last record on disk."""
+
+    def __init__(self, out: Path, manifest: dict, features: Features, cfg: DataConfig, progress=None):
+        self.out, self.manifest, self.features, self.cfg, self.progress = out, manifest, features, cfg, progress
+        self.pending: dict[str, list[dict]] = {"train": [], "heldout": []}
+
+    def add(self, n: int, split: str, conv_id: str, msgs: list[dict], ids: list[int], mask: list[bool]) -> None:
+        if len(ids) < 2 or not any(mask):
+            return
+        conv = {
+            "record": n,
+            "id": conv_id,
+            "messages": msgs,
+            "tokens": torch.tensor(ids, dtype=torch.int32),
+            "loss_mask": torch.tensor(mask, dtype=torch.uint8),
+            **teacher_force(self.features, ids, self.cfg.topk),
+        }
+        self.pending[split].append(conv)
+        if self.progress is not None:
+            self.progress(len(ids))
+        if sum(len(c["tokens"]) for c in self.pending[split]) >= self.cfg.shard_tokens:
+            self.flush(split)
+
+    def flush(self, split: str) -> None:
+        out, manifest = self.out, self.manifest
+        convs = self.pending[split]
         if not convs:
             return
         lengths = torch.tensor([0] + [len(c["tokens"]) for c in convs])
@@ -233,31 +246,34 @@ def build_cache(
             with open(out / "heldout.jsonl", "a") as f:
                 f.writelines(json.dumps({"id": c["id"], "messages": c["messages"]}) + "\n" for c in convs)
         manifest["done"][split] = convs[-1]["record"]  # this split's records up to here are on disk
-        pending[split] = []
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        self.pending[split] = []
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
-    def add(n: int, split: str, conv_id: str, msgs: list[dict], ids: list[int], mask: list[bool]) -> None:
-        if len(ids) < 2 or not any(mask):
-            return
-        conv = {
-            "record": n,
-            "id": conv_id,
-            "messages": msgs,
-            "tokens": torch.tensor(ids, dtype=torch.int32),
-            "loss_mask": torch.tensor(mask, dtype=torch.uint8),
-            **teacher_force(features, ids, cfg.topk),
-        }
-        pending[split].append(conv)
-        if progress is not None:
-            progress(len(ids))
-        if sum(len(c["tokens"]) for c in pending[split]) >= cfg.shard_tokens:
-            flush(split)
 
+def build_cache(
+    conversations: Iterator[tuple[str, list[dict] | None]],
+    tokenizer,
+    features: Features,
+    cfg: DataConfig,
+    model: str,
+    progress=None,
+    replies: Replies | None = None,
+) -> dict:
+    """Teacher-force conversations, (id, chat messages or None for a record that cannot train), into
+    shards under cfg.out_dir (ShardWriter); returns the manifest. Resumable: the manifest records, per
+    split, the last record on disk, so a rerun skips exactly the conversations already in shards.
+    `replies` generates the target's replies when cfg.replies is "target"."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / "manifest.json"
+    manifest = open_manifest(manifest_path, cfg, model)
+    shards = ShardWriter(out, manifest, features, cfg, progress)
+    n_read = 0
     prompts: list[tuple[int, str, str, list[dict], list[int]]] = []  # waiting for their replies
 
     def reply_all() -> None:
         for (n, split, cid, msgs, ids), reply in zip(prompts, replies([p[-1] for p in prompts]) if prompts else []):
-            add(n, split, cid, msgs, *with_reply(ids, reply, cfg.max_tokens))
+            shards.add(n, split, cid, msgs, *with_reply(ids, reply, cfg.max_tokens))
         prompts.clear()
 
     for n_read, (conv_id, msgs) in enumerate(conversations, start=1):
@@ -272,7 +288,7 @@ def build_cache(
         if cfg.replies == "dataset":
             msgs = trainable(msgs)
             if msgs is not None:
-                add(n_read, split, conv_id, msgs, *tokenize_conversation(tokenizer, msgs, cfg.max_tokens))
+                shards.add(n_read, split, conv_id, msgs, *tokenize_conversation(tokenizer, msgs, cfg.max_tokens))
             continue
         ids = first_turn(tokenizer, msgs, cfg.max_tokens)
         if ids is not None:
@@ -280,8 +296,8 @@ def build_cache(
         if len(prompts) == cfg.reply_batch:
             reply_all()
     reply_all()
-    for split in pending:
-        flush(split)
+    for split in shards.pending:
+        shards.flush(split)
         manifest["done"][split] = max(manifest["done"][split], n_read)
     manifest["complete"] = True
     manifest_path.write_text(json.dumps(manifest, indent=2))

@@ -384,19 +384,14 @@ def published_score(lr: Learner, held: list[dict], cfg: TrainConfig, target_args
     return score
 
 
-def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None, stream: Stream | None = None) -> dict:
-    """Train cfg.model (and the EAGLE-style baseline where cfg.baseline_out is set) for cfg.steps steps on
-    prepare-data's shards or, with data: stream, on `stream`; evaluate on the held-out split every
-    cfg.eval_every steps, checkpoint (resumable), log the learning curve (out/curve.jsonl) and publish
-    improvements. progress(metrics) after each step."""
-    torch.manual_seed(cfg.seed)
-    data, held_dir = data_dirs(cfg)
-    held = load_split(held_dir, "heldout")
-    out = Path(cfg.out)
-    state_path = out / "state.pt"
-    state = load_state(state_path) if state_path.is_file() else None
+def data_position(
+    cfg: TrainConfig, data: Path, held_dir: Path, state: dict | None, stream: Stream | None
+) -> tuple[range, dict, int, list[dict] | None]:
+    """Where training reads from: the records a stream skips (the held-out set's), the data cursor and the
+    tokens seen (from the resumable state; else, for a stream of the same source, from the published
+    drafter it starts from), and the training conversations of the shards (None for a stream)."""
     init_meta = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else {}
-    excluded = range(0)
+    excluded, train_convs = range(0), None
     if cfg.data == "stream":
         excluded = heldout_records(held_dir, cfg.stream.source)
         if stream is None:
@@ -412,6 +407,14 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
         if not train_convs:
             raise FileNotFoundError(f"{data}: no training shards (run `specdraft prepare-data` first)")
         cursor, tokens_seen = (state["cursor"] if state else {}), (state["tokens"] if state else 0)
+    return excluded, cursor, tokens_seen, train_convs
+
+
+def new_learners(
+    cfg: TrainConfig, target_args, embedding: torch.Tensor, stream, excluded: range, train_convs
+) -> list[Learner]:
+    """The drafter to train (cfg.init's, else a new one over the training data's most frequent tokens) and,
+    with cfg.baseline_out, the EAGLE-style baseline (block_size 1) on the same draft vocabulary."""
     if cfg.init:
         model = load_specblock(Path(cfg.init), target_args, embedding).train()
         cfg.model = model.cfg
@@ -428,6 +431,40 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     if cfg.baseline_out:
         base = SpecBlock(replace(model.cfg, block_size=1), target_args, embedding, model.draft_ids)
         learners.append(learner("eagle", base, cfg, cfg.baseline_out, cfg.baseline_publish, embedding.shape[0]))
+    return learners
+
+
+def train_step(learners: list[Learner], convs: list[dict], cfg: TrainConfig, bf16: bool) -> dict[str, float]:
+    """One optimizer step of every learner on a batch of conversations; returns their mean losses by name."""
+    losses = {}
+    for lr in learners:
+        lr.opt.zero_grad()
+        total = 0.0
+        for conv in convs:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = block_loss(lr.model, conv, lr.to_draft, cfg)
+            (loss / len(convs)).backward()
+            total += float(loss.detach()) / len(convs)
+        torch.nn.utils.clip_grad_norm_(lr.model.parameters(), 1.0)
+        lr.opt.step()
+        lr.sched.step()
+        losses[lr.name] = total
+    return losses
+
+
+def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None, stream: Stream | None = None) -> dict:
+    """Train cfg.model (and the EAGLE-style baseline where cfg.baseline_out is set) for cfg.steps steps on
+    prepare-data's shards or, with data: stream, on `stream`; evaluate on the held-out split every
+    cfg.eval_every steps, checkpoint (resumable), log the learning curve (out/curve.jsonl) and publish
+    improvements. progress(metrics) after each step."""
+    torch.manual_seed(cfg.seed)
+    data, held_dir = data_dirs(cfg)
+    held = load_split(held_dir, "heldout")
+    out = Path(cfg.out)
+    state_path = out / "state.pt"
+    state = load_state(state_path) if state_path.is_file() else None
+    excluded, cursor, tokens_seen, train_convs = data_position(cfg, data, held_dir, state, stream)
+    learners = new_learners(cfg, target_args, embedding, stream, excluded, train_convs)
     step = 0
     if state:
         step = state["step"]
@@ -455,19 +492,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
             if metrics and step % cfg.eval_every:
                 metrics.update(checkpoint(learners, cfg, held, metrics, step, cursor, tokens_seen, best, bf16))
             break
-        losses = {}
-        for lr in learners:
-            lr.opt.zero_grad()
-            total = 0.0
-            for conv in convs:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss, _ = block_loss(lr.model, conv, lr.to_draft, cfg)
-                (loss / len(convs)).backward()
-                total += float(loss.detach()) / len(convs)
-            torch.nn.utils.clip_grad_norm_(lr.model.parameters(), 1.0)
-            lr.opt.step()
-            lr.sched.step()
-            losses[lr.name] = total
+        losses = train_step(learners, convs, cfg, bf16)
         step += 1
         tokens_seen += sum(len(c["tokens"]) for c in convs)
         seconds += time.perf_counter() - t0
