@@ -1,6 +1,7 @@
 """The `specdraft` command: strict config errors (exit 2, one line naming the key or file) and a real
 `specdraft eval` process on the real model."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -141,15 +142,20 @@ def test_missing_config_file_and_model_folder(tmp_path, capsys):
 
 
 def test_shipped_configs_load_and_defaults_match_default_yaml():
+    """default.yaml states every section's defaults, but for the drafter: it drafts with the hybrid (the
+    best measured), where the dataclass default stays the model-free n-gram drafter (needs no checkpoint)."""
     for path in (ROOT / "configs").glob("*.yaml"):
         for command in COMMAND_SECTIONS:  # every section of every shipped config is valid
             load_config(path, command)
-    assert load_config(ROOT / "configs" / "default.yaml", "eval") == Config()
+    default = load_config(ROOT / "configs" / "default.yaml", "eval")
+    assert dataclasses.replace(default, drafter=Config().drafter) == Config()
+    assert (default.drafter.kind, default.drafter.lookup) == ("specblock", "suffix")
 
 
+# One long test: a single `specdraft eval` process on the real model (minutes) serves all of its checks.
 @pytest.mark.model
 def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
-    """The default config's n-gram drafter and, through eval.compare, the committed SpecBlock and
+    """The n-gram drafter (configs/eval-ngram.yaml) and, through eval.compare, the committed SpecBlock and
     EAGLE-style checkpoints and an untrained copy of SpecBlock (random weights, the control), on the same
     prompts against one AR run: a row each, and the plot. The trained drafter clears a tau floor that the
     untrained one does not (T = 0 and fixed prompts: deterministic on a given machine)."""
@@ -176,7 +182,7 @@ def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
             f"{{checkpoint: {ckpt}, tree: {tree}, max_blocks: 4}}}}\n"
         )
     cfg = tmp_path / "c.yaml"
-    cfg.write_text((ROOT / "configs" / "default.yaml").read_text() + f"  compare: [{', '.join(map(str, compared))}]\n")
+    cfg.write_text((ROOT / "configs" / "eval-ngram.yaml").read_text() + f"  compare: [{', '.join(map(str, compared))}]\n")
     proc = subprocess.run(
         [
             sys.executable,
