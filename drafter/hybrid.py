@@ -25,6 +25,7 @@ rule (`walk`) verifies it, which is lossless for any fixed candidates."""
 
 import heapq
 import threading
+import time
 import typing
 from dataclasses import dataclass, replace
 
@@ -168,6 +169,7 @@ class Hybrid:
         self.lookup, self.lookup_name, self.model, self.cal, self.cfg = lookup, lookup_name, model, cal, cfg
         self.last: Built | None = None
         self.steps = self.model_skips = 0
+        self.lookup_s = 0.0  # time in the lookup source over the session (the bench's step table shows it)
 
     @property
     def forwards(self) -> int:  # the learned drafter's forwards over the session (evaluation reports them)
@@ -199,7 +201,9 @@ class Hybrid:
             self._learn(update.feedback)
         self.steps += 1
         sources = []
+        t0 = time.perf_counter()
         found = self.lookup.scored(update)
+        self.lookup_s += time.perf_counter() - t0
         if found is not None:
             sources.append((self.lookup_name, found))
         if self.model is not None:

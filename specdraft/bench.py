@@ -11,9 +11,12 @@
 - per speculative step with real drafters on real prompts (the config's dtype and sampling): drafting, the
   tree forward, the LM head, the rule and the commit, in ms and as a fraction of a plain decode step
   measured on the same prompts in the same run, the measured tau, and the speedup ceiling
-  tau * t_decode / (t_draft + t_verify) at tau = 2, 3, 4."""
+  tau * t_decode / (t_draft + t_verify) at tau = 2, 3, 4; of the drafting, the time a hybrid spends in its
+  lookup source (the suffix cache); and the RSS of a suffix store filled past its bound."""
 
 import dataclasses
+import gc
+import os
 import platform
 import random
 import statistics
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from drafter.data import chat_prompt
 from drafter.metrics import percentile
+from drafter.suffix import SuffixConfig, SuffixIndex
 from drafter.synthetic import RandomDrafter
 from kernels.linear import cpu_flags
 from proto.interface import VerifierUpdate
@@ -185,32 +189,66 @@ def run_step_bench(cfg: Config, drafters: list[DrafterConfig], prompts: int, max
     runs = [("plain decoding", None)] + [(drafter_label(d), d) for d in drafters]
     factories = {label: drafter_factory(d, target) if d else None for label, d in runs}
     steps: dict[str, list[Step]] = {label: [] for label, _ in runs}
+    lookup_s = dict.fromkeys(steps, 0.0)  # time in a hybrid's lookup source (the suffix cache, n-grams)
     for prompt in tqdm(ids, desc="step bench", unit="prompt"):
         for label, d in runs:  # interleaved per prompt: the machine's drift falls on all alike
             drafter = factories[label](label) if d else None
             run_cfg = cfg if d is None else dataclasses.replace(cfg, drafter=d)
             steps[label] += list(decode(target, prompt, run_cfg, stops, drafter, max_new_tokens))
             if drafter is not None:
+                lookup_s[label] += getattr(drafter, "lookup_s", 0.0)
                 drafter.close()
     decode_ms = step_costs(steps["plain decoding"])["step"]
-    return {
-        "decode_ms": decode_ms,
-        "rows": {label: step_costs(st) | {"tau": tau(st)} for label, st in steps.items() if label != "plain decoding"},
-    }
+    rows = {}
+    for label, st in steps.items():
+        if label != "plain decoding":
+            n = max(sum(not s.prefill for s in st), 1)
+            rows[label] = step_costs(st) | {"tau": tau(st), "lookup": 1000 * lookup_s[label] / n}
+    return {"decode_ms": decode_ms, "rows": rows, "suffix_store": suffix_store_rss(cfg.drafter.suffix)}
+
+
+def suffix_store_rss(cfg: SuffixConfig, session_tokens: int = 400) -> dict:
+    """A suffix store filled to twice its bound (drafter.suffix.max_tokens) with synthetic sessions (Zipf
+    token ids over the vocabulary: many distinct keys, so more memory than real text): the tokens it holds
+    and the process's RSS growth in MiB."""
+    rng = random.Random(0)
+    vocab = 49152
+    text = rng.choices(range(vocab), [1 / (i + 1) for i in range(vocab)], k=100_000)
+    before = process_rss_mib()
+    store = SuffixIndex(cfg, cfg.max_tokens)
+    for _ in range(2 * cfg.max_tokens // session_tokens + 1):
+        doc = store.open("")
+        i = rng.randrange(len(text) - session_tokens)
+        store.extend(doc, text[i : i + session_tokens])
+    return {"max_tokens": cfg.max_tokens, "tokens": store.tokens, "rss_mib": process_rss_mib() - before}
+
+
+def process_rss_mib() -> float:
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def print_step_bench(results: dict) -> None:
     d = results["decode_ms"]
     print(f"\nper speculative step, ms (x plain decode step = {d:.1f} ms, same prompts and run)")
     cols = [("drafter", 28), ("nodes", 7)] + [(p, 14) for p in STEP_PARTS] + [("verify", 14), ("tau", 6)]
+    cols += [("lookup", 14)]
     cols += [(f"ceiling t{t}", 11) for t in (2, 3, 4)]
     rows = []
     for label, r in results["rows"].items():
         verify = r["forward"] + r["head"] + r["rule"] + r["commit"]
         cells = [f"{r[p]:.2f} ({r[p] / d:.2f})" for p in STEP_PARTS] + [f"{verify:.1f} ({verify / d:.2f})"]
         ceilings = [f"{t * d / r['step']:.2f}" for t in (2, 3, 4)]
-        rows.append([label, f"{r['nodes']:.1f}"] + cells + [f"{r['tau']:.2f}"] + ceilings)
+        lookup = f"{r['lookup']:.2f} ({r['lookup'] / d:.3f})"
+        rows.append([label, f"{r['nodes']:.1f}"] + cells + [f"{r['tau']:.2f}", lookup] + ceilings)
     print_columns(cols, rows)
+    print("(lookup: of draft, the time in a hybrid's lookup source: the suffix cache or n-grams)")
+    st = results["suffix_store"]
+    print(
+        f"suffix store filled to twice drafter.suffix.max_tokens = {st['max_tokens']:,}: holds {st['tokens']:,} "
+        f"tokens, RSS +{st['rss_mib']:.0f} MiB (synthetic Zipf text)"
+    )
 
 
 def run_sidecar_bench(tree_sizes: list[int], rounds: int, hidden_rows: int = 4, hidden_dim: int = 576) -> list[dict]:
