@@ -746,8 +746,46 @@ async def serve(
     """Run until SIGTERM, SIGINT or SIGHUP, then drain: health turns NOT_SERVING, new sessions get
     UNAVAILABLE, the port stays open while open streams get cfg.drain_s to finish, and those still open
     then are cut with UNAVAILABLE. ready("host:port") is called once the port is bound."""
-    limit = int(cfg.max_message_mb * 2**20)
     service = DrafterService(cfg, new_drafter, info, adapter)
+    server, health_servicer, port = await start_grpc(cfg, service)
+    host = cfg.address.rsplit(":", 1)[0]
+    stop_metrics = start_metrics(cfg, service, host) if cfg.metrics_port else None
+    log.info(
+        "specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s",
+        info.kind,
+        info.vocab_size,
+        API_VERSION,
+        host,
+        port,
+        " with TLS" if cfg.tls_cert else "",
+        " with token auth" if service.token else "",
+    )
+    if ready is not None:
+        ready(f"{host}:{port}")
+    reporter = asyncio.ensure_future(log_stats(service, STATS_LOG_S))
+    sig = await stop_signal()
+    reporter.cancel()
+    log.info(
+        "%s: shutting down, draining %d open sessions for up to %.1f s",
+        sig.name,
+        len(service.sessions),
+        cfg.drain_s,
+    )
+    service.closing = True
+    await health_servicer.enter_graceful_shutdown()
+    await service.drain(cfg.drain_s)
+    await server.stop(0.2)
+    if service.pool is not None:
+        service.pool.shutdown(wait=False, cancel_futures=True)
+    if stop_metrics is not None:
+        stop_metrics()
+    log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)
+
+
+async def start_grpc(cfg: ServerConfig, service: DrafterService) -> tuple[grpc.aio.Server, GuardedHealth, int]:
+    """The gRPC server with the drafter, health and reflection services, listening on cfg.address (TLS
+    with tls_cert / tls_key) and SERVING; returns it, its health servicer and the bound port."""
+    limit = int(cfg.max_message_mb * 2**20)
     server = grpc.aio.server(
         interceptors=[RejectUndecodable(service._fail)],
         options=[
@@ -771,31 +809,24 @@ async def serve(
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    host = cfg.address.rsplit(":", 1)[0]
-    stop_metrics = None
-    if cfg.metrics_port:
-        mhost = cfg.metrics_host or host
-        tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
-        try:
-            stop_metrics = serve_metrics(
-                service.metrics.registry, mhost.strip("[]"), cfg.metrics_port, cfg.metrics_timeout_s, tls
-            )
-        except OSError as e:
-            raise OSError(f"server.metrics_port: cannot listen on {mhost}:{cfg.metrics_port} ({e})") from None
-        log.info("Prometheus metrics on http%s://%s:%d/metrics", "s" if tls else "", mhost, cfg.metrics_port)
-    log.info(
-        "specdraft drafter (%s, vocab %d) serving %s on %s:%d%s%s",
-        info.kind,
-        info.vocab_size,
-        API_VERSION,
-        host,
-        port,
-        " with TLS" if cfg.tls_cert else "",
-        " with token auth" if service.token else "",
-    )
-    if ready is not None:
-        ready(f"{host}:{port}")
+    return server, health_servicer, port
 
+
+def start_metrics(cfg: ServerConfig, service: DrafterService, host: str) -> Callable[[], None]:
+    """/metrics on cfg.metrics_host (default: host, the gRPC address's) at cfg.metrics_port; returns the
+    function that stops it."""
+    mhost = cfg.metrics_host or host
+    tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    try:
+        stop = serve_metrics(service.metrics.registry, mhost.strip("[]"), cfg.metrics_port, cfg.metrics_timeout_s, tls)
+    except OSError as e:
+        raise OSError(f"server.metrics_port: cannot listen on {mhost}:{cfg.metrics_port} ({e})") from None
+    log.info("Prometheus metrics on http%s://%s:%d/metrics", "s" if tls else "", mhost, cfg.metrics_port)
+    return stop
+
+
+async def stop_signal() -> signal.Signals:
+    """Wait for SIGTERM, SIGINT or SIGHUP (the terminal went away: drain too); returns the first."""
     stop = asyncio.Event()
     got: list[signal.Signals] = []
 
@@ -804,23 +835,7 @@ async def serve(
         stop.set()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal went away; drain too
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
-    reporter = asyncio.ensure_future(log_stats(service, STATS_LOG_S))
     await stop.wait()
-    reporter.cancel()
-    log.info(
-        "%s: shutting down, draining %d open sessions for up to %.1f s",
-        got[0].name,
-        len(service.sessions),
-        cfg.drain_s,
-    )
-    service.closing = True
-    await health_servicer.enter_graceful_shutdown()
-    await service.drain(cfg.drain_s)
-    await server.stop(0.2)
-    if service.pool is not None:
-        service.pool.shutdown(wait=False, cancel_futures=True)
-    if stop_metrics is not None:
-        stop_metrics()
-    log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)
+    return got[0]
