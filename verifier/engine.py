@@ -10,7 +10,7 @@ import torch
 
 from proto.interface import Drafter, Feedback, VerifierUpdate
 from proto.tree import DraftTree
-from verifier.rules import SamplingParams, next_token, verify
+from verifier.rules import SamplingParams, Verdict, next_token, verify
 from verifier.target import Target
 
 
@@ -62,6 +62,35 @@ def tau(steps: list[Step]) -> float:
     return sum(len(s.tokens) for s in spec) / max(len(spec), 1)
 
 
+def committed_tokens(tree: DraftTree | None, verdict: Verdict, stop_ids: set[int], room: int) -> list[int]:
+    """The tokens a step commits: the accepted path and the bonus token, cut after the first stop token
+    (plain decoding would have stopped there) and to the room left in the generation budget."""
+    tokens = (tree.path_tokens(verdict.accepted) if tree else []) + [verdict.bonus]
+    for i, tok in enumerate(tokens):
+        if tok in stop_ids:
+            tokens = tokens[: i + 1]
+            break
+    return tokens[:room]
+
+
+def drafter_feedback(tree: DraftTree, verdict: Verdict, feedback_topk: int, kept: list[int] | None) -> Feedback:
+    """What the next update tells the drafter about its tree: the accepted nodes, the target's
+    probabilities and (feedback_topk > 0) the target's top-k at every row verification visited, in the
+    drafter's node ids where the tree was cut to the target's depth (kept: new node id -> drafter's)."""
+    topk = {}
+    for row, dist in verdict.visited.items() if feedback_topk else ():
+        top = dist.topk(min(feedback_topk, dist.shape[-1]))
+        topk[row - 1] = (top.indices.tolist(), top.values.tolist())
+    feedback = Feedback(verdict.accepted, verdict.target_probs, topk)
+    if kept is not None:
+        feedback = Feedback(
+            [kept[i] for i in feedback.accepted],
+            {kept[i]: p for i, p in feedback.target_probs.items()},
+            {kept[i] if i >= 0 else -1: top for i, top in feedback.target_topk.items()},
+        )
+    return feedback
+
+
 def generate(
     target: Target,
     prompt: list[int],
@@ -99,28 +128,11 @@ def generate(
         t_rule = time.perf_counter()
         target.commit(verdict.accepted)
         t2 = time.perf_counter()
-        tokens = (tree.path_tokens(verdict.accepted) if tree else []) + [verdict.bonus]
-        for i, tok in enumerate(tokens):  # plain decoding would have stopped at the first stop token
-            if tok in stop_ids:
-                tokens = tokens[: i + 1]
-                break
-        tokens = tokens[: max_new_tokens - produced]
+        tokens = committed_tokens(tree, verdict, stop_ids, max_new_tokens - produced)
         produced += len(tokens)
         pending = tokens[-1]
         new_tokens = tokens
-        feedback = None
-        if tree:
-            topk = {}
-            for row, dist in verdict.visited.items() if feedback_topk else ():
-                top = dist.topk(min(feedback_topk, dist.shape[-1]))
-                topk[row - 1] = (top.indices.tolist(), top.values.tolist())
-            feedback = Feedback(verdict.accepted, verdict.target_probs, topk)
-            if kept is not None:  # in the drafter's node ids
-                feedback = Feedback(
-                    [kept[i] for i in feedback.accepted],
-                    {kept[i]: p for i, p in feedback.target_probs.items()},
-                    {kept[i] if i >= 0 else -1: top for i, top in feedback.target_topk.items()},
-                )
+        feedback = drafter_feedback(tree, verdict, feedback_topk, kept) if tree else None
         hidden = states[[0] + [i + 1 for i in verdict.accepted]]  # rows of pending + accepted nodes
         yield Step(
             tokens,
