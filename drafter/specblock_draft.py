@@ -380,6 +380,8 @@ class SpecBlockDrafter:
         self.trace.append({"features": [round(v, 5) for v in feats.tolist()], "delay": d})
         return d
 
+    # One function, longer than most: add and draw are closures over the tree being grown (tokens, parents,
+    # cursors, the blocks started), which a split would have to pass around as one more object.
     def _sampled_tree(
         self,
         m: SpecBlock,

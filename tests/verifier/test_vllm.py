@@ -251,6 +251,7 @@ def test_vllm_eval_builds_its_table_and_restores_the_environment(monkeypatch):
     assert rows["vLLM plain bfloat16"]["speedup"] == pytest.approx(1.25)  # the reference row, over plain float32
 
 
+# One long test: a single vLLM server and sidecar (minutes to start) serve all of its checks.
 @pytest.mark.model
 def test_vllm_serve_drafts_through_the_sidecar(model_path, tmp_path):
     """The README's deployment: vLLM's OpenAI-compatible server (started as a module, as the README says)
