@@ -182,7 +182,9 @@ def test_eval_process_on_the_real_model_compares_drafters(tmp_path):
             f"{{checkpoint: {ckpt}, tree: {tree}, max_blocks: 4}}}}\n"
         )
     cfg = tmp_path / "c.yaml"
-    cfg.write_text((ROOT / "configs" / "eval-ngram.yaml").read_text() + f"  compare: [{', '.join(map(str, compared))}]\n")
+    cfg.write_text(
+        (ROOT / "configs" / "eval-ngram.yaml").read_text() + f"  compare: [{', '.join(map(str, compared))}]\n"
+    )
     proc = subprocess.run(
         [
             sys.executable,
