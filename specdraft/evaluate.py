@@ -233,35 +233,40 @@ def run_eval(cfg: Config) -> dict:
         Path(cfg.eval.trace).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.eval.trace).write_text("".join(json.dumps(r) + "\n" for r in trace))
         log.info("%d traced steps -> %s", len(trace), cfg.eval.trace)
+    return write_report(cfg, [label for label, _ in drafters], records, prompts, stops, tokenizer)
 
-    def results(by_name: dict[str, list]) -> dict:
-        return {
-            "datasets": {
-                name: summarize_turns(recs, cfg.sampling.temperature) for name, recs in by_name.items() if recs
-            },
-            "outputs": {
-                name: [
-                    {
-                        "id": r["id"],
-                        "turn": r["turn"],
-                        "tokens": len(r["spec"]["tokens"]),
-                        "text": tokenizer.decode(r["spec"]["tokens"]),
-                    }
-                    for r in recs
-                ]
-                for name, recs in by_name.items()
-            },
-        }
 
-    # the config's own drafter at the top level; eval.compare's under "compare", by label
+def drafter_results(by_name: dict[str, list], temperature: float, tokenizer) -> dict:
+    """One drafter's summaries per dataset and its decoded outputs."""
+    return {
+        "datasets": {name: summarize_turns(recs, temperature) for name, recs in by_name.items() if recs},
+        "outputs": {
+            name: [
+                {
+                    "id": r["id"],
+                    "turn": r["turn"],
+                    "tokens": len(r["spec"]["tokens"]),
+                    "text": tokenizer.decode(r["spec"]["tokens"]),
+                }
+                for r in recs
+            ]
+            for name, recs in by_name.items()
+        },
+    }
+
+
+def write_report(cfg: Config, labels: list[str], records: dict, prompts: list, stops, tokenizer) -> dict:
+    """The JSON report (the config's own drafter at the top level, eval.compare's under "compare", by
+    label; the vLLM rows when the backend is vLLM) and the acceptance plot beside it."""
+    temperature = cfg.sampling.temperature
     report = {
         "config": asdict(cfg),
         "environment": environment(),
-        "drafter": drafters[0][0],
-        **results(records[drafters[0][0]]),
+        "drafter": labels[0],
+        **drafter_results(records[labels[0]], temperature, tokenizer),
     }
-    if len(drafters) > 1:
-        report["compare"] = {label: results(records[label]) for label, _ in drafters[1:]}
+    if len(labels) > 1:
+        report["compare"] = {label: drafter_results(records[label], temperature, tokenizer) for label in labels[1:]}
     if cfg.verifier.backend == "vllm":
         report["vllm"] = run_vllm_eval(cfg, prompts, stops, report)
     out = Path(cfg.eval.output)
@@ -330,60 +335,50 @@ def run_matrix(cfg: Config) -> dict:
             for turn, ids, context in turn_prompts(cfg, tokenizer, conv):
                 ar = run_prompt(target, ids, base, stops, None)
                 for rule, d, k in variants:
-                    sb = replace(
-                        cfg.drafter.specblock,
-                        branches=k,
-                        delay=0 if d == "neural" else d,
-                        select="neural" if d == "neural" else "fixed",
-                    )
-                    vcfg = replace(
-                        base, verify=replace(cfg.verify, rule=rule), drafter=replace(cfg.drafter, specblock=sb)
-                    )
+                    vcfg = variant_config(base, rule, d, k)
                     drafter = make_drafter(vcfg.drafter, model)
                     spec = run_prompt(target, ids, vcfg, stops, drafter)
-                    records[(rule, d, k)][name].append(
-                        {
-                            "id": conv.id,
-                            "turn": turn,
-                            "ar": ar,
-                            "fallback_rounds": 0,
-                            "spec": spec,
-                            "forwards": drafter.forwards,
-                        }
-                    )
+                    rec = {"id": conv.id, "turn": turn, "ar": ar, "fallback_rounds": 0, "spec": spec}
+                    records[(rule, d, k)][name].append(rec | {"forwards": drafter.forwards})
                     drafter.close()
                 answered(context, tokenizer, ar["tokens"])
-        for (rule, d, k), by_name in records.items():
-            for name, recs in by_name.items():
-                if recs:
-                    s = summarize(recs, temp)
-                    rows.append(
-                        {
-                            "dataset": name,
-                            "temperature": temp,
-                            "rule": rule,
-                            "delay": d,
-                            "branches": k,
-                            **{
-                                key: s[key]
-                                for key in (
-                                    "tau",
-                                    "spec_tokens_per_s",
-                                    "ar_tokens_per_s",
-                                    "speedup",
-                                    "draft_ms_per_step",
-                                    "verify_ms_per_step",
-                                    "acceptance_per_depth",
-                                )
-                            },
-                        }
-                    )
+        rows += matrix_rows(records, temp)
     bar.close()
     report = {"config": asdict(cfg), "environment": environment(), "matrix": rows, "summary": matrix_summary(rows)}
     out = Path(cfg.eval.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     return report
+
+
+def variant_config(base: Config, rule: str, d, k: int) -> Config:
+    """base with one matrix variant's rule, delay (or the neural selector) and branches."""
+    neural = d == "neural"
+    sb = replace(base.drafter.specblock, branches=k, delay=0 if neural else d, select="neural" if neural else "fixed")
+    return replace(base, verify=replace(base.verify, rule=rule), drafter=replace(base.drafter, specblock=sb))
+
+
+MATRIX_KEYS = (
+    "tau",
+    "spec_tokens_per_s",
+    "ar_tokens_per_s",
+    "speedup",
+    "draft_ms_per_step",
+    "verify_ms_per_step",
+    "acceptance_per_depth",
+)
+
+
+def matrix_rows(records: dict, temp: float) -> list[dict]:
+    """One row per (variant, dataset) with records at this temperature."""
+    rows = []
+    for (rule, d, k), by_name in records.items():
+        for name, recs in by_name.items():
+            if recs:
+                s = summarize(recs, temp)
+                head = {"dataset": name, "temperature": temp, "rule": rule, "delay": d, "branches": k}
+                rows.append(head | {key: s[key] for key in MATRIX_KEYS})
+    return rows
 
 
 def matrix_summary(rows: list[dict]) -> list[dict]:
@@ -453,6 +448,11 @@ def print_matrix(report: dict) -> None:
         ],
     )
     print()
+    print_matrix_summary(report["summary"])
+
+
+def print_matrix_summary(summary: list[dict]) -> None:
+    """Per (dataset, T, rule, k): d = 0, the best static d and the neural selector."""
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -488,7 +488,7 @@ def print_matrix(report: dict) -> None:
                 f(s["neural_tok_s"], ".2f"),
                 f(s["neural_vs_best"], ".3f"),
             ]
-            for s in report["summary"]
+            for s in summary
         ],
     )
 
