@@ -29,6 +29,7 @@ import time
 import typing
 from dataclasses import dataclass, replace
 
+from drafter.specblock import Steps, drive
 from proto import checks
 from proto.interface import Feedback, VerifierUpdate
 from proto.tree import DraftTree
@@ -161,11 +162,18 @@ class Source(typing.Protocol):
     def close(self) -> None: ...
 
 
+class LearnedSource(Source, typing.Protocol):
+    def scored_steps(self, update: VerifierUpdate) -> Steps[Scored | None]:
+        """scored, as steps that yield each forward (drafter.specblock.Steps)."""
+
+
 class Hybrid:
     """The Drafter over a lookup source and an optional learned one (`model`), one session per object;
     the calibration is shared by every session of a config (and learns from all of them)."""
 
-    def __init__(self, lookup: Source, lookup_name: str, model: Source | None, cal: Calibration, cfg: HybridConfig):
+    def __init__(
+        self, lookup: Source, lookup_name: str, model: LearnedSource | None, cal: Calibration, cfg: HybridConfig
+    ):
         self.lookup, self.lookup_name, self.model, self.cal, self.cfg = lookup, lookup_name, model, cal, cfg
         self.last: Built | None = None
         self.steps = self.model_skips = 0
@@ -197,6 +205,10 @@ class Hybrid:
         return Feedback(mine, probs)
 
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
+        return drive(self.draft_steps(update))
+
+    def draft_steps(self, update: VerifierUpdate) -> Steps[DraftTree | None]:
+        """draft, as steps that yield the learned drafter's forwards (drafter.specblock.Steps)."""
         if update.feedback is not None and self.last is not None and self.last.tree is not None:
             self._learn(update.feedback)
         self.steps += 1
@@ -213,7 +225,8 @@ class Hybrid:
                 skip = sum(alone.scores) >= self.cfg.skip_model_at
             self.model_skips += skip
             fb = self._model_feedback(update.feedback)
-            proposed = self.model.scored(replace(update, feedback=fb, max_nodes=0 if skip else update.max_nodes))
+            asked = replace(update, feedback=fb, max_nodes=0 if skip else update.max_nodes)
+            proposed = yield from self.model.scored_steps(asked)
             if proposed is not None:
                 sources.append(("model", proposed))
         self.last = build(sources, self.cal, update.max_nodes, update.vocab_size, self.cfg)

@@ -4,13 +4,14 @@ the service at scrape time (open sessions, the online learner's counters) is rea
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 # drafting is sub-millisecond for n-gram trees and tens of ms for a neural drafter on CPU
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 NODE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ACCEPTED_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class BanditCollector:
@@ -55,8 +56,26 @@ class Metrics:
         self.errors = Counter(
             "specdraft_errors", "Streams ended with an error status, by gRPC code", ["code"], registry=r
         )
+        self.batch_drafts = Histogram(
+            "specdraft_batch_drafts",
+            "Sessions' drafts served by one batched drafter forward",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_wait = Histogram(
+            "specdraft_batch_wait_seconds",
+            "Time a draft's forward waited for its batch to start",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         if adapter is not None:
             r.register(BanditCollector(adapter))
+
+    def batch(self, stats) -> None:
+        """One batched forward ran (drafter.batch.BatchStats)."""
+        self.batch_drafts.observe(stats.drafts)
+        for w in stats.waits:
+            self.batch_wait.observe(w)
 
     def round(self, seconds: float, requested: bool, nodes: int, accepted: int | None) -> None:
         """One round served: requested = the update asked for a tree (max_nodes > 0); accepted is None
@@ -68,17 +87,6 @@ class Metrics:
             self.empty.inc()
         if accepted is not None:
             self.accepted.observe(accepted)
-
-    def serve(self, host: str, port: int) -> Callable[[], None]:
-        """/metrics over HTTP on host:port, from a daemon thread; returns the function that stops it."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=1)
-
-        return stop
 
 
 def percentiles(values, *qs: float) -> list[float]:

@@ -42,6 +42,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from drafter.batch import Batcher
 from drafter.metrics import Metrics, percentiles
 from proto import checks
 from proto import drafter_pb2 as pb
@@ -74,8 +75,11 @@ class ServerConfig:
     reply_timeout_s: float = 10.0  # a reply its client leaves unread this long ends the session: RESOURCE_EXHAUSTED
     max_draft_s: float = 10.0  # a round drafting longer ends its session: DEADLINE_EXCEEDED
     drain_s: float = 5.0  # on SIGTERM/SIGINT/SIGHUP, open streams get this long to finish
-    workers: int = 0  # drafting threads; 0 = draft on the event loop itself, the
-    # fastest for cheap drafters (ngram); a neural drafter wants >= 1
+    workers: int = 0  # drafting threads for drafters that draft in one call (ngram, suffix, random); 0 =
+    # on the event loop itself, the fastest for cheap ones. SpecBlock drafts (alone or in a hybrid) always
+    # run on the event loop, their forwards batched across sessions (drafter/batch.py)
+    batch_max_rows: int = 64  # block starts (or new context positions) one batched SpecBlock forward holds at most
+    batch_wait_ms: float = 2.0  # how long a pending forward waits for other sessions' rounds to join it
     tls_cert: str = ""  # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""
     token_env: str = ""  # environment variable holding the shared-secret token; "" = none
@@ -100,8 +104,9 @@ class ServerConfig:
             "max_draft_s",
             "max_watches",
             "metrics_timeout_s",
+            "batch_max_rows",
         )
-        checks.nonneg(self, "drain_s", "workers")
+        checks.nonneg(self, "drain_s", "workers", "batch_wait_ms")
         if self.max_message_mb >= 2048:  # grpc takes the byte limit as an int32
             raise ValueError(f"max_message_mb: must be < 2048, got {self.max_message_mb}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -172,7 +177,13 @@ class Stats:
 
 
 class DrafterService(pb_grpc.DrafterServicer):
-    def __init__(self, cfg: ServerConfig, new_drafter: Callable[[str], Drafter], info: DrafterInfo, adapter=None):
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        new_drafter: Callable[[str], Drafter],
+        info: DrafterInfo,
+        adapter=None,
+    ):
         # new_drafter(client_label): a session's drafter, made when its first update arrives
         self.cfg, self.new_drafter, self.info = cfg, new_drafter, info
         self.token = checks.env_token(cfg.token_env)
@@ -186,11 +197,8 @@ class DrafterService(pb_grpc.DrafterServicer):
         # online learning (bandit.online.OnlineAdapter): observes every round and may update the shared
         # drafter model between rounds
         self.adapter = adapter
-        self.model_lock = threading.Lock()  # an update never overlaps a draft running on a worker thread
-
-    def _draft(self, drafter, update):
-        with self.model_lock:
-            return drafter.draft(update)
+        # runs the steps of SpecBlock drafts, their forwards batched across sessions
+        self.batcher = Batcher(cfg.batch_max_rows, cfg.batch_wait_ms / 1000, self.metrics.batch)
 
     async def _fail(self, context, code: grpc.StatusCode, message: str):
         self._status(context, code, message)
@@ -297,9 +305,8 @@ class DrafterService(pb_grpc.DrafterServicer):
                 len(update.new_tokens),
             )
         tree = await self._draft_round(context, sess, update) if update.max_nodes > 0 else None
-        if self.adapter is not None:  # may run an online update: between rounds, under the model lock
-            with self.model_lock:
-                self.adapter.observe(sess.id, update, first, sess.prev_tree)
+        if self.adapter is not None:  # may run an online update: on the loop, so never inside a forward
+            self.adapter.observe(sess.id, update, first, sess.prev_tree)
         ms = self._count_round(sess, update, tree, t0)
         sess.prev_tree = tree
         reply = pb.DraftTree(
@@ -406,10 +413,16 @@ class DrafterService(pb_grpc.DrafterServicer):
         cfg.max_draft_s ends the session (a worker's draft is then left to finish on its own)."""
         t0 = time.perf_counter()
         try:
-            if self.pool is None:
+            steps = getattr(sess.drafter, "draft_steps", None)
+            if steps is not None:  # SpecBlock: on the loop, forwards batched with other sessions'
+                tree = None
+                with contextlib.suppress(TimeoutError):  # failed below
+                    async with asyncio.timeout(self.cfg.max_draft_s):
+                        tree = await self.batcher.draft(steps(update))
+            elif self.pool is None:
                 tree = sess.drafter.draft(update)
             else:
-                sess.drafting = asyncio.get_running_loop().run_in_executor(self.pool, self._draft, sess.drafter, update)
+                sess.drafting = asyncio.get_running_loop().run_in_executor(self.pool, sess.drafter.draft, update)
                 tree = None
                 with contextlib.suppress(TimeoutError):  # failed below
                     async with asyncio.timeout(self.cfg.max_draft_s):
@@ -741,7 +754,11 @@ async def log_stats(service: DrafterService, every_s: float) -> None:
 
 
 async def serve(
-    cfg: ServerConfig, new_drafter: Callable[[str], Drafter], info: DrafterInfo, adapter=None, ready=None
+    cfg: ServerConfig,
+    new_drafter: Callable[[str], Drafter],
+    info: DrafterInfo,
+    adapter=None,
+    ready=None,
 ) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP, then drain: health turns NOT_SERVING, new sessions get
     UNAVAILABLE, the port stays open while open streams get cfg.drain_s to finish, and those still open

@@ -22,6 +22,7 @@ Shapes: K = block_size, T = positions, D = dim, Vd = draft vocabulary size."""
 
 import json
 import typing
+from collections.abc import Callable, Generator
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,83 @@ class SpecBlockConfig:
         checks.positive(self, "block_size", "n_layers", "draft_vocab", "max_rank")
 
 
-CAUSAL = "causal"  # Layer's mask for teacher forcing: every stream's row t sees context keys 0..t
+class Causal(typing.NamedTuple):
+    """Teacher forcing (Layer.forward): every stream's row t sees the context keys 0..t."""
+
+    keys: torch.Tensor  # [H, T, hd], rotated
+    values: torch.Tensor
+
+
+class Group(typing.NamedTuple):
+    """One session's share of an inference forward (Layer.forward): its columns and what they attend to."""
+
+    cols: slice  # its columns of the forward's T axis
+    keys: torch.Tensor  # [H, S, hd]: its context cache's keys (rotated) ...
+    values: torch.Tensor  # ... and values
+    mask: torch.Tensor | None  # [K, T_g, S] bool; None: every key
+    own: tuple[torch.Tensor, torch.Tensor] | None  # views [H, T_g, hd] of keys/values its starts write first
+
+
+class Starts(typing.NamedTuple):
+    """Blocks to draft from B starts of one session (SpecBlock.draft_blocks)."""
+
+    cache: "ContextCache"
+    u: torch.Tensor  # [B, D] their inputs
+    pos: torch.Tensor  # [B] their positions
+    # None: the committed start, the newest context position (B = 1), attending to the context. [B, M]:
+    # inherited starts (drafted nodes, their states standing in for f), see SpecBlock.draft_blocks
+    seen: torch.Tensor | None = None
+
+
+class Drafted(typing.NamedTuple):
+    """What a forward drafts from one Starts: normed block states [K, B, D] and their logits over the
+    draft vocabulary [K, B, Vd] (float32)."""
+
+    states: torch.Tensor
+    logits: torch.Tensor
+
+
+class NewContext(typing.NamedTuple):
+    """One session's newly committed positions, to encode into its cache (SpecBlock.encode)."""
+
+    cache: "ContextCache"
+    feats: torch.Tensor | None  # [n, D] the target's features there (None when conditioning on tokens)
+    tokens: torch.Tensor  # [n]
+    next_tokens: torch.Tensor  # [n]
+
+
+class Forward(typing.NamedTuple):
+    """A forward a draft asks for: getattr(model, op)(items), one result per item. op "encode": items
+    NewContext, results the newest position's input u [D]; op "draft_blocks": items Starts, results
+    Drafted. Items of several sessions' Forwards with one model and op run as one call."""
+
+    model: "SpecBlock"  # the drafting copy (SpecBlock.drafting)
+    op: typing.Literal["encode", "draft_blocks"]
+    items: list
+
+    def run(self) -> list:
+        return getattr(self.model, self.op)(self.items)
+
+    def rows(self) -> int:
+        """Query rows it adds to a batch: starts, or positions to encode."""
+        return sum(i.u.shape[0] if isinstance(i, Starts) else i.tokens.shape[0] for i in self.items)
+
+
+T = typing.TypeVar("T")
+# A draft as steps: a generator that yields each Forward it needs and is sent back its results, returning
+# its own result. `drive` runs one alone; the sidecar's batcher (drafter/batch.py) runs many sessions'
+# steps together, their pending forwards as one.
+Steps = Generator[Forward, list, T]
+
+
+def drive(steps: Steps[T], run: Callable[[Forward], list] = Forward.run) -> T:
+    """Run a draft's steps to their end, each forward by `run` (default: the model itself)."""
+    try:
+        forward = next(steps)
+        while True:
+            forward = steps.send(run(forward))
+    except StopIteration as end:
+        return end.value
 
 
 class Layer(nn.Module):
@@ -84,34 +161,46 @@ class Layer(nn.Module):
         k, v = self.wkv(normed).view(-1, 2, h, hd).unbind(1)
         return apply_rope(k.transpose(0, 1)[None], cos, sin)[0], v.transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, keys, values, cos, sin, mask, own=None) -> torch.Tensor:
-        """x [K, T, D] block states (stream 0 = the context stream); keys/values [H, S, hd];
-        cos/sin [K, T, hd] per query position; mask [K, T, S] bool, None, or CAUSAL (teacher forcing: the
-        keys are the T context rows); own: None, or views (keys, values) [H, T, hd] of keys/values where
-        stream 0's own keys and values are written before attention (inherited starts attend to
-        themselves). With a mask, all K * T queries share the keys and run as one SDPA batch
-        [1, H, K*T, hd]: the fused CPU kernel (K query batches against broadcast keys would take the
-        unfused path with a mask; with CAUSAL they are K batches, causal flash)."""
+    def forward(self, x: torch.Tensor, cos, sin, groups: "list[Group] | Causal") -> torch.Tensor:
+        """x [K, T, D] block states (stream 0 = the context stream); cos/sin [K, T, hd] per query position;
+        groups: how the T columns attend.
+
+        Causal(keys, values) [H, T, hd]: teacher forcing, stream row t sees context keys <= t ([K, H, T, hd]
+        against broadcast keys: K batches, causal flash).
+
+        A list of Group: each owns a slice of the columns (one session's starts, when a forward batches
+        several sessions) and attends to its own keys and values, under its own mask; its stream-0 keys
+        and values are first written where `own` says (inherited starts attend to themselves). A group's
+        K * T_g queries share the keys and run as one SDPA batch [1, H, K*T_g, hd]: the fused CPU kernel
+        (K query batches against broadcast keys would take the unfused path with a mask). Everything but
+        attention (the shift, the norms, every linear) runs once over all columns."""
         if self.shift is not None and x.shape[0] > 1:
             x = torch.cat([x[:1], x[1:] + self.shift(x[:-1])])  # layer-wise shift, from the layer's input
         kq, t, d = x.shape
         h, hd = self.cfg.n_heads, self.cfg.head_dim
         normed = self.attn_norm(x)
-        if own is not None:
-            k0, v0 = self.kv(normed[0], cos[0], sin[0])
-            own[0].copy_(k0)
-            own[1].copy_(v0)
-        if mask is CAUSAL:  # training: stream row t sees context keys <= t; [K, H, T, hd] against [K, H, T, hd]
+        if isinstance(groups, Causal):
             q = apply_rope(self.wq(normed).view(kq, t, h, hd).transpose(1, 2), cos[:, None], sin[:, None])
-            expand = (kq, *keys.shape)
-            y = F.scaled_dot_product_attention(q, keys.expand(expand), values.expand(expand), is_causal=True)
-            y = y.transpose(1, 2)  # [K, T, H, hd]
-        else:
-            q = self.wq(normed).view(kq * t, h, hd).transpose(0, 1)[None]  # [1, H, K*T, hd]
-            q = apply_rope(q, cos.reshape(kq * t, hd), sin.reshape(kq * t, hd))
+            expand = (kq, *groups.keys.shape)
             y = F.scaled_dot_product_attention(
-                q, keys[None], values[None], attn_mask=None if mask is None else mask.reshape(kq * t, -1)
-            )[0].transpose(0, 1)  # [K*T, H, hd]
+                q, groups.keys.expand(expand), groups.values.expand(expand), is_causal=True
+            ).transpose(1, 2)  # [K, T, H, hd]
+        else:
+            q = self.wq(normed)  # [K, T, H*hd]
+            if any(g.own is not None for g in groups):
+                k0, v0 = self.kv(normed[0], cos[0], sin[0])  # [H, T, hd]
+            parts = []
+            for g in groups:
+                if g.own is not None:
+                    g.own[0].copy_(k0[:, g.cols])
+                    g.own[1].copy_(v0[:, g.cols])
+                tg = q[:, g.cols].shape[1]
+                qg = q[:, g.cols].reshape(kq * tg, h, hd).transpose(0, 1)[None]  # [1, H, K*T_g, hd]
+                qg = apply_rope(qg, cos[:, g.cols].reshape(kq * tg, hd), sin[:, g.cols].reshape(kq * tg, hd))
+                mask = None if g.mask is None else g.mask.reshape(kq * tg, -1)
+                yg = F.scaled_dot_product_attention(qg, g.keys[None], g.values[None], attn_mask=mask)
+                parts.append(yg[0].transpose(0, 1).reshape(kq, tg, h, hd))
+            y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         x = x + self.wo(y.reshape(kq, t, h * hd))
         gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
@@ -156,11 +245,10 @@ class SpecBlock(nn.Module):
         self._drafting: tuple[int | None, SpecBlock] | None = None  # (version, copy); a tuple: not a submodule
 
     def drafting(self) -> "SpecBlock":
-        """The model that drafts: this one when the target runs in float32; else a copy with every weight
-        in the target's dtype and the linears prepacked for this CPU (kernels.linear), made again when the
-        weights change (version). The parameters stay float32: training and online updates use them."""
-        if self.draft_dtype == torch.float32:
-            return self
+        """The model that drafts: a copy with every weight in the target's dtype and the linears prepacked
+        for this CPU (kernels.linear: 2-3x faster than torch's own fp32 linear at a block's few rows on an
+        AVX2 EPYC), made again when the weights change (version). The parameters stay float32: training and
+        online updates use them."""
         if self._drafting is None or self._drafting[0] != self.version:
             dtype = self.draft_dtype
             memo = {id(self.embedding): self.embedding.to(dtype), id(self._drafting): None}
@@ -194,56 +282,85 @@ class SpecBlock(nn.Module):
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         ctx_cos, ctx_sin = self.rope_cos[:t], self.rope_sin[:t]
         for layer in self.layers:  # the query at start s sees keys <= s
-            keys, values = layer.kv(layer.attn_norm(x[0]), ctx_cos, ctx_sin)
-            x = layer(x, keys, values, cos, sin, CAUSAL)
+            x = layer(x, cos, sin, Causal(*layer.kv(layer.attn_norm(x[0]), ctx_cos, ctx_sin)))
         return self.norm(x)
 
-    @torch.no_grad()
-    def extend(self, cache: "ContextCache", u_new: torch.Tensor) -> None:
+    @torch.inference_mode()  # the caches it writes may be inference tensors (made while drafting)
+    def extend(self, batch: list[tuple["ContextCache", torch.Tensor]]) -> None:
         """Run new committed positions' inputs u_new [n, D] through the context stream, writing their
-        keys and values into the cache after the context so far."""
-        n, start = u_new.shape[0], cache.length
-        end = start + n
-        cache.reserve(end)
-        pos = torch.arange(start, end)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [n, hd]
-        mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
-        x = u_new[None].to(self.embedding.dtype)  # [1, n, D]
+        keys and values into each one's cache after its context so far; several sessions' (cache, u_new)
+        in one forward."""
+        spans, pos, col = [], [], 0  # per session: (its columns, start, end, mask)
+        for cache, u_new in batch:
+            n, start = u_new.shape[0], cache.length
+            cache.reserve(start + n)
+            pos.append(torch.arange(start, start + n))
+            mask = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
+            spans.append((slice(col, col + n), start, start + n, mask))
+            col += n
+        pos = torch.cat(pos)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [sum n, hd]
+        x = torch.cat([u for _, u in batch])[None].to(self.embedding.dtype)  # [1, sum n, D]
         for i, layer in enumerate(self.layers):
-            cache.keys[i, :, start:end], cache.values[i, :, start:end] = layer.kv(layer.attn_norm(x[0]), cos, sin)
+            keys, values = layer.kv(layer.attn_norm(x[0]), cos, sin)  # [H, sum n, hd]
+            groups = []
+            for (cache, _), (cols, start, end, mask) in zip(batch, spans):
+                cache.keys[i, :, start:end], cache.values[i, :, start:end] = keys[:, cols], values[:, cols]
+                groups.append(Group(cols, cache.keys[i, :, :end], cache.values[i, :, :end], mask[None], None))
             if i + 1 < len(self.layers):  # the last layer's output feeds no keys: skip it
-                x = layer(x, cache.keys[i, :, :end], cache.values[i, :, :end], cos[None], sin[None], mask[None])
-        cache.length = end
+                x = layer(x, cos[None], sin[None], groups)
+        for (cache, _), (_, _, end, _) in zip(batch, spans):
+            cache.length = end
 
-    @torch.no_grad()
-    def draft_blocks(
-        self, cache: "ContextCache", start_u: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Blocks at inference from B starts at once: inputs start_u [B, D] at positions pos [B]. Returns
-        normed block states [K, B, D].
+    @torch.inference_mode()
+    def encode(self, batch: list[NewContext]) -> list[torch.Tensor]:
+        """Sessions' new committed positions into their caches, in one forward (inputs, then extend);
+        returns each one's newest input u [D], the start of its next block."""
+        feats = None if self.cfg.conditioning == "tokens" else torch.cat([c.feats for c in batch])
+        u = self.inputs(feats, torch.cat([c.tokens for c in batch]), torch.cat([c.next_tokens for c in batch]))
+        parts = u.split([c.tokens.shape[0] for c in batch])
+        self.extend([(c.cache, p) for c, p in zip(batch, parts)])
+        return [p[-1] for p in parts]
 
-        seen None: a committed start, the newest context position (B = 1); its block attends to the
-        context. seen [B, M]: inherited starts (drafted nodes, their states standing in for f). A tree's
-        inherited starts live in the cache's slots after the context, in the order they were started: the
-        M earlier ones, then these B (written here). Each attends to the context, to the earlier drafted
-        starts that its row of `seen` marks as its ancestors (the context it would have had were they
-        committed), and to itself."""
-        k, b, n = self.cfg.block_size, start_u.shape[0], cache.length
-        x = torch.cat([start_u[None].to(self.embedding.dtype), self.block_emb[:, None].expand(-1, b, -1)])  # [K, B, D]
-        qpos = pos[None] + torch.arange(k)[:, None]  # [K, B]
-        cos, sin = self.rope_cos[qpos], self.rope_sin[qpos]
-        end, mask = n, None
-        if seen is not None:
-            slot = n + seen.shape[1]
-            end = slot + b
-            cache.reserve(end)
-            mask = torch.cat([torch.ones(b, n, dtype=torch.bool), seen, torch.eye(b, dtype=torch.bool)], 1)
-            mask = mask[None].expand(k, -1, -1)  # [K, B, S]
+    @torch.inference_mode()  # the caches it writes may be inference tensors (made while drafting)
+    def draft_blocks(self, batch: list[Starts]) -> list[Drafted]:
+        """Blocks at inference, from the starts of one or more sessions in one forward (each session's
+        columns attend to its own cache: Group); one Drafted per Starts.
+
+        A committed start (seen None) is the newest context position; its block attends to the context.
+        Inherited starts (seen [B, M]) live in the cache's slots after the context, in the order they were
+        started: the tree's M earlier ones, then these B (written here). Each attends to the context, to
+        the earlier drafted starts that its row of `seen` marks as its ancestors (the context it would
+        have had were they committed), and to itself."""
+        k, dtype = self.cfg.block_size, self.embedding.dtype
+        xs, qpos, spans = [], [], []  # per Starts: [K, B, D] inputs, [K, B] positions, (cols, end, slot, mask)
+        col = 0
+        for s in batch:
+            b, n = s.u.shape[0], s.cache.length
+            xs.append(torch.cat([s.u[None].to(dtype), self.block_emb[:, None].expand(-1, b, -1)]))
+            qpos.append(s.pos[None] + torch.arange(k)[:, None])
+            end, slot, mask = n, None, None
+            if s.seen is not None:
+                slot = n + s.seen.shape[1]
+                end = slot + b
+                s.cache.reserve(end)
+                mask = torch.cat([torch.ones(b, n, dtype=torch.bool), s.seen, torch.eye(b, dtype=torch.bool)], 1)
+                mask = mask[None].expand(k, -1, -1)  # [K, B, S]
+            spans.append((slice(col, col + b), end, slot, mask))
+            col += b
+        x = torch.cat(xs, 1) if len(xs) > 1 else xs[0]  # [K, sum B, D]
+        pos = torch.cat(qpos, 1) if len(qpos) > 1 else qpos[0]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         for i, layer in enumerate(self.layers):
-            keys, values = cache.keys[i, :, :end], cache.values[i, :, :end]
-            own = None if seen is None else (keys[:, slot:], values[:, slot:])
-            x = layer(x, keys, values, cos, sin, mask, own)
-        return self.norm(x)
+            groups = []
+            for s, (cols, end, slot, mask) in zip(batch, spans):
+                keys, values = s.cache.keys[i, :, :end], s.cache.values[i, :, :end]
+                own = None if slot is None else (keys[:, slot:], values[:, slot:])
+                groups.append(Group(cols, keys, values, mask, own))
+            x = layer(x, cos, sin, groups)
+        states = self.norm(x)
+        logits = self.draft_logits(states).float()  # [K, sum B, Vd]
+        return [Drafted(states[:, cols], logits[:, cols]) for cols, *_ in spans]
 
 
 class ContextCache:

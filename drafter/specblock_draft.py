@@ -24,7 +24,7 @@ import torch
 
 from drafter.hybrid import Scored
 from drafter.selector import cached_selector, step_features
-from drafter.specblock import ContextCache, SpecBlock
+from drafter.specblock import ContextCache, Drafted, Forward, NewContext, SpecBlock, Starts, Steps, drive
 from proto import checks
 from proto.interface import VerifierUpdate
 from proto.tree import DraftTree
@@ -152,11 +152,12 @@ class SpecBlockDrafter:
         self.forwards = 0  # drafter forwards (blocks) over the session
 
     def _blocks(
-        self, m: SpecBlock, states: torch.Tensor, starts: list[int], paths: list[list[int]], ranked: bool
+        self, m: SpecBlock, drafted: Drafted, starts: list[int], paths: list[list[int]], ranked: bool
     ) -> list[Block]:
-        """Blocks from one forward's states [K, B, D], every position's candidates at once: as many as
-        the rank head says (at most max_branch), or max_branch each when not ranked."""
-        top = m.draft_logits(states).float().softmax(-1).topk(self.cfg.max_branch)  # [K, B, max_branch]
+        """Blocks from one forward's B starts, every position's candidates at once: as many as the rank
+        head says (at most max_branch), or max_branch each when not ranked."""
+        states = drafted.states  # [K, B, D]
+        top = drafted.logits.softmax(-1).topk(self.cfg.max_branch)  # [K, B, max_branch]
         tokens, probs = m.draft_ids[top.indices].tolist(), top.values.tolist()
         if ranked:
             counts = (m.rank_head(states).argmax(-1) + 1).tolist()  # [K, B]
@@ -169,11 +170,11 @@ class SpecBlockDrafter:
 
     def _inherit(
         self, m: SpecBlock, nodes: list[tuple[Block | SampledBlock, int, int]], drafted: int
-    ) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+    ) -> Steps[tuple[Drafted, list[int], list[list[int]]]]:
         """New blocks from drafted nodes (their block, block position j, token), in one forward: each
         starts at its node's position with the node's state standing in for the feature, in the cache slot
-        after the tree's `drafted` earlier starts, attending to those of its own path. Returns their states
-        [K, B, D], start positions and paths."""
+        after the tree's `drafted` earlier starts, attending to those of its own path. Returns what the
+        forward drafted, their start positions and paths."""
         self.forwards += 1
         starts = [blk.start + j + 1 for blk, j, _ in nodes]
         paths = [blk.path + [drafted + b] for b, (blk, _, _) in enumerate(nodes)]
@@ -182,17 +183,17 @@ class SpecBlockDrafter:
             seen[b, blk.path] = True
         feats = torch.stack([blk.states[j] for blk, j, _ in nodes])  # [B, D]
         u = m.fc(torch.cat([feats, m.embedding[torch.tensor([tok for _, _, tok in nodes])]], -1))
-        return m.draft_blocks(self.cache, u, torch.tensor(starts), seen), starts, paths
+        return (yield Forward(m, "draft_blocks", [Starts(self.cache, u, torch.tensor(starts), seen)]))[0], starts, paths
 
     def _encode(self, m: SpecBlock, u: torch.Tensor) -> None:
         """New context positions' inputs u [n, D] into the cache, in chunks."""
         for i in range(0, len(u), EXTEND_CHUNK):
-            m.extend(self.cache, u[i : i + EXTEND_CHUNK])
+            m.extend([(self.cache, u[i : i + EXTEND_CHUNK])])
         self.last_u = u[-1]
 
     # inference_mode, not no_grad: no autograd bookkeeping per op; what it creates (a sampled tree's
     # draft_probs) is only read outside it
-    def _absorb(self, update: VerifierUpdate) -> tuple[SpecBlock, int] | None:
+    def _absorb(self, update: VerifierUpdate) -> Steps[tuple[SpecBlock, int] | None]:
         """The update's committed tokens (and features) into the context cache; returns the drafting
         model and the newest context position t, or None when there is nothing to draft from."""
         cfg = self.model.cfg
@@ -217,9 +218,12 @@ class SpecBlockDrafter:
             self.feats.append(update.hidden)
         if n_f + update.max_nodes > cfg.max_seq_len:  # a tree would run past the model's positions
             n_f = self._slide(m, n_f)
-        elif n_f > start:
+        elif n_f - start > EXTEND_CHUNK:  # a long prompt: alone, in chunks
             toks = torch.tensor(self.tokens[start : n_f + 1])
             self._encode(m, m.inputs(update.hidden, toks[:-1], toks[1:]))
+        elif n_f > start:  # a round's few positions: batched with other sessions' (drafter/batch.py)
+            toks = torch.tensor(self.tokens[start : n_f + 1])
+            self.last_u = (yield Forward(m, "encode", [NewContext(self.cache, update.hidden, toks[:-1], toks[1:])]))[0]
         if self.last_u is None or update.max_nodes <= 0:
             return None
         return m, n_f - 1
@@ -228,43 +232,55 @@ class SpecBlockDrafter:
         half = self.model.cfg.max_seq_len // 2  # a tree's depth must fit in the positions after the context
         return replace(update, max_nodes=half) if update.max_nodes > half else update
 
-    # inference_mode, not no_grad: no autograd bookkeeping per op; what it creates (a sampled tree's
-    # draft_probs) is only read outside it
-    @torch.inference_mode()
     def draft(self, update: VerifierUpdate) -> DraftTree | None:
-        update = self._capped(update)
-        if self.cfg.tree != "sampled":
-            found = self._scored(update)
-            return found.tree(update.vocab_size, update.max_nodes) if found else None
-        absorbed = self._absorb(update)
-        if absorbed is None:
-            return None
-        m, t = absorbed
-        states = m.draft_blocks(self.cache, self.last_u[None], torch.tensor([t]))  # [K, 1, D]
-        self.forwards += 1
-        temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
-        q = (m.draft_logits(states[:, 0]).float() / temperature).softmax(-1)  # [K, Vd]: the selector's features
-        return self._sampled_tree(
-            m, states[:, 0], q, t, update.max_nodes, update.vocab_size, temperature, self._delay(q)
-        )
+        return drive(self.draft_steps(update))
 
-    @torch.inference_mode()
     def scored(self, update: VerifierUpdate) -> Scored | None:
         """A deterministic tree with each node's draft probability given its parent (drafter.hybrid's
         source interface); max_nodes 0 only advances the context."""
-        return self._scored(self._capped(update))
+        return drive(self.scored_steps(update))
 
-    def _scored(self, update: VerifierUpdate) -> Scored | None:
-        absorbed = self._absorb(update)
+    # inference_mode, not no_grad: no autograd bookkeeping per op; what it creates (a sampled tree's
+    # draft_probs) is only read outside it. On a generator it holds while the generator runs.
+    @torch.inference_mode()
+    def draft_steps(self, update: VerifierUpdate) -> Steps[DraftTree | None]:
+        """draft, as steps that yield each forward (see Steps)."""
+        update = self._capped(update)
+        if self.cfg.tree != "sampled":
+            found = yield from self._scored(update)
+            return found.tree(update.vocab_size, update.max_nodes) if found else None
+        absorbed = yield from self._absorb(update)
         if absorbed is None:
             return None
         m, t = absorbed
-        states = m.draft_blocks(self.cache, self.last_u[None], torch.tensor([t]))  # [K, 1, D]
+        drafted = yield from self._root(m, t)
+        temperature = update.sampling.temperature if update.sampling and update.sampling.temperature > 0 else 1.0
+        q = (drafted.logits[:, 0] / temperature).softmax(-1)  # [K, Vd]: the selector's features
+        return (
+            yield from self._sampled_tree(
+                m, drafted.states[:, 0], q, t, update.max_nodes, update.vocab_size, temperature, self._delay(q)
+            )
+        )
+
+    @torch.inference_mode()
+    def scored_steps(self, update: VerifierUpdate) -> Steps[Scored | None]:
+        """scored, as steps that yield each forward (see Steps)."""
+        return (yield from self._scored(self._capped(update)))
+
+    def _root(self, m: SpecBlock, t: int) -> Steps[Drafted]:
+        """The context block: drafted from the newest context position t."""
         self.forwards += 1
-        root = self._blocks(m, states, [t], [[]], ranked=self.cfg.tree == "best_first")[0]
+        return (yield Forward(m, "draft_blocks", [Starts(self.cache, self.last_u[None], torch.tensor([t]))]))[0]
+
+    def _scored(self, update: VerifierUpdate) -> Steps[Scored | None]:
+        absorbed = yield from self._absorb(update)
+        if absorbed is None:
+            return None
+        m, t = absorbed
+        root = self._blocks(m, (yield from self._root(m, t)), [t], [[]], ranked=self.cfg.tree == "best_first")[0]
         if self.cfg.tree == "frontier":
-            return self._frontier_tree(m, root, update.max_nodes)
-        return self._best_first_tree(m, root, update.max_nodes)
+            return (yield from self._frontier_tree(m, root, update.max_nodes))
+        return (yield from self._best_first_tree(m, root, update.max_nodes))
 
     def _slide(self, m: SpecBlock, n_f: int) -> int:
         """Sliding context: keep the newest max_seq_len / 2 of the n_f context positions (a tree of at most
@@ -273,7 +289,7 @@ class SpecBlockDrafter:
         keep = m.cfg.max_seq_len // 2
         drop = n_f - keep
         self.tokens, self.dropped = self.tokens[drop:], self.dropped + drop
-        self.feats = [torch.cat(self.feats)[-keep:]] if self.feats else []
+        self.feats = [torch.cat(self.feats)[-keep:].clone()] if self.feats else []  # not a view of the whole
         self.cache, self.version = ContextCache(m), self.model.version
         toks = torch.tensor(self.tokens[: keep + 1])
         self._encode(m, m.inputs(self.feats[0] if self.feats else None, toks[:-1], toks[1:]))
@@ -287,7 +303,7 @@ class SpecBlockDrafter:
             toks = torch.tensor(self.tokens[: n + 1])
             self._encode(m, m.inputs(torch.cat(self.feats)[:n] if self.feats else None, toks[:-1], toks[1:]))
 
-    def _best_first_tree(self, m: SpecBlock, root: Block, max_nodes: int) -> Scored | None:
+    def _best_first_tree(self, m: SpecBlock, root: Block, max_nodes: int) -> Steps[Scored | None]:
         k = m.cfg.block_size
         blocks, drafted = 1, 0
         heap = [
@@ -307,7 +323,8 @@ class SpecBlockDrafter:
                 blk, j = c.block, c.j + 1
             elif blocks < self.cfg.max_blocks:  # inherit: a new block from this node
                 blocks += 1
-                blk, j = self._blocks(m, *self._inherit(m, [(c.block, c.j, c.token)], drafted), ranked=True)[0], 0
+                new = yield from self._inherit(m, [(c.block, c.j, c.token)], drafted)
+                blk, j = self._blocks(m, *new, ranked=True)[0], 0
                 drafted += 1
             else:
                 continue
@@ -318,7 +335,7 @@ class SpecBlockDrafter:
             return None
         return Scored(tokens, parents, [p / (path_probs[a] if a >= 0 else 1.0) for p, a in zip(path_probs, parents)])
 
-    def _frontier_tree(self, m: SpecBlock, root: Block, max_nodes: int) -> Scored:
+    def _frontier_tree(self, m: SpecBlock, root: Block, max_nodes: int) -> Steps[Scored]:
         """EAGLE-2's dynamic tree. Expansion, depth by depth: the max_branch drafted nodes of the newest
         depth with the highest path probability get max_branch children each (no rank head):
         from the next position of their block when they are its top-1, else from new blocks that inherit
@@ -353,7 +370,7 @@ class SpecBlockDrafter:
                 continue
             blocks += 1
             starts = [(nodes[i].block, nodes[i].j, nodes[i].token) for i in inherit]
-            new = self._blocks(m, *self._inherit(m, starts, drafted), ranked=False)
+            new = self._blocks(m, *(yield from self._inherit(m, starts, drafted)), ranked=False)
             drafted += len(inherit)
             for i, block in zip(inherit, new):
                 newest += add_children(i, block, 0)
@@ -392,7 +409,7 @@ class SpecBlockDrafter:
         vocab_size: int,
         temperature: float,
         delay: int,
-    ) -> DraftTree | None:
+    ) -> Steps[DraftTree | None]:
         """Delayed tree expansion: a path of `delay` tokens sampled one after another, then
         cfg.branches i.i.d. draws from the row at its end, each continued by a sampled path to
         cfg.rollout tokens (cut to fit max_nodes). A node's children are drawn from
@@ -411,7 +428,7 @@ class SpecBlockDrafter:
         def block(q: torch.Tensor, st: torch.Tensor, start: int, path: list[int]) -> SampledBlock:
             return SampledBlock(q, m.draft_ids[q.argmax(-1)].tolist(), st, start, path)
 
-        def add(tok: int, parent: int, grow: bool) -> int:
+        def add(tok: int, parent: int, grow: bool) -> Steps[int]:
             """Append a node drawn at its parent's cursor, and its own cursor (None when it gets no
             children: grow False, or no forward left). Returns its id."""
             nonlocal blocks, drafted
@@ -423,10 +440,10 @@ class SpecBlockDrafter:
                 nxt = Cursor(blk, j + 1)
             elif grow and blocks < cfg.max_blocks:
                 blocks += 1
-                st, starts, paths = self._inherit(m, [(blk, j, tok)], drafted)
+                new, starts, paths = yield from self._inherit(m, [(blk, j, tok)], drafted)
                 drafted += 1
-                q = (m.draft_logits(st[:, 0]).float() / temperature).softmax(-1)
-                nxt = Cursor(block(q, st[:, 0], starts[0], paths[0]), 0)
+                q = (new.logits[:, 0] / temperature).softmax(-1)
+                nxt = Cursor(block(q, new.states[:, 0], starts[0], paths[0]), 0)
             cursors.append(nxt)
             return len(tokens) - 1
 
@@ -437,16 +454,16 @@ class SpecBlockDrafter:
         node = -1
         cursors.append(Cursor(block(q, states, t, []), 0))  # the context block's q, computed once by draft
         for i in range(delay):
-            node = add(draw(node + 1, 1)[0], node, grow=i + 1 < delay or length > 0)
+            node = yield from add(draw(node + 1, 1)[0], node, grow=i + 1 < delay or length > 0)
             if cursors[node + 1] is None:
                 break
         if cursors[node + 1] is not None and length > 0:
             for tok in draw(node + 1, cfg.branches):  # the i.i.d. sibling group, drawn at once
-                child = add(tok, node, grow=length > 1)
+                child = yield from add(tok, node, grow=length > 1)
                 for i in range(length - 1):
                     if cursors[child + 1] is None:
                         break
-                    child = add(draw(child + 1, 1)[0], child, grow=i + 2 < length)
+                    child = yield from add(draw(child + 1, 1)[0], child, grow=i + 2 < length)
         if not tokens:
             return None
         q_rows = torch.zeros(len(cursors), m.draft_ids.shape[0])  # [N+1, Vd], zeros where no children

@@ -14,6 +14,7 @@ DOCS = {
     "generate": ("evaluation.md", ("target", "drafter", "sampling", "verify")),
     "bench": ("benchmarks.md", ("target", "sampling", "verify")),
     "bench-sidecar": ("sidecar.md", ()),
+    "bench-load": ("sidecar.md", ("server",)),
     "serve-drafter": ("sidecar.md", ("target", "drafter", "server")),
     "prepare-data": ("training.md", ("target", "sampling", "verifier", "data")),
     "train": ("training.md", ("target", "train")),
@@ -167,6 +168,19 @@ def cmd_bench_sidecar(args) -> None:
     from specdraft.bench import print_sidecar_bench, run_sidecar_bench
 
     print_sidecar_bench(run_sidecar_bench(args.tree_sizes, args.rounds), args.rounds)
+
+
+def cmd_bench_load(args) -> None:
+    from specdraft.load import Variant, print_fill_bench, print_load_bench, run_fill_bench, run_load_bench
+
+    config_for(args, "serve-drafter")  # a bad config fails here, in one line, before any sidecar starts
+    if args.fill:
+        print_fill_bench(run_fill_bench(args.config, args.sessions, args.fill), args.config)
+        return
+    alone = Variant("unbatched (batch_max_rows 1)", {"batch_max_rows": 1})
+    own = Variant("batched (the config's server)", {})
+    results = run_load_bench(args.config, [alone, own], args.sessions, args.seconds)
+    print_load_bench(results, args.config)
 
 
 def cmd_prepare_data(args) -> None:
@@ -334,6 +348,36 @@ def add_bench_sidecar(sub) -> None:
     bs.set_defaults(func=cmd_bench_sidecar)
 
 
+def add_bench_load(sub) -> None:
+    bl = sub.add_parser(
+        "bench-load",
+        help="the sidecar under load: many sessions drafting at once, batched against unbatched",
+        description="Start the sidecar of --config twice: once with every SpecBlock forward alone "
+        "(server.batch_max_rows 1: the sidecar before batching), once with the config's own server "
+        "section (forwards batched across sessions). Each time, --sessions clients draft for --seconds as a "
+        "decode loop would (one committed token plus an accepted prefix per round, hidden states when the "
+        "drafter takes them). "
+        "Prints rounds/s, the client's p50/p99 round latency, the share over the client's default timeout, "
+        "errors, drafts per batched forward, the wait for a batch and the sidecar's peak RSS.",
+        epilog=EPILOG,
+    )
+    bl.add_argument(
+        "--config", default="configs/sidecar-specblock.yaml", help="the sidecar's YAML config (default: %(default)s)"
+    )
+    bl.add_argument("--sessions", type=positive_int, default=16, help="concurrent sessions (default: %(default)s)")
+    bl.add_argument("--seconds", type=float, default=60.0, help="seconds per variant (default: %(default)s)")
+    bl.add_argument(
+        "--fill",
+        type=positive_int,
+        default=0,
+        metavar="TOKENS",
+        help="instead: the token bounds. Each session sends updates of TOKENS new tokens until it holds "
+        "server.max_session_tokens or is refused; prints the tokens the full sessions hold against "
+        "server.max_total_tokens and the sidecar's peak RSS (e.g. --sessions 64 --fill 4096)",
+    )
+    bl.set_defaults(func=cmd_bench_load)
+
+
 def add_serve_drafter(sub) -> None:
     s = sub.add_parser(
         "serve-drafter",
@@ -425,6 +469,7 @@ def parser() -> argparse.ArgumentParser:
         add_generate,
         add_bench,
         add_bench_sidecar,
+        add_bench_load,
         add_serve_drafter,
         add_prepare_data,
         add_train,

@@ -2,7 +2,9 @@
 when the bandit is on, and `spawn` (a sidecar child process, for benchmarks, the vLLM rows and tests)."""
 
 import asyncio
+import ctypes
 import os
+import socket
 import subprocess
 import sys
 
@@ -29,8 +31,23 @@ def tree_builder(cfg: DrafterConfig) -> str:
     return TREE_BUILDERS[cfg.kind]
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc raises its mmap threshold to the largest block freed (up to 32 MiB): after that, a sidecar's
+    multi-MB updates, features and caches come from the heap, and sessions that interleave them fragment
+    it for good. Pinned at 1 MiB they are mapped and go back to the OS when freed (64 sessions filling to
+    the token bounds: see docs/sidecar.md). Nothing happens off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
+    except (OSError, AttributeError):
+        pass
+
+
 def serve_drafter(cfg: Config, ready=None) -> None:
     """Serve cfg.drafter under cfg.server until SIGTERM/SIGINT (drafter.server.serve)."""
+    pin_mmap_threshold()
     use_threads(cfg.target)
     targs, embedding = target_embedding(model_dir(cfg.target.model))
     # the drafter drafts in the target's dtype (SpecBlock.drafting), which it reads off the embedding
@@ -48,9 +65,8 @@ def serve_drafter(cfg: Config, ready=None) -> None:
     )
     adapter = OnlineAdapter(model, cfg.drafter.bandit) if cfg.drafter.bandit.enabled and model is not None else None
     shared = Shared(cfg.drafter)  # the suffix cache and calibration every session of this sidecar shares
-    asyncio.run(
-        serve(cfg.server, lambda client: make_drafter(cfg.drafter, model, shared, client), info, adapter, ready)
-    )
+    new_drafter = lambda client: make_drafter(cfg.drafter, model, shared, client)
+    asyncio.run(serve(cfg.server, new_drafter, info, adapter, ready))
 
 
 def spawn(
@@ -70,3 +86,16 @@ def spawn(
         proc.kill()
         raise RuntimeError(f"serve-drafter --config {config} did not start (exit {proc.wait()})")
     return proc, line.split()[-1]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a sidecar to bind, or for a client to find unreachable)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    """A process's peak resident set so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024

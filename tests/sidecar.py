@@ -1,7 +1,6 @@
 """Real sidecar processes on loopback for tests: `specdraft serve-drafter` started as a subprocess."""
 
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -9,18 +8,11 @@ import grpc
 
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
-from specdraft.serve import spawn
+from specdraft.serve import free_port, spawn  # noqa: F401  (free_port: for the tests)
 
 TOKEN_ENV, TOKEN = "SPECDRAFT_TEST_TOKEN", "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 VOCAB = 49152
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (for a sidecar to bind, or for a client to find unreachable)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sidecar:

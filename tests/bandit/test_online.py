@@ -311,7 +311,11 @@ def test_a_sidecar_with_the_bandit_learns_between_rounds_and_reports_it(model_pa
             d.close()
             assert d.fallbacks == 0
         stats = pb_grpc.DrafterStub(conn.channel)
-        got = conn.run(stats.GetStats(pb.StatsRequest(), timeout=5))
+
+        async def get_stats():  # a grpc.aio call is made on the running loop (no loop outside it)
+            return await stats.GetStats(pb.StatsRequest(), timeout=5)
+
+        got = conn.run(get_stats())
         b = dict(got.bandit)
         assert b["decisions"] == 42 // 8 and b["updates"] >= 1 and b["arm2_pulls"] > 0, b
         assert b["buffer_positions"] == 2 * (39 + 20)

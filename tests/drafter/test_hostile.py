@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
+from specdraft.serve import peak_rss_mib
 from tests.sidecar import AUTH, TOKEN_ENV, VOCAB, Sidecar, free_port, session
 
 Code = grpc.StatusCode
@@ -45,12 +46,6 @@ def rpc_error(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as e:
         call()
     return e.value
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident set so far (VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +331,7 @@ def test_a_4mb_update_leaves_a_specblock_sidecar_bounded_and_serving(tmp_path):
         "max_sessions: 8",
         other_yaml=specblock_yaml("specblock-tokens-smollm2"),
     )
-    base = peak_rss_mb(s.proc.pid)
+    base = peak_rss_mib(s.proc.pid)
     q: queue.Queue = queue.Queue()
     other = s.stub.Session(iter(q.get, None), metadata=(), timeout=60)
     q.put(first(list(range(100, 200))))
@@ -355,7 +350,7 @@ def test_a_4mb_update_leaves_a_specblock_sidecar_bounded_and_serving(tmp_path):
         lat.append(time.perf_counter() - t1)
     q.put(None)
     list(other)
-    peak = peak_rss_mb(s.proc.pid)
+    peak = peak_rss_mib(s.proc.pid)
     print(
         f"\n4 MB update: RESOURCE_EXHAUSTED after {rejected:.2f} s; peak RSS {peak:.0f} MB "
         f"(at start {base:.0f} MB); other session's worst round after it {1000 * max(lat):.1f} ms"

@@ -20,6 +20,10 @@ class FakeSource:
         self.updates.append(update)
         return self.fixed if update.max_nodes > 0 else None
 
+    def scored_steps(self, update):  # a learned source's steps, here with no forward to yield
+        return self.scored(update)
+        yield
+
     def close(self):
         pass
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drafter.specblock import ContextCache, SpecBlock
+from drafter.specblock import ContextCache, SpecBlock, Starts, drive
 from drafter.specblock_draft import SpecBlockDraftConfig, SpecBlockDrafter
 from drafter.train import TrainConfig, evaluate_checkpoint, train, valid_prefix
 from proto.interface import SamplingParams, VerifierUpdate
@@ -65,26 +65,68 @@ def test_incremental_inference_equals_the_training_forward(conditioning):
         u = m.inputs(feats[:-1], toks[:-1], toks[1:])
         for s in (3, 8):  # the context up to s, appended in two parts
             cache = ContextCache(m)
-            m.extend(cache, u[: s - 2])
-            m.extend(cache, u[s - 2 : s + 1])
-            states = m.draft_blocks(cache, u[s][None], torch.tensor([s]))[:, 0]
+            m.extend([(cache, u[: s - 2])])
+            m.extend([(cache, u[s - 2 : s + 1])])
+            states = m.draft_blocks([Starts(cache, u[s][None], torch.tensor([s]))])[0].states[:, 0]
             assert torch.allclose(states, ref[:, s], atol=1e-5)
         # an inherited start that is not in the cache brings its own keys and values: same result; and a
         # chain of inherited starts, each attending to its ancestors' keys and values (the drafted starts
         # in the slots after the context), equals the context stream when their inputs are the true ones:
         # inheritance = drafting the path sequentially
         cache = ContextCache(m)
-        m.extend(cache, u[:6])
+        m.extend([(cache, u[:6])])
         for s in (6, 7, 8, 9):
             seen = torch.ones(1, s - 6, dtype=torch.bool)  # every earlier drafted start is an ancestor
-            states = m.draft_blocks(cache, u[s][None], torch.tensor([s]), seen)
+            states = m.draft_blocks([Starts(cache, u[s][None], torch.tensor([s]), seen)])[0].states
             assert torch.allclose(states[:, 0], ref[:, s], atol=1e-5), s
         assert cache.length == 6  # drafted starts are scratch after the context
         # batched (EAGLE-2's per-depth expansion): starts 7 and 9 in one forward after the drafted starts
         # 6, 7, 8, each seeing only its own ancestors
         seen = torch.tensor([[True, False, False], [True, True, True]])
-        states = m.draft_blocks(cache, u[[7, 9]], torch.tensor([7, 9]), seen)
+        states = m.draft_blocks([Starts(cache, u[[7, 9]], torch.tensor([7, 9]), seen)])[0].states
         assert torch.allclose(states[:, 0], ref[:, 7], atol=1e-5) and torch.allclose(states[:, 1], ref[:, 9], atol=1e-5)
+
+
+class Counted:
+    """A SpecBlockDrafter whose block forwards (drafter.specblock.Forward, op draft_blocks) are recorded in
+    .calls."""
+
+    def __init__(self, drafter: SpecBlockDrafter):
+        self.drafter, self.calls = drafter, []
+
+    def draft(self, update: VerifierUpdate):
+        return drive(self.drafter.draft_steps(update), self._run)
+
+    def _run(self, f):
+        if f.op == "draft_blocks":
+            self.calls.append(f)
+        return f.run()
+
+    def __getattr__(self, name):
+        return getattr(self.drafter, name)
+
+
+def test_one_forward_over_several_sessions_drafts_what_each_would_alone():
+    """The sidecar's batched forward (drafter/batch.py): blocks of three sessions with different context
+    lengths, one of them from inherited starts that see different ancestors, in one forward, equal
+    each session's own forward up to float rounding."""
+    m = tiny_specblock()
+    torch.manual_seed(1)
+    batch = []
+    for n, seen in ((5, None), (9, torch.tensor([[True, False], [True, True]])), (3, None)):
+        cache = ContextCache(m)
+        m.extend([(cache, torch.randn(n, 64))])
+        if seen is None:
+            batch.append(Starts(cache, torch.randn(1, 64), torch.tensor([n - 1])))
+        else:  # two drafted starts already in the slots after the context, then two new ones
+            m.draft_blocks([Starts(cache, torch.randn(2, 64), torch.tensor([n, n + 1]), torch.zeros(2, 0, dtype=bool))])
+            batch.append(Starts(cache, torch.randn(2, 64), torch.tensor([n + 1, n + 2]), seen))
+    alone = [m.draft_blocks([s])[0] for s in batch]
+    together = m.draft_blocks(batch)
+    for a, b in zip(alone, together):
+        assert a.states.shape == b.states.shape and a.logits.shape == b.logits.shape
+        assert torch.allclose(a.states, b.states, atol=1e-5) and torch.allclose(a.logits, b.logits, atol=1e-4)
+    assert not torch.allclose(together[0].states, together[2].states[:, :1], atol=1e-3)  # each its own context
 
 
 def test_valid_prefix_mask_stops_at_the_first_miss():
@@ -97,10 +139,8 @@ def test_valid_prefix_mask_stops_at_the_first_miss():
 @pytest.mark.parametrize("budget,max_blocks", [(1, 1), (8, 1), (16, 3), (40, 6)])
 def test_trees_respect_budget_and_block_limit(budget, max_blocks, tree):
     m = tiny_specblock()
-    calls = []
-    original = m.draft_blocks
-    m.draft_blocks = lambda *a, **k: calls.append(1) or original(*a, **k)
-    d = SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=max_blocks, max_branch=3, tree=tree))
+    d = Counted(SpecBlockDrafter(m, SpecBlockDraftConfig(max_blocks=max_blocks, max_branch=3, tree=tree)))
+    calls = d.calls
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     tree = d.draft(VerifierUpdate(prompt, None, budget, 200, torch.randn(8, 64)))
     assert tree is not None and 1 <= len(tree) <= budget and len(calls) <= max_blocks
@@ -159,13 +199,11 @@ def test_frontier_tree_expands_one_depth_per_batched_forward():
     torch.manual_seed(0)
     m = SpecBlock(replace(CFG, block_size=1), ARGS, torch.randn(200, 64), torch.arange(40, 160)).eval()
     m.rank_head.bias.data[0] = 50.0  # the rank head says one candidate: EAGLE-2 takes max_branch anyway
-    batches = []
-    original = m.draft_blocks
-    m.draft_blocks = lambda cache, u, *a, **k: batches.append(u.shape[0]) or original(cache, u, *a, **k)
-    d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="frontier", max_blocks=4, max_branch=3))
+    d = Counted(SpecBlockDrafter(m, SpecBlockDraftConfig(tree="frontier", max_blocks=4, max_branch=3)))
     prompt = [random.Random(i).randrange(200) for i in range(9)]
     tree = d.draft(VerifierUpdate(prompt, None, 10, 200, torch.randn(8, 64)))
-    assert batches == [1, 3, 3, 3] and d.forwards == 4  # the context block, then one forward per depth
+    # the context block, then one forward per depth
+    assert [f.items[0].u.shape[0] for f in d.calls] == [1, 3, 3, 3] and d.forwards == 4
     depth = [0] * len(tree)
     for i, p in enumerate(tree.parents):
         depth[i] = 1 if p < 0 else depth[p] + 1
@@ -174,11 +212,8 @@ def test_frontier_tree_expands_one_depth_per_batched_forward():
 
 
 def sampled_drafter(m, **cfg):
-    d = SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", **cfg))
-    calls = []
-    original = m.draft_blocks
-    m.draft_blocks = lambda *a, **k: calls.append(1) or original(*a, **k)
-    return d, calls
+    d = Counted(SpecBlockDrafter(m, SpecBlockDraftConfig(tree="sampled", **cfg)))
+    return d, d.calls
 
 
 @pytest.mark.parametrize(

@@ -39,4 +39,5 @@ def test_config_doc_lists_every_key_with_its_default_and_comment():
     assert "| `drafter.max_nodes` | int | `8` | node budget per draft tree |" in doc
     assert "| `server.max_nodes` | int | `256` | cap on the node budget of any tree |" in doc
     # a comment that goes on over the next line belongs to the field it started on
-    assert "| `server.workers` | int | `0` | drafting threads; 0 = draft on the event loop itself, the fastest" in doc
+    assert "| `server.workers` | int | `0` | drafting threads for drafters that draft in one call" in doc
+    assert "random); 0 = on the event loop itself, the fastest for cheap ones. SpecBlock drafts" in doc
