@@ -185,14 +185,17 @@ class SpecBlockDrafter:
         u = m.fc(torch.cat([feats, m.embedding[torch.tensor([tok for _, _, tok in nodes])]], -1))
         return (yield Forward(m, "draft_blocks", [Starts(self.cache, u, torch.tensor(starts), seen)]))[0], starts, paths
 
-    def _encode(self, m: SpecBlock, u: torch.Tensor) -> None:
-        """New context positions' inputs u [n, D] into the cache, in chunks."""
-        for i in range(0, len(u), EXTEND_CHUNK):
-            m.extend([(self.cache, u[i : i + EXTEND_CHUNK])])
-        self.last_u = u[-1]
+    def _encode(self, m: SpecBlock, feats: torch.Tensor | None, toks: torch.Tensor) -> Steps[None]:
+        """n new context positions into the cache: their features [n, D] (None when conditioning on tokens)
+        and tokens toks [n + 1] (each position's token, then the next one), in forwards of at most
+        EXTEND_CHUNK positions. Each is a step, so a long prompt bounds attention's memory and, in the
+        sidecar, lets other sessions' forwards run between its chunks."""
+        n = len(toks) - 1
+        for i in range(0, n, EXTEND_CHUNK):
+            j = min(i + EXTEND_CHUNK, n)
+            new = NewContext(self.cache, None if feats is None else feats[i:j], toks[i:j], toks[i + 1 : j + 1])
+            self.last_u = (yield Forward(m, "encode", [new]))[0]
 
-    # inference_mode, not no_grad: no autograd bookkeeping per op; what it creates (a sampled tree's
-    # draft_probs) is only read outside it
     def _absorb(self, update: VerifierUpdate) -> Steps[tuple[SpecBlock, int] | None]:
         """The update's committed tokens (and features) into the context cache; returns the drafting
         model and the newest context position t, or None when there is nothing to draft from."""
@@ -204,7 +207,7 @@ class SpecBlockDrafter:
                 self.trace[-1]["accepted"] = self.recent[-1]
         m = self.model.drafting()
         if self.version != self.model.version:  # the weights changed under this session: recompute its context
-            self._recompute(m)
+            yield from self._recompute(m)
         start = self.cache.length  # context positions so far; the update brings the next ones
         if cfg.conditioning == "tokens":
             n_f = len(self.tokens) - 1  # every committed token but the newest (its next token is pending)
@@ -217,13 +220,9 @@ class SpecBlockDrafter:
             n_f = start + update.hidden.shape[0]  # committed positions with a feature; tokens[n_f] is pending
             self.feats.append(update.hidden)
         if n_f + update.max_nodes > cfg.max_seq_len:  # a tree would run past the model's positions
-            n_f = self._slide(m, n_f)
-        elif n_f - start > EXTEND_CHUNK:  # a long prompt: alone, in chunks
-            toks = torch.tensor(self.tokens[start : n_f + 1])
-            self._encode(m, m.inputs(update.hidden, toks[:-1], toks[1:]))
-        elif n_f > start:  # a round's few positions: batched with other sessions' (drafter/batch.py)
-            toks = torch.tensor(self.tokens[start : n_f + 1])
-            self.last_u = (yield Forward(m, "encode", [NewContext(self.cache, update.hidden, toks[:-1], toks[1:])]))[0]
+            n_f = yield from self._slide(m, n_f)
+        elif n_f > start:
+            yield from self._encode(m, update.hidden, torch.tensor(self.tokens[start : n_f + 1]))
         if self.last_u is None or update.max_nodes <= 0:
             return None
         return m, n_f - 1
@@ -282,7 +281,7 @@ class SpecBlockDrafter:
             return (yield from self._frontier_tree(m, root, update.max_nodes))
         return (yield from self._best_first_tree(m, root, update.max_nodes))
 
-    def _slide(self, m: SpecBlock, n_f: int) -> int:
+    def _slide(self, m: SpecBlock, n_f: int) -> Steps[int]:
         """Sliding context: keep the newest max_seq_len / 2 of the n_f context positions (a tree of at most
         that many nodes fits after them), re-encoded from position 0 with the current weights, in chunks
         that bound attention's memory. Returns the new context length."""
@@ -291,17 +290,16 @@ class SpecBlockDrafter:
         self.tokens, self.dropped = self.tokens[drop:], self.dropped + drop
         self.feats = [torch.cat(self.feats)[-keep:].clone()] if self.feats else []  # not a view of the whole
         self.cache, self.version = ContextCache(m), self.model.version
-        toks = torch.tensor(self.tokens[: keep + 1])
-        self._encode(m, m.inputs(self.feats[0] if self.feats else None, toks[:-1], toks[1:]))
+        yield from self._encode(m, self.feats[0] if self.feats else None, torch.tensor(self.tokens[: keep + 1]))
         return keep
 
-    def _recompute(self, m: SpecBlock) -> None:
+    def _recompute(self, m: SpecBlock) -> Steps[None]:
         """The context cache again from the session's tokens and features, with the current weights."""
         n = self.cache.length
         self.cache, self.version = ContextCache(m), self.model.version
         if n:
-            toks = torch.tensor(self.tokens[: n + 1])
-            self._encode(m, m.inputs(torch.cat(self.feats)[:n] if self.feats else None, toks[:-1], toks[1:]))
+            feats = torch.cat(self.feats)[:n] if self.feats else None
+            yield from self._encode(m, feats, torch.tensor(self.tokens[: n + 1]))
 
     def _best_first_tree(self, m: SpecBlock, root: Block, max_nodes: int) -> Steps[Scored | None]:
         k = m.cfg.block_size
