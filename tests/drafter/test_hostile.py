@@ -63,6 +63,18 @@ def hostile(tmp_path_factory):
     assert s.stop() == 0
 
 
+def slots_taken_and_freed(s: Sidecar, take_s: float, give_up_s: float) -> tuple[float, float]:
+    """Wait (up to take_s) until the sidecar's 4 slots are all taken, then (until give_up_s from the start)
+    until none is; returns the seconds to take them and the seconds from taken to free."""
+    t0 = time.monotonic()
+    while s.stats().sessions_open < 4 and time.monotonic() - t0 < take_s:
+        time.sleep(0.02)
+    full = time.monotonic()
+    while s.stats().sessions_open and time.monotonic() - t0 < give_up_s:
+        time.sleep(0.02)
+    return full - t0, time.monotonic() - full
+
+
 def round_trip_ok(s: Sidecar) -> None:
     replies = session(s.stub, [first([5, 6, 7]), pb.VerifierUpdate(round=1, new_tokens=[7], max_nodes=8)])
     assert [r.round for r in replies] == [0, 1]
@@ -84,15 +96,9 @@ def test_clients_that_never_read_lose_their_slots(hostile):
 
     channels = [grpc.insecure_channel(hostile.address, [("grpc.http2.bdp_probe", 0)]) for _ in range(4)]
     calls = [pb_grpc.DrafterStub(c).Session(updates(), metadata=AUTH, timeout=30) for c in channels]
-    t0 = time.monotonic()
-    while hostile.stats().sessions_open < 4 and time.monotonic() - t0 < 10:
-        time.sleep(0.02)
-    full = time.monotonic()
-    while hostile.stats().sessions_open and time.monotonic() - t0 < 20:
-        time.sleep(0.02)
-    freed = time.monotonic()
-    print(f"\n4 non-reading clients: all slots taken after {full - t0:.2f} s, all freed {freed - full:.2f} s later")
-    assert hostile.stats().sessions_open == 0 and freed - full < 10
+    taken, freed = slots_taken_and_freed(hostile, 10, 20)
+    print(f"\n4 non-reading clients: all slots taken after {taken:.2f} s, all freed {freed:.2f} s later")
+    assert hostile.stats().sessions_open == 0 and freed < 10
     round_trip_ok(hostile)
     stop.set()
     for call in calls:  # each sees its replies so far, then the status
@@ -536,14 +542,9 @@ def test_streams_that_send_nothing_are_closed_after_first_update_s(hostile):
         yield
 
     calls = [hostile.stub.Session(nothing(), metadata=AUTH, timeout=20) for _ in range(4)]
-    t0 = time.monotonic()
-    while hostile.stats().sessions_open < 4 and time.monotonic() - t0 < 5:
-        time.sleep(0.02)
-    full = time.monotonic()
-    while hostile.stats().sessions_open and time.monotonic() - t0 < 10:
-        time.sleep(0.02)
-    print(f"\n4 silent streams: slots full after {full - t0:.2f} s, freed {time.monotonic() - full:.2f} s later")
-    assert hostile.stats().sessions_open == 0 and time.monotonic() - full < 3
+    taken, freed = slots_taken_and_freed(hostile, 5, 10)
+    print(f"\n4 silent streams: slots full after {taken:.2f} s, freed {freed:.2f} s later")
+    assert hostile.stats().sessions_open == 0 and freed < 3
     for call in calls:
         err = rpc_error(lambda call=call: next(call))
         assert err.code() == Code.DEADLINE_EXCEEDED and "sent no first update within 1.0 s" in err.details()
