@@ -22,6 +22,7 @@ proposes nothing and vLLM decodes that step normally.
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,7 @@ from proto.tree import DraftTree
 from verifier.remote import RemoteConfig, RemoteDrafter, connect
 
 log = logging.getLogger(__name__)
+TIMING_EVERY = 500  # proposer steps between the timing lines in vLLM's log
 
 
 def first_path(tree: DraftTree, k: int) -> list[int]:
@@ -70,6 +72,7 @@ class SidecarProposer:
         self.conn = connect(remote)
         self.requests: list[_Request] = []  # in the row order of the last call
         self.opened = 0
+        self.step_s: list[float] = []  # propose() wall time of the steps since the last timing line
         log.info(
             "specdraft proposer: drafting through the sidecar at %s, up to %d tokens per step from %d-node trees",
             remote.address,
@@ -90,6 +93,7 @@ class SidecarProposer:
     ) -> list[list[int]]:
         """sampled_token_ids[i]: the tokens row i committed this step (empty while it is mid-prefill);
         token_ids_cpu[i, :num_tokens_no_spec[i]]: row i's whole context. Returns draft tokens per row."""
+        t0 = time.perf_counter()
         free = list(self.requests)
         live, drafts = [], []
         for i, sampled in enumerate(sampled_token_ids):
@@ -104,7 +108,22 @@ class SidecarProposer:
         for req in free:  # finished or preempted
             req.drafter.close()
         self.requests = live
+        self._timed(time.perf_counter() - t0)
         return drafts
+
+    def _timed(self, seconds: float) -> None:
+        """Every TIMING_EVERY steps, a log line with what proposing cost per step (vLLM waits for it)."""
+        self.step_s.append(seconds)
+        if len(self.step_s) == TIMING_EVERY:
+            ms = sorted(1000 * s for s in self.step_s)
+            log.info(
+                "specdraft proposer: %d steps, propose p50 %.2f ms, mean %.2f ms, max %.2f ms",
+                len(ms),
+                ms[len(ms) // 2],
+                sum(ms) / len(ms),
+                ms[-1],
+            )
+            self.step_s.clear()
 
     def _claim(self, free: list[_Request], row: int, ctx: np.ndarray) -> _Request | None:
         """The stream whose tokens this row extends; the one that had this row last time first."""

@@ -1,6 +1,7 @@
 """vLLM as the verifier. Unit tests drive SpecdraftProposer the way vLLM's model runner calls it (with a
 fake vllm_config) against a real sidecar; the integration test runs a real vllm.LLM on SmolLM2-135M."""
 
+import logging
 import os
 import signal
 import threading
@@ -84,6 +85,20 @@ def test_proposals_are_the_sidecar_trees_first_paths_and_acceptance_is_fed_back(
     after = sidecar.stats()
     assert after.feedback_rounds - before.feedback_rounds == 2
     assert after.accepted_tokens - before.accepted_tokens == 2
+
+
+def test_the_proposer_logs_what_proposing_costs_every_timing_every_steps(proposer, caplog, monkeypatch):
+    from verifier import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "TIMING_EVERY", 3)
+    a = [1, 2, 3, 4, 5, 6] * 3
+    batch = Batch([a])
+    with caplog.at_level(logging.INFO, logger="verifier.vllm_backend"):
+        for step in range(6):
+            batch.call(proposer, [[a[-1]] if step == 0 else [7]])
+            batch.rows[0] += [7]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("specdraft proposer: 3 steps")]
+    assert len(lines) == 2 and all("propose p50" in line and " ms, mean " in line for line in lines)
 
 
 def test_rows_follow_their_requests_through_reorders_arrivals_and_departures(proposer, sidecar):
