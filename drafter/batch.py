@@ -38,8 +38,6 @@ class BatchStats(typing.NamedTuple):
 
 
 T = typing.TypeVar("T")
-
-
 SETTLE_YIELDS = 3  # loop iterations a pending forward lets pass first: rounds already arrived reach theirs
 
 

@@ -237,15 +237,22 @@ def test_slow_drafting_ends_the_session_with_deadline_exceeded(tmp_path):
     assert s.stop() == 0
 
 
-def test_sigterm_drain_keeps_the_port_open_then_cuts_streams_cleanly(tmp_path):
-    """Cases 13 and 14: during the drain a new Check gets NOT_SERVING and a new session UNAVAILABLE
-    "server is shutting down"; an open stream is served until drain_s ends, then cut with UNAVAILABLE,
-    with no traceback and logged as cut; the process exits 0 within drain_s + 1 s."""
-    s = Sidecar(tmp_path, "drain_s: 2")
+def one_open_stream(tmp_path, drain_s: float) -> tuple[Sidecar, queue.Queue, object]:
+    """An n-gram sidecar with drain_s and one stream past its first round: the sidecar, the queue that
+    feeds the stream's updates (None ends it) and the call."""
+    s = Sidecar(tmp_path, f"drain_s: {drain_s}")
     q: queue.Queue = queue.Queue()
     call = s.stub.Session(iter(q.get, None), timeout=20)
     q.put(first([4, 5, 6, 4, 5]))
     next(call)
+    return s, q, call
+
+
+def test_sigterm_drain_keeps_the_port_open_then_cuts_streams_cleanly(tmp_path):
+    """Cases 13 and 14: during the drain a new Check gets NOT_SERVING and a new session UNAVAILABLE
+    "server is shutting down"; an open stream is served until drain_s ends, then cut with UNAVAILABLE,
+    with no traceback and logged as cut; the process exits 0 within drain_s + 1 s."""
+    s, q, call = one_open_stream(tmp_path, drain_s=2)
     s.proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
     time.sleep(0.3)
@@ -630,11 +637,7 @@ def http_client_errors():
 
 def test_sighup_drains_like_sigterm(tmp_path):
     """Issue 24: SIGHUP killed the process at once, with no drain and no log line."""
-    s = Sidecar(tmp_path, "drain_s: 1")
-    q: queue.Queue = queue.Queue()
-    call = s.stub.Session(iter(q.get, None), timeout=20)
-    q.put(first([4, 5, 6, 4, 5]))
-    next(call)
+    s, q, call = one_open_stream(tmp_path, drain_s=1)
     s.proc.send_signal(signal.SIGHUP)
     time.sleep(0.3)
     err = rpc_error(lambda: session(pb_grpc.DrafterStub(grpc.insecure_channel(s.address)), [first([1])]))
