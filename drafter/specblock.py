@@ -194,13 +194,14 @@ class Layer(nn.Module):
                 if g.own is not None:
                     g.own[0].copy_(k0[:, g.cols])
                     g.own[1].copy_(v0[:, g.cols])
-                tg = q[:, g.cols].shape[1]
-                qg = q[:, g.cols].reshape(kq * tg, h, hd).transpose(0, 1)[None]  # [1, H, K*T_g, hd]
+                qg = q[:, g.cols]
+                tg = qg.shape[1]
+                qg = qg.reshape(kq * tg, h, hd).transpose(0, 1)[None]  # [1, H, K*T_g, hd]
                 qg = apply_rope(qg, cos[:, g.cols].reshape(kq * tg, hd), sin[:, g.cols].reshape(kq * tg, hd))
                 mask = None if g.mask is None else g.mask.reshape(kq * tg, -1)
                 yg = F.scaled_dot_product_attention(qg, g.keys[None], g.values[None], attn_mask=mask)
                 parts.append(yg[0].transpose(0, 1).reshape(kq, tg, h, hd))
-            y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            y = torch.cat(parts, 1)
         x = x + self.wo(y.reshape(kq, t, h * hd))
         gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
@@ -348,8 +349,8 @@ class SpecBlock(nn.Module):
                 mask = mask[None].expand(k, -1, -1)  # [K, B, S]
             spans.append((slice(col, col + b), end, slot, mask))
             col += b
-        x = torch.cat(xs, 1) if len(xs) > 1 else xs[0]  # [K, sum B, D]
-        pos = torch.cat(qpos, 1) if len(qpos) > 1 else qpos[0]
+        x = torch.cat(xs, 1)  # [K, sum B, D]
+        pos = torch.cat(qpos, 1)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         for i, layer in enumerate(self.layers):
             groups = []

@@ -26,10 +26,12 @@ from tqdm import tqdm
 from drafter.metrics import percentiles
 from proto import drafter_pb2 as pb
 from proto import drafter_pb2_grpc as pb_grpc
+from proto.tree import DraftTree
 from proto.wire import tensor_to_msg
 from specdraft.config import read_config
 from specdraft.serve import free_port, peak_rss_mib, spawn
 from verifier.remote import RemoteConfig
+from verifier.vllm_backend import first_path
 
 PROMPT_TOKENS = 128
 CLIENT_TIMEOUT_MS = RemoteConfig().timeout_ms  # what a client waits for a tree before decoding plainly
@@ -44,7 +46,7 @@ class Variant:
     latency_ms: list[float] = field(default_factory=list)
 
 
-def variant_config(path: str, server: dict, metrics_port: int) -> str:
+def config_with_server(path: str, server: dict, metrics_port: int) -> str:
     """The config at path (read and checked like any config: no aliases) with server keys overridden;
     returns the temporary file's path."""
     read_config(path)
@@ -80,7 +82,8 @@ async def one_session(stub, info: pb.ServerInfo, v: Variant, end: float, seed: i
             v.latency_ms.append(1000 * (time.perf_counter() - t0))
             v.rounds += 1
             rnd += 1
-            accepted = first_path(tree.parents)[: rng.randrange(3)]
+            depth = rng.randrange(3)  # an empty reply (no draft this round) accepts nothing
+            accepted = first_path(DraftTree(tree.tokens, tree.parents, vocab, 8), depth) if tree.tokens else []
             new = [tree.tokens[i] for i in accepted] + [rng.randrange(vocab)]
             hidden_rows = len(new)
         await call.done_writing()
@@ -140,7 +143,7 @@ def run_fill_bench(config: str, sessions: int, chunk: int) -> dict:
     max_session_tokens, together past max_total_tokens: peak RSS against the process's RSS at start, and
     the tokens the full sessions hold against the bound."""
     cfg = read_config(config).server
-    proc, address = spawn(variant_config(config, {}, free_port()))
+    proc, address = spawn(config_with_server(config, {}, free_port()))
     try:
         start_rss = peak_rss_mib(proc.pid)
         ended, open_ = asyncio.run(fill(address, sessions, chunk, cfg.max_session_tokens))
@@ -177,16 +180,6 @@ def print_fill_bench(r: dict, config: str) -> None:
     print(f"sidecar RSS: {r['start_rss_mib']:.0f} MiB at start, peak {r['peak_rss_mib']:.0f} MiB")
 
 
-def first_path(parents) -> list[int]:
-    """Node ids of a tree's first root-to-leaf path (each node's first child)."""
-    path, node = [], -1
-    for i, p in enumerate(parents):
-        if p == node:
-            path.append(i)
-            node = i
-    return path
-
-
 async def drive(address: str, sessions: int, seconds: float, v: Variant) -> None:
     options = [("grpc.max_send_message_length", 64 * 2**20)]
     async with grpc.aio.insecure_channel(address, options) as channel:
@@ -219,7 +212,7 @@ def run_load_bench(config: str, variants: list[Variant], sessions: int, seconds:
     results = []
     for v in tqdm(variants, desc="load bench", unit="variant"):
         port = free_port()
-        proc, address = spawn(variant_config(config, v.server, port))
+        proc, address = spawn(config_with_server(config, v.server, port))
         try:
             server0, client0 = cpu_seconds(proc.pid), time.process_time()
             asyncio.run(drive(address, sessions, seconds, v))
