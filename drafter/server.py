@@ -414,19 +414,18 @@ class DrafterService(pb_grpc.DrafterServicer):
         t0 = time.perf_counter()
         try:
             steps = getattr(sess.drafter, "draft_steps", None)
-            if steps is not None:  # SpecBlock: on the loop, forwards batched with other sessions'
-                tree = None
-                with contextlib.suppress(TimeoutError):  # failed below
-                    async with asyncio.timeout(self.cfg.max_draft_s):
-                        tree = await self.batcher.draft(steps(update))
-            elif self.pool is None:
+            if steps is None and self.pool is None:
                 tree = sess.drafter.draft(update)
             else:
-                sess.drafting = asyncio.get_running_loop().run_in_executor(self.pool, sess.drafter.draft, update)
+                if steps is not None:  # SpecBlock: on the loop, forwards batched with other sessions'
+                    drafting = self.batcher.draft(steps(update))
+                else:
+                    sess.drafting = asyncio.get_running_loop().run_in_executor(self.pool, sess.drafter.draft, update)
+                    drafting = asyncio.shield(sess.drafting)
                 tree = None
                 with contextlib.suppress(TimeoutError):  # failed below
                     async with asyncio.timeout(self.cfg.max_draft_s):
-                        tree = await asyncio.shield(sess.drafting)
+                        tree = await drafting
         except Exception as e:  # a drafter bug ends this session only, with its traceback in the log
             log.exception("session %s: drafter failed", sess.id)
             sess.ended = "drafter failed"
