@@ -6,11 +6,9 @@ the trees an in-process drafter drafts, with /metrics counting batches of severa
 import asyncio
 import random
 import threading
-import urllib.request
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from drafter.batch import Batcher
 from drafter.specblock_draft import SpecBlockDraftConfig, SpecBlockDrafter
@@ -18,6 +16,7 @@ from proto import drafter_pb2 as pb
 from proto.interface import VerifierUpdate
 from proto.wire import tensor_to_msg
 from tests.drafter.test_hostile import specblock_yaml
+from tests.drafter.test_metrics import scrape
 from tests.sidecar import AUTH, VOCAB, Sidecar, free_port
 from tests.tiny import tiny_specblock
 
@@ -94,11 +93,6 @@ def test_a_failing_forward_fails_its_batch_only_and_a_cancelled_draft_leaves_the
     assert again is not None and other is not None and b.drafts == 0 and not b.pending
 
 
-def metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
-
-
 def test_a_sidecar_batches_concurrent_specblock_sessions_and_drafts_their_own_trees(tmp_path):
     """Six sessions at once on the shipped SpecBlock (features): every tree equals the in-process
     drafter's for the same updates, and /metrics shows forwards that served several drafts."""
@@ -141,8 +135,8 @@ def test_a_sidecar_batches_concurrent_specblock_sessions_and_drafts_their_own_tr
             d = make_drafter(dcfg, model)
             want = [d.draft(VerifierUpdate(toks, None, 8, VOCAB, hidden)) for toks, hidden in rounds]
             assert [(tuple(r.tokens), tuple(r.parents)) for r in got[i]] == [(w.tokens, w.parents) for w in want]
-        batches = metric(port, "specdraft_batch_drafts_count")
-        drafts = metric(port, "specdraft_batch_drafts_sum")
+        got = scrape(port)
+        batches, drafts = got[("specdraft_batch_drafts_count", ())], got[("specdraft_batch_drafts_sum", ())]
         assert batches > 0 and drafts > batches  # some forward served more than one session's draft
     finally:
         assert s.stop() == 0
