@@ -8,19 +8,19 @@ reading tokens[:t+1], exactly what the verifier hands a drafter in VerifierUpdat
 the target's distribution of tokens[t+1]. loss_mask[t] marks positions whose next token belongs to an
 assistant turn (what a drafter is asked to predict at serving time).
 
-With `replies: target` a conversation is instead a record's first user turn and the *target's own* greedy
-reply to it (self-distillation: the text a drafter meets at temperature 0 is the target's, not ChatGPT's),
-generated in batches by a `Replies` function (vLLM's batched engine, see `specdraft prepare-data`).
+The target's own replies (self-distillation: the text a drafter meets at serving time is the target's, not
+ChatGPT's) come from `generate_replies`, a resumable job writing sharded JSONL of chat messages
+(`specdraft generate-replies`); prepare-data and a training stream read those shards like any file.
 
 The held-out conversations are also written as chat messages to heldout.jsonl, so `specdraft eval` can
 measure a drafter on exactly the conversations its training never saw."""
 
 import json
 import logging
-import typing
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,7 +46,9 @@ ROLES = {
 
 @dataclass
 class DataConfig:
-    source: str = "sharegpt"  # the packaged ShareGPT set, or a .jsonl / .json file of conversations
+    source: str = (
+        "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file of conversations, or a glob of .jsonl shards
+    )
     strict: bool = False  # a bad record in the source file is an error, not a skip
     out_dir: str = "data/sharegpt-smollm2"  # shards, manifest.json and heldout.jsonl
     first_record: int = 0  # skip this many records first (a held-out set after the training ones)
@@ -55,17 +57,39 @@ class DataConfig:
     topk: int = 16  # target next-token distribution kept per position
     heldout_fraction: float = 0.02  # stable split by conversation id (1 = all held out)
     shard_tokens: int = 65536  # tokens per shard file
-    # "dataset": the records' own assistant turns; "target": the first user turn and the target's greedy
-    # reply (at most reply_tokens), generated reply_batch prompts at a time (needs vLLM)
-    replies: typing.Literal["dataset", "target"] = "dataset"
-    reply_tokens: int = 256
-    reply_batch: int = 64
 
     def validate(self) -> None:
         checks.conversation_source(self, "source")
         checks.nonneg(self, "max_conversations", "first_record")
-        checks.positive(self, "max_tokens", "topk", "shard_tokens", "reply_tokens", "reply_batch")
+        checks.positive(self, "max_tokens", "topk", "shard_tokens")
         checks.fraction(self, "heldout_fraction")
+
+
+@dataclass
+class RepliesConfig:
+    """The target's own replies to a conversation source's user turns (self-distillation data)."""
+
+    source: str = (
+        "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file of conversations, or a glob of .jsonl shards
+    )
+    out_dir: str = "data/smollm2-self"  # train-NNNNN.jsonl, heldout-NNNNN.jsonl and manifest.json
+    first_record: int = 0  # skip this many records first
+    max_records: int = 0  # records read after those; 0 = all
+    turns: int = 2  # user turns answered per record, each with the target's own earlier replies in context
+    max_tokens: int = 1024  # a turn is asked only if its prompt takes at most 3/4 of this
+    reply_tokens: int = 256  # at most, per reply
+    batch: int = 64  # records whose turns are generated together (one shard pair per batch)
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.7, 1.0])  # record n: [n % len]
+    heldout_fraction: float = 0.05  # stable split by record id, as prepare-data's
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks.conversation_source(self, "source")
+        checks.nonneg(self, "first_record", "max_records")
+        checks.positive(self, "turns", "max_tokens", "reply_tokens", "batch")
+        checks.fraction(self, "heldout_fraction")
+        if not self.temperatures or any(not 0 <= t <= 2 for t in self.temperatures):
+            raise ValueError(f"temperatures: {self.temperatures} must be a non-empty list of values in [0, 2]")
 
 
 def read_sharegpt(path: Path) -> Iterator[dict]:
@@ -149,24 +173,6 @@ def chat_prompt(tokenizer, messages: str | list[dict]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
-def first_turn(tokenizer, messages: list[dict], max_tokens: int) -> list[int] | None:
-    """Token ids of the first user turn, ready for the assistant's reply, or None when it alone would leave
-    fewer than a quarter of max_tokens for the reply."""
-    ids = chat_prompt(tokenizer, next(m["content"] for m in messages if m["role"] == "user"))
-    return ids if len(ids) <= max_tokens * 3 // 4 else None
-
-
-def with_reply(prompt: list[int], reply: list[int], max_tokens: int) -> tuple[list[int], list[bool]]:
-    """A prompt and a generated reply as one conversation: ids and, per position, whether it predicts a
-    reply token (tokenize_conversation's convention)."""
-    ids = (prompt + reply)[:max_tokens]
-    mask = [len(prompt) - 1 <= t < len(prompt) + len(reply) - 1 for t in range(len(ids))]
-    return ids, mask
-
-
-# prompts' token ids -> the target's greedy replies' token ids, one list per prompt
-Replies = Callable[[list[list[int]]], list[list[int]]]
-
 # ids -> (hidden states [T, dim], a function from state rows [R, dim] to logits [R, V])
 Features = Callable[[list[int]], tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]
 
@@ -179,23 +185,18 @@ def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 25
 
 
 def open_manifest(path: Path, cfg: DataConfig, model: str) -> dict:
-    """The manifest of a data folder: the one on disk, which must be of this model, top-k, replies and
-    source (a ValueError naming both otherwise), or a new one."""
+    """The manifest of a data folder: the one on disk, which must be of this model, top-k and source (a
+    ValueError naming both otherwise), or a new one."""
     manifest = (
         json.loads(path.read_text())
         if path.is_file()
         else {"model": model, "config": asdict(cfg), "shards": [], "done": {"train": 0, "heldout": 0}}
     )
-    built = (
-        manifest["model"],
-        manifest["config"]["topk"],
-        manifest["config"].get("replies", "dataset"),
-        manifest["config"].get("source", "sharegpt"),
-    )
-    if built != (model, cfg.topk, cfg.replies, cfg.source):
+    built = (manifest["model"], manifest["config"]["topk"], manifest["config"].get("source", "sharegpt"))
+    if built != (model, cfg.topk, cfg.source):
         raise ValueError(
-            f"{path}: built for {built[0]} with topk {built[1]}, replies {built[2]} from {built[3]}; "
-            f"use another data.out_dir for {model} with topk {cfg.topk}, replies {cfg.replies} from {cfg.source}"
+            f"{path}: built for {built[0]} with topk {built[1]} from {built[2]}; "
+            f"use another data.out_dir for {model} with topk {cfg.topk} from {cfg.source}"
         )
     return manifest
 
@@ -257,25 +258,16 @@ def build_cache(
     cfg: DataConfig,
     model: str,
     progress=None,
-    replies: Replies | None = None,
 ) -> dict:
     """Teacher-force conversations, (id, chat messages or None for a record that cannot train), into
     shards under cfg.out_dir (ShardWriter); returns the manifest. Resumable: the manifest records, per
-    split, the last record on disk, so a rerun skips exactly the conversations already in shards.
-    `replies` generates the target's replies when cfg.replies is "target"."""
+    split, the last record on disk, so a rerun skips exactly the conversations already in shards."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = open_manifest(manifest_path, cfg, model)
     shards = ShardWriter(out, manifest, features, cfg, progress)
     n_read = 0
-    prompts: list[tuple[int, str, str, list[dict], list[int]]] = []  # waiting for their replies
-
-    def reply_all() -> None:
-        for (n, split, cid, msgs, ids), reply in zip(prompts, replies([p[-1] for p in prompts]) if prompts else []):
-            shards.add(n, split, cid, msgs, *with_reply(ids, reply, cfg.max_tokens))
-        prompts.clear()
-
     for n_read, (conv_id, msgs) in enumerate(conversations, start=1):
         if n_read <= cfg.first_record:
             continue
@@ -285,20 +277,120 @@ def build_cache(
         split = "heldout" if is_heldout(conv_id, cfg.heldout_fraction) else "train"
         if n_read <= manifest["done"][split] or msgs is None:  # already in a shard of its split, or unusable
             continue
-        if cfg.replies == "dataset":
-            msgs = trainable(msgs)
-            if msgs is not None:
-                shards.add(n_read, split, conv_id, msgs, *tokenize_conversation(tokenizer, msgs, cfg.max_tokens))
-            continue
-        ids = first_turn(tokenizer, msgs, cfg.max_tokens)
-        if ids is not None:
-            prompts.append((n_read, split, conv_id, msgs, ids))
-        if len(prompts) == cfg.reply_batch:
-            reply_all()
-    reply_all()
+        msgs = trainable(msgs)
+        if msgs is not None:
+            shards.add(n_read, split, conv_id, msgs, *tokenize_conversation(tokenizer, msgs, cfg.max_tokens))
     for split in shards.pending:
         shards.flush(split)
         manifest["done"][split] = max(manifest["done"][split], n_read)
     manifest["complete"] = True
     manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+# (prompts' token ids, temperatures, seeds, most new tokens each) -> the target's replies' token ids, and
+# whether each ended on a stop token (not cut by its limit)
+Generate = Callable[[list[list[int]], list[float], list[int], list[int]], list[tuple[list[int], bool]]]
+
+
+def answer_turns(
+    batch: list[tuple[int, str, list[str]]], tokenizer, generate: Generate, cfg: RepliesConfig
+) -> list[dict]:
+    """The target's conversations for a batch of (record number, id, user turns): turn 1 of every record,
+    then turn 2 of those that have one, with the target's own earlier replies in the context, and so on.
+    A record stops at a prompt over 3/4 of cfg.max_tokens or a reply cut by its limit. Records with no
+    answered turn are left out."""
+    convs = [
+        {"id": cid, "record": n, "temperature": cfg.temperatures[n % len(cfg.temperatures)], "messages": []}
+        for n, cid, _ in batch
+    ]
+    going = list(range(len(batch)))
+    for turn in range(cfg.turns):
+        asks = []  # (conversation index, prompt ids)
+        for i in going:
+            users = batch[i][2]
+            if turn < len(users):
+                ids = chat_prompt(tokenizer, convs[i]["messages"] + [{"role": "user", "content": users[turn]}])
+                if len(ids) <= cfg.max_tokens * 3 // 4:
+                    asks.append((i, ids))
+        if not asks:
+            break
+        outs = generate(
+            [ids for _, ids in asks],
+            [convs[i]["temperature"] for i, _ in asks],
+            [cfg.seed * 1_000_003 + batch[i][0] * cfg.turns + turn for i, _ in asks],
+            [min(cfg.reply_tokens, cfg.max_tokens - len(ids)) for _, ids in asks],
+        )
+        going = []
+        for (i, _), (reply, stopped) in zip(asks, outs):
+            text = tokenizer.decode(reply, skip_special_tokens=True)
+            convs[i]["messages"] += [
+                {"role": "user", "content": batch[i][2][turn]},
+                {"role": "assistant", "content": text},
+            ]
+            if stopped:
+                going.append(i)
+    return [c for c in convs if c["messages"]]
+
+
+def generate_replies(
+    conversations: Iterable[tuple[str, list[dict] | None]],
+    tokenizer,
+    generate: Generate,
+    cfg: RepliesConfig,
+    progress=None,
+) -> dict:
+    """The target's own replies to the user turns of `conversations` (answer_turns), cfg.batch records at a
+    time, each batch written as train-NNNNN.jsonl and heldout-NNNNN.jsonl under cfg.out_dir (split by
+    record id; whole files: temporary name, then renamed) before manifest.json's cursor moves past its
+    last record. Resumable: a rerun goes on after the cursor. Returns the manifest. progress(tokens)
+    after each batch."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "manifest.json"
+    manifest = (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {"config": asdict(cfg), "record": 0, "shards": 0, "conversations": 0, "reply_tokens": 0, "seconds": 0.0}
+    )
+    if manifest["config"]["source"] != cfg.source:
+        raise ValueError(f"{path}: generated from {manifest['config']['source']}; use another out_dir for {cfg.source}")
+    batch: list[tuple[int, str, list[str]]] = []
+
+    def write() -> None:
+        t0 = time.perf_counter()
+        convs = answer_turns(batch, tokenizer, generate, cfg)
+        tokens = sum(len(tokenizer.encode(m["content"])) for c in convs for m in c["messages"][1::2])
+        k = manifest["shards"]
+        for split in ("train", "heldout"):
+            lines = [
+                json.dumps(c) + "\n" for c in convs if is_heldout(c["id"], cfg.heldout_fraction) == (split == "heldout")
+            ]
+            (out / f"{split}-{k:05d}.jsonl.tmp").write_text("".join(lines))
+            (out / f"{split}-{k:05d}.jsonl.tmp").rename(out / f"{split}-{k:05d}.jsonl")
+        manifest.update(
+            record=batch[-1][0],
+            shards=k + 1,
+            conversations=manifest["conversations"] + len(convs),
+            reply_tokens=manifest["reply_tokens"] + tokens,
+            seconds=manifest["seconds"] + time.perf_counter() - t0,
+        )
+        (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
+        (out / "manifest.json.tmp").rename(path)
+        batch.clear()
+        if progress is not None:
+            progress(tokens)
+
+    for n, (cid, msgs) in enumerate(conversations, start=1):
+        if n <= max(manifest["record"], cfg.first_record):
+            continue
+        if cfg.max_records and n > cfg.first_record + cfg.max_records:
+            break
+        users = [m["content"] for m in msgs or [] if m["role"] == "user"][: cfg.turns]
+        if users:
+            batch.append((n, cid, users))
+        if len(batch) == cfg.batch:
+            write()
+    if batch:
+        write()
     return manifest

@@ -39,16 +39,23 @@ class StreamConfig:
     cursor (the last record of the finished chunks, the batches done in the current one) is saved with
     each checkpoint, so a resumed or continued run goes on with data it has not seen."""
 
-    source: str = "sharegpt"  # the packaged ShareGPT set, or a .jsonl / .json file of conversations
+    source: str = (
+        "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file of conversations, or a glob of .jsonl shards
+    )
     max_tokens: int = 1024  # per conversation (longer ones are cut)
     batch_tokens: int = 4096  # tokens per target forward and optimizer step, padding included
     chunk: int = 64  # conversations read ahead and sorted by length so that batches pad little
     topk: int = 16  # the target's next-token distribution kept per reply position
     vocab_conversations: int = 2000  # the first training conversations, whose reply tokens pick the draft vocabulary
+    # passes over the source: the first teacher-forces and writes the teacher cache (train.out/teacher-cache:
+    # features bf16, top-k ids and probabilities per batch file), later ones read it at the drafter's speed
+    epochs: int = 1
+    cache_gb: float = 4.0  # the teacher cache's bound; batches past it are left out of later epochs (logged)
 
     def validate(self) -> None:
         checks.conversation_source(self, "source")
-        checks.positive(self, "max_tokens", "batch_tokens", "chunk", "topk", "vocab_conversations")
+        checks.positive(self, "max_tokens", "batch_tokens", "chunk", "topk", "vocab_conversations", "epochs")
+        checks.nonneg(self, "cache_gb")
         if self.batch_tokens < self.max_tokens:
             raise ValueError(f"batch_tokens: {self.batch_tokens} < max_tokens {self.max_tokens} (one conversation)")
 
@@ -63,6 +70,9 @@ class TrainConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     data_dir: str = "data/sharegpt-smollm2"
     heldout_dir: str = ""  # where the held-out split is read from; "" = data_dir
+    # more held-out folders, evaluated with every checkpoint and reported beside heldout_dir's (which alone
+    # decides publishing): e.g. the target's own replies beside ShareGPT's
+    heldout_also: list[str] = field(default_factory=list)
     out: str = "checkpoints/specblock-smollm2"  # drafter.safetensors + config.json (+ state.pt to resume)
     model: SpecBlockConfig = field(default_factory=SpecBlockConfig)
     # a trained drafter's folder to start from (its shape and draft vocabulary replace `model`; with
@@ -216,11 +226,23 @@ def evaluate_checkpoint(folder: Path, cfg: TrainConfig, target_args, embedding: 
     if not held:
         raise FileNotFoundError(f"{data}: no held-out shards (prepare them: configs/data-heldout.yaml)")
     model = load_specblock(folder, target_args, embedding)
+    to_draft = draft_index(model.draft_ids, embedding.shape[0])
     return {
         "conversations": len(held),
         "tokens": sum(len(c["tokens"]) for c in held),
-        **evaluate(model, held, draft_index(model.draft_ids, embedding.shape[0]), cfg),
+        **evaluate(model, held, to_draft, cfg),
+        **also_metrics(model, heldout_also(cfg), to_draft, cfg),
     }
+
+
+def heldout_also(cfg: TrainConfig) -> dict[str, list[dict]]:
+    """cfg.heldout_also's held-out conversations by folder."""
+    return {f: load_split(Path(f), "heldout") for f in cfg.heldout_also}
+
+
+def also_metrics(model: SpecBlock, also: dict[str, list[dict]], to_draft, cfg: TrainConfig, bf16=False) -> dict:
+    """{"also": {folder: held-out metrics}} for heldout_also's sets, {} without any."""
+    return {"also": {f: evaluate(model, convs, to_draft, cfg, bf16) for f, convs in also.items()}} if also else {}
 
 
 def save(model: SpecBlock, cfg: TrainConfig, metrics: dict, out: Path, data: dict | None = None) -> None:
@@ -239,7 +261,8 @@ def data_dirs(cfg: TrainConfig) -> tuple[Path, Path]:
     """The training and held-out data folders, each checked to hold prepared shards (with data: stream,
     only the held-out one)."""
     data, held_dir = Path(cfg.data_dir), Path(cfg.heldout_dir or cfg.data_dir)
-    for key, folder in (("train.data_dir", data), ("train.heldout_dir", held_dir)):
+    also = [(f"train.heldout_also[{i}]", Path(f)) for i, f in enumerate(cfg.heldout_also)]
+    for key, folder in [("train.data_dir", data), ("train.heldout_dir", held_dir), *also]:
         if key == "train.data_dir" and cfg.data == "stream":
             continue
         if not (folder / "manifest.json").is_file():
@@ -298,7 +321,24 @@ def stream_vocabulary(stream: Stream, sc: StreamConfig, excluded: range, size: i
     return counts.topk(min(size, int((counts > 0).sum()))).indices.sort().values
 
 
-def stream_batches(stream: Stream, sc: StreamConfig, excluded: range, cursor: dict) -> Batches:
+def stream_batches(stream: Stream, sc: StreamConfig, excluded: range, cursor: dict, cache: Path, seed: int) -> Batches:
+    """Epoch 1: teacher-forced batches in file order (teacher_batches), each also written to the teacher
+    cache (TeacherCache); epochs 2..sc.epochs: the cached batches' conversations, shuffled anew each epoch
+    (cached_batches). cursor: teacher_batches' for epoch 1, else {"epoch": e, "batch": b}."""
+    epoch = cursor.get("epoch", 1)
+    if epoch == 1:
+        writer = TeacherCache(cache, sc.cache_gb)
+        where = (cursor.get("record", 0), cursor.get("batch", 0))  # the batch about to be made
+        for convs, after in teacher_batches(stream, sc, excluded, cursor):
+            writer.add(f"{where[0]:09d}-{where[1]:04d}", convs)
+            where = (after["record"], after["batch"])
+            yield convs, {"epoch": 1, **after}
+        epoch, cursor = 2, {}
+    for e in range(epoch, sc.epochs + 1):
+        yield from cached_batches(cache, sc, e, cursor.get("batch", 0) if e == epoch else 0, seed)
+
+
+def teacher_batches(stream: Stream, sc: StreamConfig, excluded: range, cursor: dict) -> Batches:
     """Teacher-forced batches in file order: chunks of sc.chunk conversations, each sorted by length and
     cut into batches of at most sc.batch_tokens (padding included), one target forward per batch.
     cursor {"record": r, "batch": b}: the chunk that starts after record r, b of its batches done."""
@@ -312,14 +352,21 @@ def stream_batches(stream: Stream, sc: StreamConfig, excluded: range, cursor: di
     yield from teach_chunk(stream.teacher, sc, chunk, start, skip)
 
 
+def pack(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of ascending `lengths` cut into batches of at most batch_tokens once padded to their
+    longest (which is their last)."""
+    batches: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if batches and (len(batches[-1]) + 1) * n <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def teach_chunk(teacher: Teacher, sc: StreamConfig, chunk: list, start: int, skip: int) -> Batches:
     chunk = sorted(chunk, key=lambda c: len(c[1]))
-    batches: list[list] = []
-    for c in chunk:  # shortest first: each batch pads to its longest, which is its last
-        if batches and (len(batches[-1]) + 1) * len(c[1]) <= sc.batch_tokens:
-            batches[-1].append(c)
-        else:
-            batches.append([c])
+    batches = [[chunk[i] for i in b] for b in pack([len(c[1]) for c in chunk], sc.batch_tokens)]
     end = max((c[0] for c in chunk), default=start)
     for i, batch in enumerate(batches[skip:], start=skip):
         t = len(batch[-1][1])
@@ -340,6 +387,61 @@ def teach_chunk(teacher: Teacher, sc: StreamConfig, chunk: list, start: int, ski
         ]
         last = i + 1 == len(batches)
         yield convs, {"record": end if last else start, "batch": 0 if last else i + 1}
+
+
+# a cached conversation's tensors and the dtypes they are kept in
+CACHED = {
+    "tokens": torch.int32,
+    "loss_mask": torch.bool,
+    "hidden": torch.bfloat16,
+    "topk_ids": torch.int32,
+    "topk_probs": torch.float16,
+}
+
+
+class TeacherCache:
+    """Epoch 1's teacher-forced batches on disk, one safetensors file per batch named by the data cursor
+    it started at (a resumed run rewrites a batch it redoes under the same name), until the folder holds
+    gb gigabytes; the batches past that are logged and left out of later epochs."""
+
+    def __init__(self, folder: Path, gb: float):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.left = folder, gb * 1e9 - sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+    def add(self, name: str, convs: list[dict]) -> None:
+        size = sum(len(c["tokens"]) * (c["hidden"].shape[1] * 2 + c["topk_ids"].shape[1] * 6 + 5) for c in convs)
+        if size > self.left:
+            if self.left >= 0:
+                log.warning(
+                    "%s: the teacher cache is full; later epochs read only the batches before %s", self.folder, name
+                )
+                self.left = -1.0
+            return
+        sh = {k: torch.cat([c[k] for c in convs]).to(dtype) for k, dtype in CACHED.items()}
+        sh["offsets"] = torch.tensor([0] + [len(c["tokens"]) for c in convs]).cumsum(0)
+        save_file(sh, self.folder / f"{name}.safetensors.tmp")
+        (self.folder / f"{name}.safetensors.tmp").rename(self.folder / f"{name}.safetensors")
+        self.left -= size
+
+
+def cached_batches(cache: Path, sc: StreamConfig, epoch: int, skip: int, seed: int) -> Batches:
+    """One later epoch: the teacher cache's conversations shuffled (seeded by epoch), in chunks of sc.chunk
+    sorted by length and packed like epoch 1's batches; cursor {"epoch": epoch, "batch": b}."""
+    convs = []
+    for f in sorted(cache.glob("*.safetensors")):
+        sh = load_file(f)
+        off = sh["offsets"].tolist()
+        convs += [{k: sh[k][a:b] for k in CACHED} for a, b in zip(off, off[1:])]
+    if not convs:
+        log.warning("%s: no cached batch: epoch %d has nothing to read", cache, epoch)
+        return
+    random.Random(seed * 1_000_003 + epoch).shuffle(convs)
+    batches = []
+    for c in range(0, len(convs), sc.chunk):
+        chunk = sorted(convs[c : c + sc.chunk], key=lambda conv: len(conv["tokens"]))
+        batches += [[chunk[i] for i in b] for b in pack([len(conv["tokens"]) for conv in chunk], sc.batch_tokens)]
+    for i, batch in enumerate(batches[skip:], start=skip):
+        yield batch, {"epoch": epoch, "batch": i + 1}
 
 
 def heldout_records(held_dir: Path, source: str) -> range:
@@ -396,9 +498,11 @@ def data_position(
         excluded = heldout_records(held_dir, cfg.stream.source)
         if stream is None:
             raise ValueError("data: stream needs the target's teacher (specdraft train builds it)")
-        # a published drafter's cursor applies to the same source only
-        before = init_meta.get("data", {}) if init_meta.get("data", {}).get("source") == cfg.stream.source else {}
-        cursor = state["cursor"] if state else before.get("cursor", {})
+        # a published drafter's cursor applies to the same source only; its tokens seen carry over to any
+        # (the learning curve goes on across runs)
+        before = init_meta.get("data", {})
+        same = before.get("source") == cfg.stream.source
+        cursor = state["cursor"] if state else before.get("cursor", {}) if same else {}
         tokens_seen = state["tokens"] if state else before.get("tokens", 0)
         if not excluded:
             log.warning("%s: no record range of %s; the stream may overlap it", held_dir, cfg.stream.source)
@@ -459,7 +563,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     improvements. progress(metrics) after each step."""
     torch.manual_seed(cfg.seed)
     data, held_dir = data_dirs(cfg)
-    held = load_split(held_dir, "heldout")
+    held, also = load_split(held_dir, "heldout"), heldout_also(cfg)
     out = Path(cfg.out)
     state_path = out / "state.pt"
     state = load_state(state_path) if state_path.is_file() else None
@@ -477,7 +581,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and fast_bf16())
     best = {lr.name: published_score(lr, held, cfg, target_args, embedding, bf16) for lr in learners}
     batches = (
-        stream_batches(stream, cfg.stream, excluded, cursor)
+        stream_batches(stream, cfg.stream, excluded, cursor, out / "teacher-cache", cfg.seed)
         if cfg.data == "stream"
         else shard_batches(train_convs, cfg, cursor)
     )
@@ -490,7 +594,7 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
         except StopIteration:
             log.warning("data exhausted at step %d (cursor %s): stopping", step, cursor)
             if metrics and step % cfg.eval_every:
-                metrics.update(checkpoint(learners, cfg, held, metrics, step, cursor, tokens_seen, best, bf16))
+                metrics.update(checkpoint(learners, cfg, held, metrics, step, cursor, tokens_seen, best, bf16, also))
             break
         losses = train_step(learners, convs, cfg, bf16)
         step += 1
@@ -502,9 +606,10 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
             "tokens": tokens_seen,
             "tok_s": (tokens_seen - tokens0) / seconds,
             "minutes": seconds / 60,
+            "epoch": cursor.get("epoch", 1),
         }
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics.update(checkpoint(learners, cfg, held, metrics, step, cursor, tokens_seen, best, bf16))
+            metrics.update(checkpoint(learners, cfg, held, metrics, step, cursor, tokens_seen, best, bf16, also))
         if progress is not None:
             progress(metrics)
     return metrics
@@ -531,13 +636,17 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def checkpoint(learners: list[Learner], cfg: TrainConfig, held, metrics, step, cursor, tokens, best, bf16) -> dict:
+def checkpoint(
+    learners: list[Learner], cfg: TrainConfig, held, metrics, step, cursor, tokens, best, bf16, also
+) -> dict:
     """Evaluate every learner on the held-out set, save its checkpoint and resumable state, append the
     learning curve and publish what improved. Returns the metrics to report."""
     point = {"step": step, "tokens": tokens, "tok_s": round(metrics["tok_s"], 1)}
     data = {"cursor": cursor, "tokens": tokens, "source": cfg.stream.source if cfg.data == "stream" else cfg.data_dir}
     for lr in learners:
         held_m = evaluate(lr.model, held, lr.to_draft, cfg, bf16)
+        if lr is learners[0]:
+            held_m.update(also_metrics(lr.model, also, lr.to_draft, cfg, bf16))
         point[lr.name] = held_m
         own = {**metrics, "heldout": held_m}
         save(lr.model, cfg, own, lr.out, data)

@@ -2,6 +2,7 @@
 ValueError naming the field relative to its section; specdraft.config prefixes the section's path, so the
 user reads one line such as `drafter.ngram.max_depth: must be > 0, got 0`."""
 
+import glob
 import os
 import ssl
 from pathlib import Path
@@ -40,12 +41,17 @@ def file_in(folder, name: str, hint: str = "") -> None:
 
 
 def conversation_source(section, name: str) -> None:
-    """`sharegpt` (the packaged set) or an existing .jsonl / .json file of conversations."""
+    """`sharegpt` (the packaged set), an existing .jsonl / .json file of conversations, or a glob of
+    .jsonl shards that matches at least one file."""
     source = getattr(section, name)
     if source == "sharegpt":
         return
     if not source.endswith((".jsonl", ".json")):
-        raise ValueError(f"{name}: {source!r} is neither sharegpt nor a .jsonl / .json file")
+        raise ValueError(f"{name}: {source!r} is neither sharegpt nor a .jsonl / .json file (or a glob of them)")
+    if glob.has_magic(source):
+        if not glob.glob(source):
+            raise ValueError(f"{name}: {source}: no file matches")
+        return
     existing_file(section, name)
 
 

@@ -16,7 +16,8 @@ DOCS = {
     "bench-sidecar": ("sidecar.md", ()),
     "bench-load": ("sidecar.md", ("server",)),
     "serve-drafter": ("sidecar.md", ("target", "drafter", "server")),
-    "prepare-data": ("training.md", ("target", "sampling", "verifier", "data")),
+    "prepare-data": ("training.md", ("target", "data")),
+    "generate-replies": ("training.md", ("target", "sampling", "verifier", "replies")),
     "train": ("training.md", ("target", "train")),
     "bandit-experiment": ("online-learning.md", ("target", "drafter", "sampling", "verify", "experiment")),
     "prepare": ("setup.md", ()),
@@ -197,6 +198,16 @@ def cmd_prepare_data(args) -> None:
             cfg.data.strict = True
 
     run_prepare_data(config_for(args, "prepare-data", override))
+
+
+def cmd_generate_replies(args) -> None:
+    from specdraft.training import run_generate_replies
+
+    def override(cfg):
+        if args.max_records is not None:
+            cfg.replies.max_records = args.max_records
+
+    run_generate_replies(config_for(args, "generate-replies", override))
 
 
 def cmd_train(args) -> None:
@@ -414,6 +425,23 @@ def add_prepare_data(sub) -> None:
     d.set_defaults(func=cmd_prepare_data)
 
 
+def add_generate_replies(sub) -> None:
+    g = sub.add_parser(
+        "generate-replies",
+        help="the target's own replies to ShareGPT user turns (self-distillation data), as sharded JSONL",
+        description="Answer the user turns of replies.source (the packaged ShareGPT set by default) with the "
+        "target itself, replies.batch records at a time on vLLM (make setup-vllm): the first turn, then later "
+        "turns with the target's own earlier replies in the context, greedy or sampled per record "
+        "(replies.temperatures). Each batch is written as train-NNNNN.jsonl and heldout-NNNNN.jsonl under "
+        "replies.out_dir; resumable: a rerun goes on after the last batch written. prepare-data and "
+        "train.stream.source read the shards (a glob such as data/smollm2-self/train-*.jsonl).",
+        epilog=EPILOG,
+    )
+    g.add_argument("--config", default="configs/replies.yaml", help="YAML config (default: %(default)s)")
+    g.add_argument("--max-records", type=nonneg_int, help="overrides replies.max_records (0 = all)")
+    g.set_defaults(func=cmd_generate_replies)
+
+
 def add_train(sub) -> None:
     t = sub.add_parser(
         "train",
@@ -471,6 +499,7 @@ def parser() -> argparse.ArgumentParser:
         add_bench_sidecar,
         add_bench_load,
         add_serve_drafter,
+        add_generate_replies,
         add_prepare_data,
         add_train,
         add_bandit_experiment,

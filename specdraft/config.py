@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from drafter.data import DataConfig
+from drafter.data import DataConfig, RepliesConfig
 from drafter.server import ServerConfig
 from drafter.train import TrainConfig
 from proto import checks
@@ -196,6 +196,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     server: ServerConfig = field(default_factory=ServerConfig)  # `specdraft serve-drafter` only
     data: DataConfig = field(default_factory=DataConfig)  # `specdraft prepare-data` only
+    replies: RepliesConfig = field(default_factory=RepliesConfig)  # `specdraft generate-replies` only
     train: TrainConfig = field(default_factory=TrainConfig)  # `specdraft train` only
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # `specdraft bandit-experiment` only
 
@@ -206,7 +207,8 @@ COMMAND_SECTIONS = {
     "generate": ("target", "drafter", "sampling", "verify"),
     "bench": ("target", "sampling", "verify"),
     "serve-drafter": ("target", "drafter", "server"),
-    "prepare-data": ("target", "sampling", "verifier", "data"),
+    "prepare-data": ("target", "data"),
+    "generate-replies": ("target", "sampling", "verifier", "replies"),
     "train": ("target", "train"),
     "bandit-experiment": ("target", "drafter", "sampling", "verify", "experiment"),
     "proposer": ("drafter",),

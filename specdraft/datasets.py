@@ -184,6 +184,30 @@ def load_dataset(name: str, strict: bool = False) -> list[Conversation]:
     return read_file(name, strict)
 
 
+EVAL_KEY_CHARS = 80
+
+
+def collapsed(text: str) -> str:
+    return " ".join(text.split())
+
+
+def eval_prompt_keys() -> list[str]:
+    """The first EVAL_KEY_CHARS characters (whitespace collapsed) of every MT-Bench turn and HumanEval
+    prompt (the function stub, before the wrapper `load_dataset` adds): the evaluation sets, which no
+    training conversation may hold."""
+    rows = [json.loads(line) for line in package_file(*MT_BENCH).read_text().splitlines() if line.strip()]
+    texts = [t for r in rows for t in r["turns"]]
+    with gzip.open(package_file(*HUMANEVAL), "rt") as f:
+        texts += [json.loads(line)["prompt"] for line in f if line.strip()]
+    return sorted({collapsed(t)[:EVAL_KEY_CHARS] for t in texts})
+
+
+def holds_eval_prompt(messages: list[dict], keys: list[str]) -> bool:
+    """Whether a user turn of the conversation equals or contains an evaluation prompt (eval_prompt_keys)."""
+    users = [collapsed(m["content"]) for m in messages if m["role"] == "user"]
+    return any(k in u for u in users for k in keys)
+
+
 def first_turns(convs: list[Conversation]) -> list[tuple[str, str]]:
     """(id, first user message) of each conversation: single-turn prompts."""
     return [(c.id, next(m["content"] for m in c.messages if m["role"] == "user")) for c in convs]

@@ -1,5 +1,5 @@
 """vLLM from the application: the proposer class that vLLM builds (its config read from the environment,
-because vLLM builds it in its own engine process), the target's replies for training data, and the
+because vLLM builds it in its own engine process), the target's replies for self-distillation data, and the
 vLLM rows of `specdraft eval` (`verifier.backend: vllm`).
 
 Environment read by the proposer:
@@ -59,23 +59,26 @@ def engine(cfg, model_path: str, dtype: str, max_model_len: int, **kwargs):
     )
 
 
-# ---- the target's own replies, for `specdraft prepare-data` with data.replies: target ----
+# ---- the target's own replies, for `specdraft generate-replies` ----
 
 
 def reply_generator(cfg, stops: set[int]):
-    """A function from prompts' token ids to the target's greedy replies (at most data.reply_tokens each),
-    on one vLLM engine in the target's dtype, all prompts of a call batched."""
+    """drafter.data.Generate on one vLLM engine in the target's dtype: all prompts of a call batched, each
+    with its own temperature (0 = greedy), seed and length limit."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = engine(cfg, str(model_dir(cfg.target.model)), resolved_dtype(cfg.target.dtype), cfg.data.max_tokens)
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.data.reply_tokens, stop_token_ids=sorted(stops))
+    llm = engine(cfg, str(model_dir(cfg.target.model)), resolved_dtype(cfg.target.dtype), cfg.replies.max_tokens)
 
-    def replies(prompts: list[list[int]]) -> list[list[int]]:
+    def generate(prompts, temperatures, seeds, limits):
+        params = [
+            SamplingParams(temperature=t, seed=s, max_tokens=m, stop_token_ids=sorted(stops))
+            for t, s, m in zip(temperatures, seeds, limits)
+        ]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outs]
 
-    return replies
+    return generate
 
 
 # ---- `specdraft eval` with verifier.backend: vllm ----

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from drafter.data import (
     SHAREGPT,
     DataConfig,
+    RepliesConfig,
     build_cache,
+    generate_replies,
     is_heldout,
     read_sharegpt,
     sharegpt_conversations,
@@ -145,39 +147,61 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_a_conversation(t
     assert m["done"]["heldout"] == 35
 
 
-def test_target_replies_replace_the_records_replies_and_only_they_are_scored(tmp_path):
-    """replies: target: each record's first user turn plus the reply a (fake) generator returns, batched;
-    the loss mask marks exactly the positions that predict a reply token."""
+def test_generated_replies_answer_later_turns_with_the_targets_own_replies_and_resume(tmp_path):
+    """generate_replies: batches of records; turn 2 is asked with the target's own turn-1 reply in the
+    context (not the record's); a reply cut by its limit ends the record; each record keeps its
+    temperature and seed; shards split by id; a run stopped mid-way resumes after the last batch written."""
 
-    class Tok:
+    class Tok:  # fake: one token per character; a chat prompt lists the turns' texts
         def apply_chat_template(self, messages, add_generation_prompt=False, return_dict=True):
-            return {"input_ids": [len(messages[0]["content"])] * 3 + [7] * add_generation_prompt}
+            return {"input_ids": [ord(ch) for m in messages for ch in m["content"] + "|"]}
 
-    def features(ids):
-        return torch.zeros(len(ids), 8), lambda h: torch.zeros(h.shape[0], 60)
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
 
-    batches = []
+        def encode(self, text):
+            return [ord(ch) for ch in text]
 
-    def replies(prompts):  # fake: a reply of 2 + (prompt's first id) tokens, 90, 91, ...
-        batches.append(len(prompts))
-        return [list(range(90, 92 + p[0])) for p in prompts]
+    calls = []
 
-    records = [
-        conv(f"id{i}", ("human", "q" * i), ("gpt", "ignored"), ("human", "later turn"), ("gpt", "b"))
-        for i in range(1, 6)
+    def generate(prompts, temperatures, seeds, limits):  # fake: "r<len(prompt)>", cut where the prompt has "cut"
+        calls.append((len(prompts), temperatures, seeds))
+        return [(list(map(ord, f"r{len(p)}")), "cut" not in "".join(map(chr, p))) for p in prompts]
+
+    records = [conv(f"id{i}", ("human", f"q{i}"), ("gpt", "theirs"), ("human", "more"), ("gpt", "b")) for i in range(7)]
+    records[2] = conv("id2", ("human", "cut here"), ("gpt", "x"), ("human", "never asked"))
+    records[4] = conv("id4", ("human", "x" * 200), ("gpt", "too long a prompt"))
+    cfg = RepliesConfig(out_dir=str(tmp_path / "r"), turns=2, max_tokens=64, batch=3, temperatures=[0.0, 1.0])
+    cfg.heldout_fraction = 0.5
+
+    def crash_after_batch_one():
+        for n, r in enumerate(sharegpt_conversations(records)):
+            if n == 4:
+                raise KeyboardInterrupt
+            yield r
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_replies(crash_after_batch_one(), Tok(), generate, cfg)
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["record"] == 3
+    m = generate_replies(sharegpt_conversations(records), Tok(), generate, cfg)
+    assert m["record"] == 7 and m["shards"] == 3 and m["conversations"] == 6  # id4's only prompt is too long
+    out = {}
+    for f in sorted((tmp_path / "r").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            c = json.loads(line)
+            assert f.name.startswith("heldout" if is_heldout(c["id"], 0.5) else "train")
+            out[c["id"]] = c
+    assert sorted(out) == ["id0", "id1", "id2", "id3", "id5", "id6"]
+    assert out["id0"]["temperature"] == 1.0 and out["id1"]["temperature"] == 0.0  # record n: [n % 2]
+    q1 = [ord(ch) for ch in "q1|"]
+    turn2 = "q1|r3|more|"  # the target's own first reply, not "theirs", in the second turn's prompt
+    assert out["id1"]["messages"] == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": f"r{len(q1)}"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": f"r{len(turn2)}"},
     ]
-    cfg = DataConfig(
-        out_dir=str(tmp_path / "d"), topk=2, heldout_fraction=0.0, replies="target", reply_batch=2, max_tokens=16
-    )
-    m = build_cache(sharegpt_conversations(records), Tok(), features, cfg, "m", replies=replies)
-    assert batches == [2, 2, 1] and m["config"]["replies"] == "target"
-    sh = load_file(tmp_path / "d" / m["shards"][0]["file"])
-    off = sh["offsets"].tolist()
-    for i, (a, b) in enumerate(zip(off, off[1:]), start=1):
-        reply = list(range(90, 92 + i))
-        assert sh["tokens"][a:b].tolist() == [i, i, i, 7] + reply
-        assert sh["loss_mask"][a:b].tolist() == [0, 0, 0] + [1] * len(reply) + [0]
-    with pytest.raises(ValueError, match="replies dataset"):  # the folder holds another kind of data
-        build_cache(
-            sharegpt_conversations(records), Tok(), features, DataConfig(out_dir=str(tmp_path / "d"), topk=2), "m"
-        )
+    assert len(out["id2"]["messages"]) == 2  # its first reply was cut: no second turn
+    assert len({seed for _, _, seeds in calls for seed in seeds}) == sum(len(seeds) for _, _, seeds in calls)
+    with pytest.raises(ValueError, match="generated from sharegpt"):
+        generate_replies(iter([]), Tok(), generate, RepliesConfig(out_dir=str(tmp_path / "r"), source="x.jsonl"))

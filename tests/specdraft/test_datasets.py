@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drafter.data import DataConfig, build_cache
+from drafter.data import SHAREGPT, DataConfig, build_cache, read_sharegpt, sharegpt_conversations
 from drafter.train import (
     Stream,
     StreamConfig,
@@ -23,10 +23,12 @@ from drafter.train import (
     train,
 )
 from kernels.layers import ModelArgs
+from specdraft.assets import package_file
 from specdraft.cli import main
 from specdraft.config import Config, ConfigError
-from specdraft.datasets import Conversation, first_turns, load_dataset, read_file
+from specdraft.datasets import Conversation, eval_prompt_keys, first_turns, holds_eval_prompt, load_dataset, read_file
 from specdraft.evaluate import answered, turn_prompts
+from specdraft.training import source_conversations
 from verifier.model import Transformer
 from verifier.target import TorchTarget
 
@@ -224,14 +226,56 @@ def test_the_stream_skips_held_out_records_and_resumes_where_it_stopped(tmp_path
     excluded = heldout_records(tmp_path / "held", str(tmp_path / "mine.jsonl"))
     assert excluded == range(1, 9) and heldout_records(tmp_path / "held", "sharegpt") == range(0)
     assert [n for n, _, _ in tokenized(stream, sc, excluded, 0)] == list(range(9, 81))
-    whole = list(stream_batches(stream, sc, excluded, {}))
+    whole = list(stream_batches(stream, sc, excluded, {}, tmp_path / "cache", 0))
     assert all(sum(1 for _ in c) * max(len(x["tokens"]) for x in c) <= 128 for c, _ in whole)
     assert sum(len(c) for c, _ in whole) == 72  # every training conversation once
     for i in (2, 5):  # a run resumed from the cursor after batch i sees exactly the rest
-        rest = list(stream_batches(stream, sc, excluded, whole[i][1]))
-        assert [[x["tokens"].tolist() for x in c] for c, _ in rest] == [
-            [x["tokens"].tolist() for x in c] for c, _ in whole[i + 1 :]
-        ]
+        rest = list(stream_batches(stream, sc, excluded, whole[i][1], tmp_path / "cache", 0))
+        assert tokens_of(rest) == tokens_of(whole[i + 1 :])
+
+
+def tokens_of(batches) -> list[list[list[int]]]:
+    return [[x["tokens"].tolist() for x in c] for c, _ in batches]
+
+
+def test_later_epochs_read_the_teacher_cache_reshuffled_and_resume_inside_an_epoch(tmp_path):
+    """Epoch 1 teacher-forces and caches; epochs 2 and 3 hold the same conversations with the teacher's
+    features and top-k (bf16 / fp16 as stored), in another order each, without calling the teacher; a
+    cursor inside epoch 2 resumes exactly; a cache bound leaves batches out of later epochs."""
+    _, target, stream = toy_stream_setup(tmp_path)
+    sc = StreamConfig(max_tokens=64, batch_tokens=128, chunk=6, epochs=3)
+    excluded = range(1, 9)
+    cache = tmp_path / "cache"
+    runs = list(stream_batches(stream, sc, excluded, {}, cache, 0))
+    epochs = [[b for b in runs if b[1]["epoch"] == e] for e in (1, 2, 3)]
+    first = {tuple(x["tokens"].tolist()): x for c, _ in epochs[0] for x in c}  # the toy repeats conversations
+    every = sorted(tuple(x["tokens"].tolist()) for c, _ in epochs[0] for x in c)
+    assert len(every) == 72 and all(len(e) > 0 for e in epochs)
+    orders = []
+    for e in epochs[1:]:
+        convs = [x for c, _ in e for x in c]
+        orders.append([tuple(x["tokens"].tolist()) for x in convs])
+        assert sorted(orders[-1]) == every  # every conversation once per epoch
+        for x in convs:
+            y = first[tuple(x["tokens"].tolist())]
+            assert torch.allclose(x["hidden"].float(), y["hidden"].float(), atol=0.05, rtol=0.01)
+            m = y["loss_mask"]
+            assert torch.equal(x["loss_mask"], m) and torch.equal(x["topk_ids"][m].long(), y["topk_ids"][m].long())
+            assert torch.allclose(x["topk_probs"][m].float(), y["topk_probs"][m].float(), atol=1e-3)
+    assert orders[0] != orders[1]
+
+    def no_teacher(*_):
+        raise AssertionError("a later epoch called the teacher")
+
+    cold = Stream(stream.conversations, stream.tokenizer, no_teacher)
+    i = len(epochs[0]) + 3  # the cursor after epoch 2's 4th batch
+    assert tokens_of(list(stream_batches(cold, sc, excluded, runs[i][1], cache, 0))) == tokens_of(runs[i + 1 :])
+
+    small = tmp_path / "small"  # room for the first two batches' files: later epochs read what fitted
+    bound = sum(f.stat().st_size for f in sorted(cache.glob("*.safetensors"))[:2]) / 1e9
+    runs = list(stream_batches(stream, replace(sc, cache_gb=bound), excluded, {}, small, 0))
+    assert len(list(small.glob("*.safetensors"))) == 2
+    assert sum(len(c) for c, cur in runs if cur["epoch"] == 2) == sum(len(c) for c, _ in epochs[0][:2])
 
 
 def test_a_drafter_trains_by_streaming_teacher_forcing_and_publishes_improvements(tmp_path):
@@ -304,3 +348,32 @@ def test_an_eval_with_no_usable_record_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"specdraft eval: error: {path}: no usable record (2 skipped)", err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_no_training_source_holds_an_evaluation_prompt(tmp_path):
+    """The packaged ShareGPT set holds no MT-Bench turn or HumanEval stub (first 80 characters); any source
+    read for training or reply generation (a file, a glob of shards) passes a conversation that does as
+    (id, None), its record number kept, and the rest unchanged."""
+    keys = eval_prompt_keys()
+    assert len(keys) == 324  # 80 MT-Bench questions x 2 turns, 164 HumanEval stubs
+    records = sharegpt_conversations(read_sharegpt(package_file(*SHAREGPT)))  # unfiltered
+    assert not [cid for cid, msgs in records if msgs is not None and holds_eval_prompt(msgs, keys)]
+    mt = load_dataset("mt_bench")[3].messages[1]["content"]  # a second turn, inside other text
+    stub = load_dataset("humaneval")[7].messages[0]["content"].split("```python\n")[1]
+    lines = [
+        {"id": "fine", "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+        {
+            "id": "mt",
+            "messages": [{"role": "user", "content": f"Please:   {mt}"}, {"role": "assistant", "content": "x"}],
+        },
+        {"id": "he", "messages": [{"role": "user", "content": stub[:100]}, {"role": "assistant", "content": "y"}]},
+        {"id": "reply", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": mt}]},
+    ]
+    for i, name in enumerate(("train-00000.jsonl", "train-00001.jsonl")):
+        (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in lines[2 * i : 2 * i + 2]))
+    for source in (str(tmp_path / "train-0000*.jsonl"), str(tmp_path / "train-00000.jsonl")):
+        got = list(source_conversations(source, True)())
+        assert [(cid, msgs is None) for cid, msgs in got][:2] == [("fine", False), ("mt", True)]
+    got = dict(source_conversations(str(tmp_path / "train-*.jsonl"), True)())
+    # an assistant turn may quote anything: only user turns are prompts
+    assert got["he"] is None and got["reply"] == lines[3]["messages"] and got["fine"] == lines[0]["messages"]
