@@ -306,6 +306,31 @@ def test_a_drafter_trains_by_streaming_teacher_forcing_and_publishes_improvement
     more = replace(cfg, init=str(tmp_path / "pub"), out=str(tmp_path / "ck2"), baseline_out="", steps=2, eval_every=2)
     again = train(more, args, target.embedding, None, stream)
     assert again["tokens"] > published["data"]["tokens"]
+    # another source (the target's replies, say) for two epochs: the cursor starts afresh, the tokens seen
+    # go on, epoch 2 comes from the teacher cache, and a second held-out set is reported beside the first
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(line for line in (tmp_path / "mine.jsonl").read_text().splitlines(True)[8:40]))
+    two = replace(
+        more,
+        stream=replace(more.stream, source=str(other), epochs=2),
+        heldout_also=[str(tmp_path / "held")],
+        out=str(tmp_path / "ck3"),
+        steps=40,
+        eval_every=3,
+    )
+    seen = []
+    last = train(
+        two,
+        args,
+        target.embedding,
+        lambda m: seen.append((m["epoch"], m["tokens"])),
+        stream._replace(conversations=source_conversations(str(other), True)),
+    )
+    assert [e for e, _ in seen][0] == 1 and seen[-1][0] == 2 and last["step"] < 40  # two epochs, then no more data
+    assert seen[0][1] > published["data"]["tokens"]
+    assert list((tmp_path / "ck3" / "teacher-cache").glob("*.safetensors"))
+    point = json.loads((tmp_path / "ck3" / "curve.jsonl").read_text().splitlines()[0])
+    assert point["specblock"]["also"][str(tmp_path / "held")]["top1"] == point["specblock"]["top1"]  # same set
 
 
 def test_deep_huge_and_overlong_records_are_one_line_each(tmp_path, caplog):
