@@ -61,6 +61,22 @@ class StreamConfig:
 
 
 @dataclass
+class CompanionConfig:
+    """Another trained drafter that goes on training on the very same batches as the main one (one teacher
+    forward feeds both), checkpointed, evaluated and published like it: e.g. the token-conditioned drafter
+    that serves vLLM beside the hidden-state one."""
+
+    init: str = ""  # its folder (drafter.safetensors + config.json)
+    out: str = ""  # its checkpoints and resumable state
+    publish: str = ""  # gets it (bf16) when its held-out tau-estimate beats the drafter there; "" = never
+
+    def validate(self) -> None:
+        checks.file_in(self.init, "drafter.safetensors")
+        if not self.out:
+            raise ValueError("out: a companion needs a folder for its checkpoints")
+
+
+@dataclass
 class TrainConfig:
     kind: typing.Literal["specblock", "selector"] = "specblock"  # selector: the delay selector, from traces
     selector: SelectorTrainConfig = field(default_factory=SelectorTrainConfig)
@@ -85,6 +101,7 @@ class TrainConfig:
     # this folder, and publish it like the main one to baseline_publish; "" = no baseline
     baseline_out: str = ""
     baseline_publish: str = ""
+    companions: list[CompanionConfig] = field(default_factory=list)
     # the drafter's matrix products in bf16 (autocast; weights and optimizer stay fp32): auto = where
     # the CPU has bf16 dot products
     precision: typing.Literal["auto", "float32", "bfloat16"] = "auto"
@@ -109,6 +126,13 @@ class TrainConfig:
                     raise ValueError(f"{key}: {e}") from None
         if self.baseline_publish and not self.baseline_out:
             raise ValueError("baseline_publish: needs baseline_out (where the baseline trains)")
+        for i, c in enumerate(self.companions):
+            try:
+                c.validate()
+            except OSError as e:
+                raise ValueError(f"companions[{i}].init: {e}") from None
+            except ValueError as e:
+                raise ValueError(f"companions[{i}].{e}") from None
 
 
 def load_split(data_dir: Path, split: str) -> list[dict[str, torch.Tensor]]:
@@ -517,8 +541,9 @@ def data_position(
 def new_learners(
     cfg: TrainConfig, target_args, embedding: torch.Tensor, stream, excluded: range, train_convs
 ) -> list[Learner]:
-    """The drafter to train (cfg.init's, else a new one over the training data's most frequent tokens) and,
-    with cfg.baseline_out, the EAGLE-style baseline (block_size 1) on the same draft vocabulary."""
+    """The drafter to train (cfg.init's, else a new one over the training data's most frequent tokens),
+    with cfg.baseline_out the EAGLE-style baseline (block_size 1) on the same draft vocabulary, and
+    cfg.companions' drafters (named by their out folder)."""
     if cfg.init:
         model = load_specblock(Path(cfg.init), target_args, embedding).train()
         cfg.model = model.cfg
@@ -535,6 +560,9 @@ def new_learners(
     if cfg.baseline_out:
         base = SpecBlock(replace(model.cfg, block_size=1), target_args, embedding, model.draft_ids)
         learners.append(learner("eagle", base, cfg, cfg.baseline_out, cfg.baseline_publish, embedding.shape[0]))
+    for c in cfg.companions:
+        other = load_specblock(Path(c.init), target_args, embedding).train()
+        learners.append(learner(Path(c.out).name, other, cfg, c.out, c.publish, embedding.shape[0]))
     return learners
 
 

@@ -13,6 +13,7 @@ import torch
 
 from drafter.data import SHAREGPT, DataConfig, build_cache, read_sharegpt, sharegpt_conversations
 from drafter.train import (
+    CompanionConfig,
     Stream,
     StreamConfig,
     TrainConfig,
@@ -314,6 +315,9 @@ def test_a_drafter_trains_by_streaming_teacher_forcing_and_publishes_improvement
         more,
         stream=replace(more.stream, source=str(other), epochs=2),
         heldout_also=[str(tmp_path / "held")],
+        companions=[
+            CompanionConfig(init=str(tmp_path / "pub"), out=str(tmp_path / "side"), publish=str(tmp_path / "p2"))
+        ],
         out=str(tmp_path / "ck3"),
         steps=40,
         eval_every=3,
@@ -331,6 +335,8 @@ def test_a_drafter_trains_by_streaming_teacher_forcing_and_publishes_improvement
     assert list((tmp_path / "ck3" / "teacher-cache").glob("*.safetensors"))
     point = json.loads((tmp_path / "ck3" / "curve.jsonl").read_text().splitlines()[0])
     assert point["specblock"]["also"][str(tmp_path / "held")]["top1"] == point["specblock"]["top1"]  # same set
+    # the companion trained on the same batches: its own checkpoints, curve entries and publication
+    assert "side" in point and (tmp_path / "side" / "state.pt").is_file() and (tmp_path / "p2").is_dir()
 
 
 def test_deep_huge_and_overlong_records_are_one_line_each(tmp_path, caplog):
