@@ -154,7 +154,7 @@ def render() -> str:
         cls = hints[f.name]
         source = Path(inspect.getsourcefile(cls)).resolve().relative_to(ROOT)
         out.append(f"## {f.name}\n")
-        about = " ".join(t for t in (top.get(f.name, ""), doc_line(cls)) if t)
+        about = " ".join(t if t.endswith(".") else t + "." for t in (top.get(f.name, ""), doc_line(cls)) if t)
         out.append(f"`{cls.__name__}` in `{source}`." + (f" {about}" if about else "") + "\n")
         out.append("| key | type | default | meaning |\n|---|---|---|---|")
         for key, typ, default, text in rows(cls, getattr(root, f.name), f.name):

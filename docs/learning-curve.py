@@ -32,21 +32,28 @@ def fit(tokens: np.ndarray, values: np.ndarray) -> np.poly1d:
     return np.poly1d(np.polyfit(np.log10(tokens[half:]), values[half:], 1))
 
 
-def held_out(metrics: dict, folder: str) -> dict:
+def held_out(metrics: dict, folder: str, heldout_dir: str) -> dict:
     """A checkpoint's metrics on one held-out folder: its heldout_dir's, or one of heldout_also's."""
-    return metrics["also"][folder] if folder in metrics.get("also", {}) else metrics
+    if folder == heldout_dir:
+        return metrics
+    if folder not in metrics.get("also", {}):
+        raise SystemExit(
+            f"{folder}: not a held-out folder of this run ({heldout_dir}, {', '.join(metrics.get('also', {}))})"
+        )
+    return metrics["also"][folder]
 
 
 def append(curve: Path, run: str, replies: str, sharegpt: str) -> None:
     """A training run's curve.jsonl as docs points: ShareGPT's held-out metrics under specblock, the replies'
-    under replies (whichever of heldout_dir / heldout_also each was)."""
+    under replies (whichever of heldout_dir / heldout_also each was: the run's config.json says)."""
+    heldout_dir = json.loads((curve.parent / "config.json").read_text())["train"]["heldout_dir"]
     with open(CURVE, "a") as out:
         for line in curve.read_text().splitlines():
             p = json.loads(line)
             m = p["specblock"]
             point = {"run": run, "step": p["step"], "tokens": p["tokens"], "tok_s": p["tok_s"]}
             for key, folder in (("specblock", sharegpt), ("replies", replies)):
-                point[key] = {k: v for k, v in held_out(m, folder).items() if k != "also"}
+                point[key] = {k: v for k, v in held_out(m, folder, heldout_dir).items() if k != "also"}
             out.write(json.dumps(point) + "\n")
 
 
@@ -105,6 +112,8 @@ if __name__ == "__main__":
     ap.add_argument("--replies", help="the appended run's held-out folder of the target's replies")
     ap.add_argument("--sharegpt", help="the appended run's held-out folder of ShareGPT")
     args = ap.parse_args()
+    if args.append and not (args.run and args.replies and args.sharegpt):
+        ap.error("--append needs --run, --replies and --sharegpt")
     if args.append:
         append(args.append, args.run, args.replies, args.sharegpt)
     draw()

@@ -80,7 +80,7 @@ class RepliesConfig:
     reply_tokens: int = 256  # at most, per reply
     batch: int = 64  # records whose turns are generated together (one shard pair per batch)
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.7, 1.0])  # record n: [n % len]
-    heldout_fraction: float = 0.05  # stable split by record id, as prepare-data's
+    heldout_fraction: float = 0.05  # stable split by conversation id, as prepare-data's
     seed: int = 0
 
     def validate(self) -> None:
@@ -295,16 +295,16 @@ Generate = Callable[[list[list[int]], list[float], list[int], list[int]], list[t
 
 def answer_turns(
     batch: list[tuple[int, str, list[str]]], tokenizer, generate: Generate, cfg: RepliesConfig
-) -> list[dict]:
+) -> tuple[list[dict], int]:
     """The target's conversations for a batch of (record number, id, user turns): turn 1 of every record,
     then turn 2 of those that have one, with the target's own earlier replies in the context, and so on.
-    A record stops at a prompt over 3/4 of cfg.max_tokens or a reply cut by its limit. Records with no
-    answered turn are left out."""
+    A record stops at a prompt over 3/4 of cfg.max_tokens or a reply cut by its limit. Returns the
+    conversations (records with no answered turn left out) and the reply tokens generated."""
     convs = [
         {"id": cid, "record": n, "temperature": cfg.temperatures[n % len(cfg.temperatures)], "messages": []}
         for n, cid, _ in batch
     ]
-    going = list(range(len(batch)))
+    going, tokens = list(range(len(batch))), 0
     for turn in range(cfg.turns):
         asks = []  # (conversation index, prompt ids)
         for i in going:
@@ -323,6 +323,7 @@ def answer_turns(
         )
         going = []
         for (i, _), (reply, stopped) in zip(asks, outs):
+            tokens += len(reply)
             text = tokenizer.decode(reply, skip_special_tokens=True)
             convs[i]["messages"] += [
                 {"role": "user", "content": batch[i][2][turn]},
@@ -330,7 +331,7 @@ def answer_turns(
             ]
             if stopped:
                 going.append(i)
-    return [c for c in convs if c["messages"]]
+    return [c for c in convs if c["messages"]], tokens
 
 
 def generate_replies(
@@ -338,29 +339,29 @@ def generate_replies(
     tokenizer,
     generate: Generate,
     cfg: RepliesConfig,
+    model: str,
     progress=None,
 ) -> dict:
     """The target's own replies to the user turns of `conversations` (answer_turns), cfg.batch records at a
     time, each batch written as train-NNNNN.jsonl and heldout-NNNNN.jsonl under cfg.out_dir (split by
-    record id; whole files: temporary name, then renamed) before manifest.json's cursor moves past its
-    last record. Resumable: a rerun goes on after the cursor. Returns the manifest. progress(tokens)
-    after each batch."""
+    conversation id; whole files: temporary name, then renamed) before manifest.json's cursor moves past
+    its last record. Resumable: a rerun goes on after the cursor, refused (ValueError) where the folder
+    holds another model's replies or another source, split, turns or temperatures. Returns the manifest.
+    progress(reply tokens) after each batch."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
-    manifest = (
-        json.loads(path.read_text())
-        if path.is_file()
-        else {"config": asdict(cfg), "record": 0, "shards": 0, "conversations": 0, "reply_tokens": 0, "seconds": 0.0}
-    )
-    if manifest["config"]["source"] != cfg.source:
-        raise ValueError(f"{path}: generated from {manifest['config']['source']}; use another out_dir for {cfg.source}")
+    new = {"model": model, "config": asdict(cfg), "record": 0, "shards": 0, "conversations": 0, "reply_tokens": 0}
+    manifest = json.loads(path.read_text()) if path.is_file() else {**new, "seconds": 0.0}
+    for key in ("model", "source", "heldout_fraction", "turns", "temperatures"):
+        was, now = (manifest[key], new[key]) if key == "model" else (manifest["config"][key], new["config"][key])
+        if was != now:
+            raise ValueError(f"{path}: generated with {key} {was}, not {now}; use another out_dir")
     batch: list[tuple[int, str, list[str]]] = []
 
     def write() -> None:
         t0 = time.perf_counter()
-        convs = answer_turns(batch, tokenizer, generate, cfg)
-        tokens = sum(len(tokenizer.encode(m["content"])) for c in convs for m in c["messages"][1::2])
+        convs, tokens = answer_turns(batch, tokenizer, generate, cfg)
         k = manifest["shards"]
         for split in ("train", "heldout"):
             lines = [

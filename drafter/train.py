@@ -13,6 +13,7 @@ import math
 import pickle
 import random
 import re
+import shutil
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -71,6 +72,8 @@ class CompanionConfig:
     publish: str = ""  # gets it (bf16) when its held-out tau-estimate beats the drafter there; "" = never
 
     def validate(self) -> None:
+        if not self.init:
+            raise ValueError("init: a companion needs a trained drafter's folder")
         checks.file_in(self.init, "drafter.safetensors")
         if not self.out:
             raise ValueError("out: a companion needs a folder for its checkpoints")
@@ -101,6 +104,8 @@ class TrainConfig:
     # this folder, and publish it like the main one to baseline_publish; "" = no baseline
     baseline_out: str = ""
     baseline_publish: str = ""
+    # more trained drafters that go on training on the very same batches, each {init, out, publish}: e.g.
+    # the token-conditioned one beside this one (one teacher forward feeds all)
     companions: list[CompanionConfig] = field(default_factory=list)
     # the drafter's matrix products in bf16 (autocast; weights and optimizer stay fp32): auto = where
     # the CPU has bf16 dot products
@@ -126,7 +131,10 @@ class TrainConfig:
                     raise ValueError(f"{key}: {e}") from None
         if self.baseline_publish and not self.baseline_out:
             raise ValueError("baseline_publish: needs baseline_out (where the baseline trains)")
+        names = ["specblock", "eagle"] + [Path(c.out).name for c in self.companions]
         for i, c in enumerate(self.companions):
+            if Path(c.out).name in names[: i + 2]:
+                raise ValueError(f"companions[{i}].out: {c.out} is named like another learner ({Path(c.out).name})")
             try:
                 c.validate()
             except OSError as e:
@@ -347,32 +355,36 @@ def stream_vocabulary(stream: Stream, sc: StreamConfig, excluded: range, size: i
 
 def stream_batches(stream: Stream, sc: StreamConfig, excluded: range, cursor: dict, cache: Path, seed: int) -> Batches:
     """Epoch 1: teacher-forced batches in file order (teacher_batches), each also written to the teacher
-    cache (TeacherCache); epochs 2..sc.epochs: the cached batches' conversations, shuffled anew each epoch
-    (cached_batches). cursor: teacher_batches' for epoch 1, else {"epoch": e, "batch": b}."""
-    epoch = cursor.get("epoch", 1)
+    cache (TeacherCache) when sc.epochs > 1; epochs 2..sc.epochs: the cached batches' conversations,
+    shuffled anew each epoch (cached_batches). cursor: teacher_batches' for epoch 1 (plus "epoch": 1),
+    else {"epoch": e, "batch": b, "record": the source's last record read in epoch 1}."""
+    epoch, record = cursor.get("epoch", 1), cursor.get("record", 0)
     if epoch == 1:
-        writer = TeacherCache(cache, sc.cache_gb)
-        where = (cursor.get("record", 0), cursor.get("batch", 0))  # the batch about to be made
+        writer = TeacherCache(cache, sc.cache_gb) if sc.epochs > 1 else None
+        where = (record, cursor.get("batch", 0))  # the batch about to be made
         for convs, after in teacher_batches(stream, sc, excluded, cursor):
-            writer.add(f"{where[0]:09d}-{where[1]:04d}", convs)
-            where = (after["record"], after["batch"])
+            if writer is not None:
+                writer.add(f"{where[0]:09d}-{where[1]:04d}", convs)
+            where, record = (after["record"], after["batch"]), after["record"]
             yield convs, {"epoch": 1, **after}
         epoch, cursor = 2, {}
     for e in range(epoch, sc.epochs + 1):
-        yield from cached_batches(cache, sc, e, cursor.get("batch", 0) if e == epoch else 0, seed)
+        for convs, b in cached_batches(cache, sc, e, cursor.get("batch", 0) if e == epoch else 0, seed):
+            yield convs, {"epoch": e, "batch": b, "record": record}
 
 
 def teacher_batches(stream: Stream, sc: StreamConfig, excluded: range, cursor: dict) -> Batches:
     """Teacher-forced batches in file order: chunks of sc.chunk conversations, each sorted by length and
     cut into batches of at most sc.batch_tokens (padding included), one target forward per batch.
-    cursor {"record": r, "batch": b}: the chunk that starts after record r, b of its batches done."""
-    start, skip = cursor.get("record", 0), cursor.get("batch", 0)
+    cursor {"record": r, "batch": b, "until": u}: the chunk that starts after record r and ends at record
+    u (it is rebuilt as it was, even if a glob source grew since), b of its batches done."""
+    start, skip, until = cursor.get("record", 0), cursor.get("batch", 0), cursor.get("until")
     chunk: list[tuple[int, list, list]] = []
     for item in tokenized(stream, sc, excluded, start):
         chunk.append(item)
-        if len(chunk) == sc.chunk:
+        if len(chunk) == sc.chunk or item[0] == until:
             yield from teach_chunk(stream.teacher, sc, chunk, start, skip)
-            start, skip, chunk = item[0], 0, []
+            start, skip, until, chunk = item[0], 0, None, []
     yield from teach_chunk(stream.teacher, sc, chunk, start, skip)
 
 
@@ -410,7 +422,7 @@ def teach_chunk(teacher: Teacher, sc: StreamConfig, chunk: list, start: int, ski
             for r, (_, ids, _) in enumerate(batch)
         ]
         last = i + 1 == len(batches)
-        yield convs, {"record": end if last else start, "batch": 0 if last else i + 1}
+        yield convs, {"record": end, "batch": 0} if last else {"record": start, "batch": i + 1, "until": end}
 
 
 # a cached conversation's tensors and the dtypes they are kept in
@@ -425,32 +437,38 @@ CACHED = {
 
 class TeacherCache:
     """Epoch 1's teacher-forced batches on disk, one safetensors file per batch named by the data cursor
-    it started at (a resumed run rewrites a batch it redoes under the same name), until the folder holds
-    gb gigabytes; the batches past that are logged and left out of later epochs."""
+    it started at (a resumed run rewrites a batch it redoes under the same name), until the files hold
+    gb gigabytes; from the first batch that does not fit (recorded in the file FULL, which a resumed run
+    reads) the rest are logged and left out of later epochs."""
 
     def __init__(self, folder: Path, gb: float):
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.left = folder, gb * 1e9 - sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        self.folder = folder
+        self.left = gb * 1e9 - sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        if (folder / "FULL").is_file():
+            self.left = -1.0
 
     def add(self, name: str, convs: list[dict]) -> None:
-        size = sum(len(c["tokens"]) * (c["hidden"].shape[1] * 2 + c["topk_ids"].shape[1] * 6 + 5) for c in convs)
-        if size > self.left:
-            if self.left >= 0:
-                log.warning(
-                    "%s: the teacher cache is full; later epochs read only the batches before %s", self.folder, name
-                )
-                self.left = -1.0
+        if self.left < 0:
             return
         sh = {k: torch.cat([c[k] for c in convs]).to(dtype) for k, dtype in CACHED.items()}
         sh["offsets"] = torch.tensor([0] + [len(c["tokens"]) for c in convs]).cumsum(0)
+        size = sum(t.numel() * t.element_size() for t in sh.values())
+        if size > self.left:
+            log.warning(
+                "%s: the teacher cache is full; later epochs read only the batches before %s", self.folder, name
+            )
+            (self.folder / "FULL").write_text(name + "\n")
+            self.left = -1.0
+            return
         save_file(sh, self.folder / f"{name}.safetensors.tmp")
         (self.folder / f"{name}.safetensors.tmp").rename(self.folder / f"{name}.safetensors")
-        self.left -= size
+        self.left -= (self.folder / f"{name}.safetensors").stat().st_size
 
 
-def cached_batches(cache: Path, sc: StreamConfig, epoch: int, skip: int, seed: int) -> Batches:
+def cached_batches(cache: Path, sc: StreamConfig, epoch: int, skip: int, seed: int) -> Iterator[tuple[list[dict], int]]:
     """One later epoch: the teacher cache's conversations shuffled (seeded by epoch), in chunks of sc.chunk
-    sorted by length and packed like epoch 1's batches; cursor {"epoch": epoch, "batch": b}."""
+    sorted by length and packed like epoch 1's batches, each with the number of batches done after it."""
     convs = []
     for f in sorted(cache.glob("*.safetensors")):
         sh = load_file(f)
@@ -465,15 +483,18 @@ def cached_batches(cache: Path, sc: StreamConfig, epoch: int, skip: int, seed: i
         chunk = sorted(convs[c : c + sc.chunk], key=lambda conv: len(conv["tokens"]))
         batches += [[chunk[i] for i in b] for b in pack([len(conv["tokens"]) for conv in chunk], sc.batch_tokens)]
     for i, batch in enumerate(batches[skip:], start=skip):
-        yield batch, {"epoch": epoch, "batch": i + 1}
+        yield batch, i + 1
 
 
 def heldout_records(held_dir: Path, source: str) -> range:
     """The record numbers (1-based, file order) of `source` that the held-out set was prepared from: a
-    stream skips them. Empty when the held-out set comes from another source, or is a hash split (the
-    caller warns)."""
+    stream skips them. Empty when the held-out set comes from another source (nothing to skip), or is a
+    hash split of this one (logged: the stream may then overlap it)."""
     c = json.loads((held_dir / "manifest.json").read_text())["config"]
-    if c.get("heldout_fraction", 0) < 1 or c.get("source", "sharegpt") != source:
+    if c.get("source", "sharegpt") != source:
+        return range(0)
+    if c.get("heldout_fraction", 0) < 1:
+        log.warning("%s: a hash split of %s, not a record range; the stream may overlap it", held_dir, source)
         return range(0)
     return range(c["first_record"] + 1, c["first_record"] + (c["max_conversations"] or 10**9) + 1)
 
@@ -525,11 +546,11 @@ def data_position(
         # a published drafter's cursor applies to the same source only; its tokens seen carry over to any
         # (the learning curve goes on across runs)
         before = init_meta.get("data", {})
-        same = before.get("source") == cfg.stream.source
-        cursor = state["cursor"] if state else before.get("cursor", {}) if same else {}
+        published = before.get("cursor", {}) if before.get("source") == cfg.stream.source else {}
+        if published.get("epoch", 1) > 1:  # it read the whole source then: a new run reads what came after
+            published = {"record": published["record"]}
+        cursor = state["cursor"] if state else published
         tokens_seen = state["tokens"] if state else before.get("tokens", 0)
-        if not excluded:
-            log.warning("%s: no record range of %s; the stream may overlap it", held_dir, cfg.stream.source)
     else:
         train_convs = load_split(data, "train")
         if not train_convs:
@@ -595,12 +616,16 @@ def train(cfg: TrainConfig, target_args, embedding: torch.Tensor, progress=None,
     out = Path(cfg.out)
     state_path = out / "state.pt"
     state = load_state(state_path) if state_path.is_file() else None
+    if state is None and (out / "teacher-cache").is_dir():  # a fresh run: another run's cache is not its data
+        shutil.rmtree(out / "teacher-cache")
     excluded, cursor, tokens_seen, train_convs = data_position(cfg, data, held_dir, state, stream)
     learners = new_learners(cfg, target_args, embedding, stream, excluded, train_convs)
     step = 0
     if state:
         step = state["step"]
         for lr in learners:
+            if lr.out != out and not (lr.out / "state.pt").is_file():
+                raise OSError(f"{lr.out}: no state.pt to resume {lr.name} beside {out}; start the run afresh")
             own = state if lr.out == out else load_state(lr.out / "state.pt")
             lr.model.load_state_dict(own["model"])
             lr.opt.load_state_dict(own["opt"])

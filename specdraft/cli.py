@@ -17,7 +17,7 @@ DOCS = {
     "bench-load": ("sidecar.md", ("server",)),
     "serve-drafter": ("sidecar.md", ("target", "drafter", "server")),
     "prepare-data": ("training.md", ("target", "data")),
-    "generate-replies": ("training.md", ("target", "sampling", "verifier", "replies")),
+    "generate-replies": ("training.md", ("target", "verifier", "replies")),
     "train": ("training.md", ("target", "train")),
     "bandit-experiment": ("online-learning.md", ("target", "drafter", "sampling", "verify", "experiment")),
     "prepare": ("setup.md", ()),

@@ -208,7 +208,7 @@ COMMAND_SECTIONS = {
     "bench": ("target", "sampling", "verify"),
     "serve-drafter": ("target", "drafter", "server"),
     "prepare-data": ("target", "data"),
-    "generate-replies": ("target", "sampling", "verifier", "replies"),
+    "generate-replies": ("target", "verifier", "replies"),
     "train": ("target", "train"),
     "bandit-experiment": ("target", "drafter", "sampling", "verify", "experiment"),
     "proposer": ("drafter",),

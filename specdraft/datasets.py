@@ -184,7 +184,8 @@ def load_dataset(name: str, strict: bool = False) -> list[Conversation]:
     return read_file(name, strict)
 
 
-EVAL_KEY_CHARS = 80
+EVAL_KEY_CHARS = 80  # a user turn holding this much of an evaluation prompt holds the prompt
+WHOLE_TURN_CHARS = 40  # shorter prompts ("Can you parallelize it?") match only a whole turn, not a substring
 
 
 def collapsed(text: str) -> str:
@@ -203,9 +204,10 @@ def eval_prompt_keys() -> list[str]:
 
 
 def holds_eval_prompt(messages: list[dict], keys: list[str]) -> bool:
-    """Whether a user turn of the conversation equals or contains an evaluation prompt (eval_prompt_keys)."""
+    """Whether a user turn of the conversation contains an evaluation prompt (eval_prompt_keys), or equals
+    one of the short ones."""
     users = [collapsed(m["content"]) for m in messages if m["role"] == "user"]
-    return any(k in u for u in users for k in keys)
+    return any(k in u if len(k) >= WHOLE_TURN_CHARS else k == u for u in users for k in keys)
 
 
 def first_turns(convs: list[Conversation]) -> list[tuple[str, str]]:

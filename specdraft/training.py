@@ -83,8 +83,8 @@ def run_generate_replies(cfg) -> None:
     generate = reply_generator(cfg, stops)
     with tqdm(desc="generating replies", unit="tok") as bar:
         try:
-            m = generate_replies(conversations, tokenizer, generate, cfg.replies, bar.update)
-        except ValueError as e:  # an out_dir generated from another source
+            m = generate_replies(conversations, tokenizer, generate, cfg.replies, cfg.target.model, bar.update)
+        except ValueError as e:  # an out_dir generated with another model or settings
             raise ConfigError(f"replies.out_dir: {e}") from None
     rate = m["reply_tokens"] / max(m["seconds"], 1e-9)
     print(

@@ -3,6 +3,7 @@ to chat messages with the assistant positions marked, the held-out split is stab
 shards hold exactly the target's hidden states and top-k distributions (real model), resumably."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -159,9 +160,6 @@ def test_generated_replies_answer_later_turns_with_the_targets_own_replies_and_r
         def decode(self, ids, skip_special_tokens=True):
             return "".join(map(chr, ids))
 
-        def encode(self, text):
-            return [ord(ch) for ch in text]
-
     calls = []
 
     def generate(prompts, temperatures, seeds, limits):  # fake: "r<len(prompt)>", cut where the prompt has "cut"
@@ -181,9 +179,9 @@ def test_generated_replies_answer_later_turns_with_the_targets_own_replies_and_r
             yield r
 
     with pytest.raises(KeyboardInterrupt):
-        generate_replies(crash_after_batch_one(), Tok(), generate, cfg)
+        generate_replies(crash_after_batch_one(), Tok(), generate, cfg, "m")
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["record"] == 3
-    m = generate_replies(sharegpt_conversations(records), Tok(), generate, cfg)
+    m = generate_replies(sharegpt_conversations(records), Tok(), generate, cfg, "m")
     assert m["record"] == 7 and m["shards"] == 3 and m["conversations"] == 6  # id4's only prompt is too long
     out = {}
     for f in sorted((tmp_path / "r").glob("*.jsonl")):
@@ -203,5 +201,8 @@ def test_generated_replies_answer_later_turns_with_the_targets_own_replies_and_r
     ]
     assert len(out["id2"]["messages"]) == 2  # its first reply was cut: no second turn
     assert len({seed for _, _, seeds in calls for seed in seeds}) == sum(len(seeds) for _, _, seeds in calls)
-    with pytest.raises(ValueError, match="generated from sharegpt"):
-        generate_replies(iter([]), Tok(), generate, RepliesConfig(out_dir=str(tmp_path / "r"), source="x.jsonl"))
+    assert m["reply_tokens"] == sum(len(t["content"]) for c in out.values() for t in c["messages"][1::2])
+    with pytest.raises(ValueError, match="generated with source sharegpt, not x.jsonl"):
+        generate_replies(iter([]), Tok(), generate, replace(cfg, source="x.jsonl"), "m")
+    with pytest.raises(ValueError, match="generated with model m, not other"):
+        generate_replies(iter([]), Tok(), generate, cfg, "other")

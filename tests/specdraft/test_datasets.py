@@ -400,6 +400,9 @@ def test_no_training_source_holds_an_evaluation_prompt(tmp_path):
         {"id": "he", "messages": [{"role": "user", "content": stub[:100]}, {"role": "assistant", "content": "y"}]},
         {"id": "reply", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": mt}]},
     ]
+    short = next(k for k in keys if len(k) < 40)  # a short follow-up turn is an eval prompt only as a whole turn
+    assert holds_eval_prompt([{"role": "user", "content": f" {short}\n"}], keys)
+    assert not holds_eval_prompt([{"role": "user", "content": f"About my essay. {short}"}], keys)
     for i, name in enumerate(("train-00000.jsonl", "train-00001.jsonl")):
         (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in lines[2 * i : 2 * i + 2]))
     for source in (str(tmp_path / "train-0000*.jsonl"), str(tmp_path / "train-00000.jsonl")):
