@@ -81,7 +81,7 @@ class RepliesConfig:
     batch: int = 64  # records whose turns are generated together (one shard pair per batch)
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.7, 1.0])  # record n: [n % len]
     heldout_fraction: float = 0.05  # stable split by conversation id, as prepare-data's
-    seed: int = 0
+    seed: int = 0  # vLLM's engine seed (sampled replies are reproducible for an uninterrupted run)
 
     def validate(self) -> None:
         checks.conversation_source(self, "source")
@@ -288,9 +288,9 @@ def build_cache(
     return manifest
 
 
-# (prompts' token ids, temperatures, seeds, most new tokens each) -> the target's replies' token ids, and
-# whether each ended on a stop token (not cut by its limit)
-Generate = Callable[[list[list[int]], list[float], list[int], list[int]], list[tuple[list[int], bool]]]
+# (prompts' token ids, temperatures, most new tokens each) -> the target's replies' token ids, and whether
+# each ended on a stop token (not cut by its limit)
+Generate = Callable[[list[list[int]], list[float], list[int]], list[tuple[list[int], bool]]]
 
 
 def answer_turns(
@@ -318,7 +318,6 @@ def answer_turns(
         outs = generate(
             [ids for _, ids in asks],
             [convs[i]["temperature"] for i, _ in asks],
-            [cfg.seed * 1_000_003 + batch[i][0] * cfg.turns + turn for i, _ in asks],
             [min(cfg.reply_tokens, cfg.max_tokens - len(ids)) for _, ids in asks],
         )
         going = []

@@ -42,8 +42,9 @@ class SpecdraftProposer(SidecarProposer):
         super().__init__(vllm_config, cfg.grpc, cfg.max_nodes)
 
 
-def engine(cfg, model_path: str, dtype: str, max_model_len: int, **kwargs):
-    """A vllm.LLM sized and compiled as verifier.vllm says; kwargs go to vllm.LLM (speculative_config, ...)."""
+def engine(cfg, model_path: str, dtype: str, max_model_len: int, seed: int | None = None, **kwargs):
+    """A vllm.LLM sized and compiled as verifier.vllm says, seeded by `seed` (default sampling.seed); kwargs
+    go to vllm.LLM (speculative_config, ...)."""
     from vllm import LLM
 
     v = cfg.verifier.vllm
@@ -51,7 +52,7 @@ def engine(cfg, model_path: str, dtype: str, max_model_len: int, **kwargs):
         model=model_path,
         dtype=dtype,
         max_model_len=max_model_len,
-        seed=cfg.sampling.seed,
+        seed=cfg.sampling.seed if seed is None else seed,
         gpu_memory_utilization=v.memory_fraction,
         kv_cache_memory_bytes=v.kv_cache_mib * 2**20 or None,
         enforce_eager=v.enforce_eager,
@@ -63,17 +64,20 @@ def engine(cfg, model_path: str, dtype: str, max_model_len: int, **kwargs):
 
 
 def reply_generator(cfg, stops: set[int]):
-    """drafter.data.Generate on one vLLM engine in the target's dtype: all prompts of a call batched, each
-    with its own temperature (0 = greedy), seed and length limit."""
+    """drafter.data.Generate on one vLLM engine in the target's dtype, seeded by replies.seed: all prompts
+    of a call batched, each with its own temperature (0 = greedy) and length limit. No per-request seeds:
+    vLLM 0.32's CPU worker fails on a seeded request whose prefill is chunked ("CPU Generator does not use
+    offset"), so sampled replies are reproducible for an uninterrupted run only."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = engine(cfg, str(model_dir(cfg.target.model)), resolved_dtype(cfg.target.dtype), cfg.replies.max_tokens)
+    path, dtype = str(model_dir(cfg.target.model)), resolved_dtype(cfg.target.dtype)
+    llm = engine(cfg, path, dtype, cfg.replies.max_tokens, seed=cfg.replies.seed)
 
-    def generate(prompts, temperatures, seeds, limits):
+    def generate(prompts, temperatures, limits):
         params = [
-            SamplingParams(temperature=t, seed=s, max_tokens=m, stop_token_ids=sorted(stops))
-            for t, s, m in zip(temperatures, seeds, limits)
+            SamplingParams(temperature=t, max_tokens=m, stop_token_ids=sorted(stops))
+            for t, m in zip(temperatures, limits)
         ]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outs]

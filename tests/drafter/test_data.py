@@ -162,8 +162,8 @@ def test_generated_replies_answer_later_turns_with_the_targets_own_replies_and_r
 
     calls = []
 
-    def generate(prompts, temperatures, seeds, limits):  # fake: "r<len(prompt)>", cut where the prompt has "cut"
-        calls.append((len(prompts), temperatures, seeds))
+    def generate(prompts, temperatures, limits):  # fake: "r<len(prompt)>", cut where the prompt has "cut"
+        calls.append((len(prompts), temperatures))
         return [(list(map(ord, f"r{len(p)}")), "cut" not in "".join(map(chr, p))) for p in prompts]
 
     records = [conv(f"id{i}", ("human", f"q{i}"), ("gpt", "theirs"), ("human", "more"), ("gpt", "b")) for i in range(7)]
@@ -200,7 +200,6 @@ def test_generated_replies_answer_later_turns_with_the_targets_own_replies_and_r
         {"role": "assistant", "content": f"r{len(turn2)}"},
     ]
     assert len(out["id2"]["messages"]) == 2  # its first reply was cut: no second turn
-    assert len({seed for _, _, seeds in calls for seed in seeds}) == sum(len(seeds) for _, _, seeds in calls)
     assert m["reply_tokens"] == sum(len(t["content"]) for c in out.values() for t in c["messages"][1::2])
     with pytest.raises(ValueError, match="generated with source sharegpt, not x.jsonl"):
         generate_replies(iter([]), Tok(), generate, replace(cfg, source="x.jsonl"), "m")
