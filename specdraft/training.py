@@ -5,6 +5,7 @@ fitted to it, with progress bars and a printed summary. Each takes the config th
 import glob
 import json
 import logging
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -51,12 +52,13 @@ def source_conversations(source: str, strict: bool):
 
 def shard_conversations(pattern: str, strict: bool):
     """(id, messages) of the files matching pattern, in name order, including files that appear while
-    they are read."""
+    they are read. An empty shard (a batch none of whose records fell in this split) holds nothing."""
     done: set[str] = set()
     while new := sorted(set(glob.glob(pattern)) - done):
         for path in new:
             done.add(path)
-            yield from ((c.id, c.messages) for c in read_file(path, strict))
+            if os.path.getsize(path):
+                yield from ((c.id, c.messages) for c in read_file(path, strict))
 
 
 def teacher_stream(cfg):

@@ -405,6 +405,7 @@ def test_no_training_source_holds_an_evaluation_prompt(tmp_path):
     assert not holds_eval_prompt([{"role": "user", "content": f"About my essay. {short}"}], keys)
     for i, name in enumerate(("train-00000.jsonl", "train-00001.jsonl")):
         (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in lines[2 * i : 2 * i + 2]))
+    (tmp_path / "train-00002.jsonl").write_text("")  # a batch with nothing in this split
     for source in (str(tmp_path / "train-0000*.jsonl"), str(tmp_path / "train-00000.jsonl")):
         got = list(source_conversations(source, True)())
         assert [(cid, msgs is None) for cid, msgs in got][:2] == [("fine", False), ("mt", True)]
