@@ -342,7 +342,7 @@ def test_a_4mb_update_leaves_a_specblock_sidecar_bounded_and_serving(tmp_path):
     s = Sidecar(
         tmp_path,
         "max_sessions: 8",
-        other_yaml=specblock_yaml("specblock-tokens-smollm2"),
+        other_yaml=specblock_yaml("specblock-replies-smollm2"),
     )
     base = peak_rss_mib(s.proc.pid)
     q: queue.Queue = queue.Queue()
@@ -497,7 +497,7 @@ def test_a_temperature_too_small_to_divide_by_drafts_greedy_on_a_sampled_specblo
     """Issue 24, case 6: sampling.temperature 1e-45 on a SpecBlock sidecar building sampled trees was
     INTERNAL ("probability tensor contains inf/nan"). Below MIN_TEMPERATURE (1e-6) it is read as greedy;
     every round gets a tree, and nothing but OK is counted."""
-    s = Sidecar(tmp_path, "max_sessions: 4", other_yaml=specblock_yaml("specblock-tokens-smollm2", "sampled"))
+    s = Sidecar(tmp_path, "max_sessions: 4", other_yaml=specblock_yaml("specblock-replies-smollm2", "sampled"))
     try:
         for t in (1e-45, 1e-30, 1e-7, 1e-6, 0.7):
             up = first(list(range(100, 140)), sampling=pb.SamplingParams(temperature=t))
