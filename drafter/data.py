@@ -46,9 +46,7 @@ ROLES = {
 
 @dataclass
 class DataConfig:
-    source: str = (
-        "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file of conversations, or a glob of .jsonl shards
-    )
+    source: str = "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file, or a glob of .jsonl shards
     strict: bool = False  # a bad record in the source file is an error, not a skip
     out_dir: str = "data/sharegpt-smollm2"  # shards, manifest.json and heldout.jsonl
     first_record: int = 0  # skip this many records first (a held-out set after the training ones)
@@ -69,9 +67,7 @@ class DataConfig:
 class RepliesConfig:
     """The target's own replies to a conversation source's user turns (self-distillation data)."""
 
-    source: str = (
-        "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file of conversations, or a glob of .jsonl shards
-    )
+    source: str = "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file, or a glob of .jsonl shards
     out_dir: str = "data/smollm2-self"  # train-NNNNN.jsonl, heldout-NNNNN.jsonl and manifest.json
     first_record: int = 0  # skip this many records first
     max_records: int = 0  # records read after those; 0 = all

@@ -40,9 +40,7 @@ class StreamConfig:
     cursor (the last record of the finished chunks, the batches done in the current one) is saved with
     each checkpoint, so a resumed or continued run goes on with data it has not seen."""
 
-    source: str = (
-        "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file of conversations, or a glob of .jsonl shards
-    )
+    source: str = "sharegpt"  # the packaged ShareGPT set, a .jsonl / .json file, or a glob of .jsonl shards
     max_tokens: int = 1024  # per conversation (longer ones are cut)
     batch_tokens: int = 4096  # tokens per target forward and optimizer step, padding included
     chunk: int = 64  # conversations read ahead and sorted by length so that batches pad little
