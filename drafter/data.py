@@ -180,6 +180,14 @@ def teacher_force(features: Features, ids: list[int], topk: int, chunk: int = 25
     return {"hidden": hidden.to(torch.bfloat16), "topk_ids": top_ids, "topk_probs": top_p}
 
 
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """write(a temporary name beside path), then rename it to path: a reader (a resumed run, a stream
+    reading shards as they appear) never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.rename(path)
+
+
 def open_manifest(path: Path, cfg: DataConfig, model: str) -> dict:
     """The manifest of a data folder: the one on disk, which must be of this model, top-k and source (a
     ValueError naming both otherwise), or a new one."""
@@ -234,8 +242,7 @@ class ShardWriter:
         }
         shard["offsets"] = lengths.cumsum(0)
         name = f"{split}-{len(manifest['shards']):05d}.safetensors"
-        save_file(shard, out / (name + ".tmp"))
-        (out / (name + ".tmp")).rename(out / name)
+        write_whole(out / name, lambda p: save_file(shard, p))
         manifest["shards"].append(
             {"file": name, "split": split, "conversations": len(convs), "tokens": int(shard["offsets"][-1])}
         )
@@ -362,8 +369,7 @@ def generate_replies(
             lines = [
                 json.dumps(c) + "\n" for c in convs if is_heldout(c["id"], cfg.heldout_fraction) == (split == "heldout")
             ]
-            (out / f"{split}-{k:05d}.jsonl.tmp").write_text("".join(lines))
-            (out / f"{split}-{k:05d}.jsonl.tmp").rename(out / f"{split}-{k:05d}.jsonl")
+            write_whole(out / f"{split}-{k:05d}.jsonl", lambda p: p.write_text("".join(lines)))
         manifest.update(
             record=batch[-1][0],
             shards=k + 1,
@@ -371,8 +377,7 @@ def generate_replies(
             reply_tokens=manifest["reply_tokens"] + tokens,
             seconds=manifest["seconds"] + time.perf_counter() - t0,
         )
-        (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
-        (out / "manifest.json.tmp").rename(path)
+        write_whole(path, lambda p: p.write_text(json.dumps(manifest, indent=2)))
         batch.clear()
         if progress is not None:
             progress(tokens)

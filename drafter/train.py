@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from drafter.data import tokenize_conversation, trainable
+from drafter.data import tokenize_conversation, trainable, write_whole
 from drafter.selector import SelectorTrainConfig
 from drafter.specblock import SpecBlock, SpecBlockConfig, load_specblock
 from kernels.linear import fast_bf16
@@ -459,8 +459,7 @@ class TeacherCache:
             (self.folder / "FULL").write_text(name + "\n")
             self.left = -1.0
             return
-        save_file(sh, self.folder / f"{name}.safetensors.tmp")
-        (self.folder / f"{name}.safetensors.tmp").rename(self.folder / f"{name}.safetensors")
+        write_whole(self.folder / f"{name}.safetensors", lambda p: save_file(sh, p))
         self.left -= (self.folder / f"{name}.safetensors").stat().st_size
 
 
