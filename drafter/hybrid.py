@@ -19,6 +19,8 @@ verifier such as vLLM takes). Worked example, budget 3: the suffix cache propose
 calibrated probabilities 0.9, 0.9, 0.9 and the model proposes `a` 0.6 and `x` 0.3; the merged `a` scores
 0.9, then `a b` 0.81, `a b c` 0.73; `x` (0.3) does not fit. When the lookup's candidates alone promise
 `skip_model_at` accepted tokens, the model drafts nothing that step (its context still advances).
+`use` restricts a step to one source (bandit/arms.py chooses it per step): the other still absorbs the
+step's tokens, so either can draft again at the next step.
 
 A lookup path is a deterministic candidate: the tree carries no draft distribution, so only the per-node
 rule (`walk`) verifies it, which is lossless for any fixed candidates."""
@@ -176,6 +178,7 @@ class Hybrid:
     ):
         self.lookup, self.lookup_name, self.model, self.cal, self.cfg = lookup, lookup_name, model, cal, cfg
         self.last: Built | None = None
+        self.use: typing.Literal["both", "lookup", "model"] = "both"  # the sources that draft the next step
         self.steps = self.model_skips = 0
         self.lookup_s = 0.0  # time in the lookup source over the session (the bench's step table shows it)
 
@@ -214,13 +217,13 @@ class Hybrid:
         self.steps += 1
         sources = []
         t0 = time.perf_counter()
-        found = self.lookup.scored(update)
+        found = self.lookup.scored(replace(update, max_nodes=0) if self.use == "model" else update)
         self.lookup_s += time.perf_counter() - t0
         if found is not None:
             sources.append((self.lookup_name, found))
         if self.model is not None:
-            skip = False
-            if found is not None and self.cfg.skip_model_at > 0:
+            skip = self.use == "lookup"
+            if not skip and found is not None and self.cfg.skip_model_at > 0:
                 alone = build(sources, self.cal, update.max_nodes, update.vocab_size, self.cfg)
                 skip = sum(alone.scores) >= self.cfg.skip_model_at
             self.model_skips += skip

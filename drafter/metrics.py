@@ -5,7 +5,7 @@ the service at scrape time (open sessions, the online learner's counters) is rea
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # drafting is sub-millisecond for n-gram trees and tens of ms for a neural drafter on CPU
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -29,8 +29,30 @@ class BanditCollector:
             yield CounterMetricFamily(f"specdraft_bandit_{name}", doc, value=getattr(self.adapter, name))
 
 
+class ArmsCollector:
+    """The drafter-and-budget choice (bandit.arms.ArmChooser), read at scrape time: rounds per arm, and
+    the tokens/s each arm measured over every client's ended sessions."""
+
+    def __init__(self, chooser):
+        self.chooser = chooser
+
+    def collect(self):
+        rounds = CounterMetricFamily("specdraft_arm_rounds", "Rounds drafted with each arm", labels=["arm"])
+        rate = GaugeMetricFamily(
+            "specdraft_arm_tokens_per_second",
+            "Committed tokens per second of drafting + verification, per arm, pooled over ended sessions",
+            labels=["arm"],
+        )
+        pool = self.chooser.stats()["all"]["arms"]
+        for arm, n in zip(self.chooser.cfg.choose, self.chooser.pulled):
+            rounds.add_metric([arm], n)
+            rate.add_metric([arm], pool[arm]["tokens_per_s"])
+        yield rounds
+        yield rate
+
+
 class Metrics:
-    def __init__(self, sessions_open: Callable[[], int], adapter=None):
+    def __init__(self, sessions_open: Callable[[], int], adapter=None, arms=None):
         self.registry = r = CollectorRegistry()
         Gauge("specdraft_sessions_open", "Drafting sessions (streams) open now", registry=r).set_function(sessions_open)
         self.sessions = Counter("specdraft_sessions", "Drafting sessions opened", registry=r)
@@ -70,6 +92,8 @@ class Metrics:
         )
         if adapter is not None:
             r.register(BanditCollector(adapter))
+        if arms is not None:
+            r.register(ArmsCollector(arms))
 
     def batch(self, stats) -> None:
         """One batched forward ran (drafter.batch.BatchStats)."""

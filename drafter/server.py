@@ -183,13 +183,15 @@ class DrafterService(pb_grpc.DrafterServicer):
         new_drafter: Callable[[str], Drafter],
         info: DrafterInfo,
         adapter=None,
+        arms=None,
     ):
-        # new_drafter(client_label): a session's drafter, made when its first update arrives
-        self.cfg, self.new_drafter, self.info = cfg, new_drafter, info
+        # new_drafter(client_label): a session's drafter, made when its first update arrives;
+        # arms (bandit.arms.ArmChooser): the per-client choice of drafter and budget, read for stats
+        self.cfg, self.new_drafter, self.info, self.arms = cfg, new_drafter, info, arms
         self.token = checks.env_token(cfg.token_env)
         self.sessions: dict[str, Session] = {}
         self.stats = Stats()
-        self.metrics = Metrics(lambda: len(self.sessions), adapter)
+        self.metrics = Metrics(lambda: len(self.sessions), adapter, arms)
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="draft") if cfg.workers else None
         self.closing = False  # draining: new sessions are refused
         self.cutting = False  # the drain is over: open sessions are being cut
@@ -508,6 +510,16 @@ class DrafterService(pb_grpc.DrafterServicer):
             feedback_rounds=s.feedback_rounds,
             accepted_tokens=s.accepted,
             bandit=self._bandit_stats(),
+            arms=[
+                pb.ClientArms(
+                    client=client,
+                    arm=c["arm"],
+                    why=c["why"],
+                    tokens_per_s={a: v["tokens_per_s"] for a, v in c["arms"].items()},
+                    rounds={a: v["rounds"] for a, v in c["arms"].items()},
+                )
+                for client, c in (self.arms.stats() if self.arms is not None else {}).items()
+            ],
         )
 
     def _bandit_stats(self) -> dict[str, float]:
@@ -529,6 +541,7 @@ class DrafterService(pb_grpc.DrafterServicer):
             await self._fail(
                 context, grpc.StatusCode.NOT_FOUND, f"session {quote(request.session_id)}: no such open session"
             )
+        arm, why = getattr(sess.drafter, "chosen", ("", ""))
         return pb.SessionStats(
             session_id=sess.id,
             client_label=sess.label,
@@ -537,6 +550,8 @@ class DrafterService(pb_grpc.DrafterServicer):
             mean_nodes=sess.nodes / max(sess.rounds, 1),
             mean_accepted=sess.accepted / max(sess.feedback_rounds, 1),
             idle_s=time.monotonic() - sess.last_seen,
+            arm=arm,
+            arm_why=why,
         )
 
 
@@ -758,11 +773,12 @@ async def serve(
     info: DrafterInfo,
     adapter=None,
     ready=None,
+    arms=None,
 ) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP, then drain: health turns NOT_SERVING, new sessions get
     UNAVAILABLE, the port stays open while open streams get cfg.drain_s to finish, and those still open
     then are cut with UNAVAILABLE. ready("host:port") is called once the port is bound."""
-    service = DrafterService(cfg, new_drafter, info, adapter)
+    service = DrafterService(cfg, new_drafter, info, adapter, arms)
     server, health_servicer, port = await start_grpc(cfg, service)
     host = cfg.address.rsplit(":", 1)[0]
     stop_metrics = start_metrics(cfg, service, host) if cfg.metrics_port else None

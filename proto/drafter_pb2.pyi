@@ -27,16 +27,18 @@ class TopK(_message.Message):
     def __init__(self, node: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Feedback(_message.Message):
-    __slots__ = ("accepted", "prob_nodes", "probs", "target_topk")
+    __slots__ = ("accepted", "prob_nodes", "probs", "target_topk", "verify_ms")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     PROB_NODES_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOPK_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     accepted: _containers.RepeatedScalarFieldContainer[int]
     prob_nodes: _containers.RepeatedScalarFieldContainer[int]
     probs: _containers.RepeatedScalarFieldContainer[float]
     target_topk: _containers.RepeatedCompositeFieldContainer[TopK]
-    def __init__(self, accepted: _Optional[_Iterable[int]] = ..., prob_nodes: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ..., target_topk: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ...) -> None: ...
+    verify_ms: float
+    def __init__(self, accepted: _Optional[_Iterable[int]] = ..., prob_nodes: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ..., target_topk: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., verify_ms: _Optional[float] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p")
@@ -117,7 +119,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("sessions_open", "sessions_total", "sessions_evicted", "rounds_total", "rounds_per_s", "mean_nodes", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "errors", "uptime_s", "feedback_rounds", "accepted_tokens", "bandit")
+    __slots__ = ("sessions_open", "sessions_total", "sessions_evicted", "rounds_total", "rounds_per_s", "mean_nodes", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "errors", "uptime_s", "feedback_rounds", "accepted_tokens", "bandit", "arms")
     class ErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class ServerStats(_message.Message):
     FEEDBACK_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BANDIT_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
     sessions_open: int
     sessions_total: int
     sessions_evicted: int
@@ -160,7 +163,36 @@ class ServerStats(_message.Message):
     feedback_rounds: int
     accepted_tokens: int
     bandit: _containers.ScalarMap[str, float]
-    def __init__(self, sessions_open: _Optional[int] = ..., sessions_total: _Optional[int] = ..., sessions_evicted: _Optional[int] = ..., rounds_total: _Optional[int] = ..., rounds_per_s: _Optional[float] = ..., mean_nodes: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., errors: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., feedback_rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., bandit: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    arms: _containers.RepeatedCompositeFieldContainer[ClientArms]
+    def __init__(self, sessions_open: _Optional[int] = ..., sessions_total: _Optional[int] = ..., sessions_evicted: _Optional[int] = ..., rounds_total: _Optional[int] = ..., rounds_per_s: _Optional[float] = ..., mean_nodes: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p90_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., errors: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., feedback_rounds: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., bandit: _Optional[_Mapping[str, float]] = ..., arms: _Optional[_Iterable[_Union[ClientArms, _Mapping]]] = ...) -> None: ...
+
+class ClientArms(_message.Message):
+    __slots__ = ("client", "arm", "why", "tokens_per_s", "rounds")
+    class TokensPerSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class RoundsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    arm: str
+    why: str
+    tokens_per_s: _containers.ScalarMap[str, float]
+    rounds: _containers.ScalarMap[str, float]
+    def __init__(self, client: _Optional[str] = ..., arm: _Optional[str] = ..., why: _Optional[str] = ..., tokens_per_s: _Optional[_Mapping[str, float]] = ..., rounds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SessionStatsRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -169,7 +201,7 @@ class SessionStatsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionStats(_message.Message):
-    __slots__ = ("session_id", "client_label", "rounds", "tokens", "mean_nodes", "mean_accepted", "idle_s")
+    __slots__ = ("session_id", "client_label", "rounds", "tokens", "mean_nodes", "mean_accepted", "idle_s", "arm", "arm_why")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_LABEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +209,8 @@ class SessionStats(_message.Message):
     MEAN_NODES_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
+    ARM_WHY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     client_label: str
     rounds: int
@@ -184,4 +218,6 @@ class SessionStats(_message.Message):
     mean_nodes: float
     mean_accepted: float
     idle_s: float
-    def __init__(self, session_id: _Optional[str] = ..., client_label: _Optional[str] = ..., rounds: _Optional[int] = ..., tokens: _Optional[int] = ..., mean_nodes: _Optional[float] = ..., mean_accepted: _Optional[float] = ..., idle_s: _Optional[float] = ...) -> None: ...
+    arm: str
+    arm_why: str
+    def __init__(self, session_id: _Optional[str] = ..., client_label: _Optional[str] = ..., rounds: _Optional[int] = ..., tokens: _Optional[int] = ..., mean_nodes: _Optional[float] = ..., mean_accepted: _Optional[float] = ..., idle_s: _Optional[float] = ..., arm: _Optional[str] = ..., arm_why: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,7 @@ class Feedback:
     # children and the roots)
     # Optional: node (-1 = the roots' parent) -> the target's top-k (tokens, probs) at that row.
     target_topk: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+    verify_ms: float = 0.0  # the verifier's time for the tree (forward, rule, commit); 0 = not measured
 
 
 @dataclass

@@ -69,6 +69,7 @@ def update_to_msg(update: VerifierUpdate, round_: int, first: bool, label: str =
         msg.feedback.probs.extend(fb.target_probs.values())
         for node, (tokens, probs) in fb.target_topk.items():
             msg.feedback.target_topk.add(node=node, tokens=tokens, probs=probs)
+        msg.feedback.verify_ms = fb.verify_ms
     return msg
 
 
@@ -198,4 +199,7 @@ def _feedback(fb: pb.Feedback, vocab: int, prev_parents: tuple[int, ...] | None,
         if len(row.tokens) != len(row.probs):
             raise WireError(f"{field}.probs: {len(row.probs)} values for {len(row.tokens)} tokens")
         topk[row.node] = (_tokens(row.tokens, vocab, f"{field}.tokens"), _probs(row.probs, f"{field}.probs"))
-    return Feedback(list(fb.accepted), dict(zip(fb.prob_nodes, _probs(fb.probs, "feedback.probs"))), topk)
+    if not 0 <= fb.verify_ms < 3.6e6:  # NaN fails too
+        raise WireError(f"feedback.verify_ms: {fb.verify_ms} is not a time in milliseconds (0 = not measured)")
+    probs = dict(zip(fb.prob_nodes, _probs(fb.probs, "feedback.probs")))
+    return Feedback(list(fb.accepted), probs, topk, fb.verify_ms)

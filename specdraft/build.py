@@ -5,6 +5,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bandit.arms import ArmChooser, ArmDrafter, ArmsConfig
 from bandit.online import BanditConfig
 from drafter.hybrid import Calibration, Hybrid, HybridConfig
 from drafter.ngram import NgramConfig, NgramDrafter
@@ -33,6 +34,7 @@ class DrafterConfig:
     specblock: SpecBlockDraftConfig = field(default_factory=SpecBlockDraftConfig)
     grpc: RemoteConfig = field(default_factory=RemoteConfig)
     bandit: BanditConfig = field(default_factory=BanditConfig)  # online updates from feedback (sidecar, specblock)
+    arms: ArmsConfig = field(default_factory=ArmsConfig)  # per-round choice of sources x budget (the hybrid)
 
     def validate(self) -> None:
         checks.positive(self, "max_nodes")
@@ -53,6 +55,14 @@ class DrafterConfig:
                 "lookup: only in front of a specblock drafter with a deterministic tree "
                 f"(kind {self.kind!r}, specblock.tree {sb.tree!r})"
             )
+        if self.arms.choose and (self.kind != "specblock" or self.lookup == "none"):
+            raise ValueError(
+                "arms.choose: arms mix the hybrid's sources; needs drafter.kind specblock with a lookup "
+                f"(kind {self.kind!r}, lookup {self.lookup!r})"
+            )
+        for arm in self.arms.choose:
+            if int(arm.partition(":")[2]) > self.max_nodes:
+                raise ValueError(f"arms.choose: {arm} asks for more nodes than max_nodes {self.max_nodes}")
         if self.bandit.enabled and self.kind != "specblock":
             raise ValueError(
                 f"bandit.enabled: the {self.kind} drafter has no weights to update online; "
@@ -69,20 +79,21 @@ def load_drafter_model(cfg: DrafterConfig, target_args, embedding) -> SpecBlock 
 
 class Shared:
     """What the sessions of one drafter config share besides the model: the suffix cache's store
-    (bounded by suffix.max_tokens) and the hybrid's calibration."""
+    (bounded by suffix.max_tokens), the hybrid's calibration and the arms' per-client tallies."""
 
     def __init__(self, cfg: DrafterConfig):
         self.store = SuffixIndex(cfg.suffix, cfg.suffix.max_tokens)
         self.calibration = Calibration(cfg.hybrid.prior_weight)
+        self.arms = ArmChooser(cfg.arms) if cfg.arms.choose else None
 
 
 def make_drafter(
     cfg: DrafterConfig, model: SpecBlock | None = None, shared: Shared | None = None, client: str = ""
 ) -> Drafter:
     """A fresh in-process drafter (one per generation session) of the configured kind, for `client` (the
-    suffix cache's scope key under scope client). Sessions share one loaded model
-    (drafter.specblock.load_specblock) and, through `shared`, the suffix cache and the calibration;
-    without it the session has its own."""
+    session's client_label: the suffix cache's scope key under scope client, the arms' client). Sessions
+    share one loaded model (drafter.specblock.load_specblock) and, through `shared`, the suffix cache, the
+    calibration and the arms' tallies; without it the session has its own."""
     shared = shared or Shared(cfg)
     lookup = "suffix" if cfg.kind == "suffix" else cfg.lookup
     if cfg.kind == "random":
@@ -93,4 +104,5 @@ def make_drafter(
     if lookup == "none":
         return model_source
     source = SuffixSession(cfg.suffix, shared.store, client) if lookup == "suffix" else NgramDrafter(cfg.ngram)
-    return Hybrid(source, lookup, model_source, shared.calibration, cfg.hybrid)
+    hybrid = Hybrid(source, lookup, model_source, shared.calibration, cfg.hybrid)
+    return ArmDrafter(hybrid, shared.arms, client) if shared.arms is not None else hybrid

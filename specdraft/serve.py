@@ -27,7 +27,11 @@ def tree_builder(cfg: DrafterConfig) -> str:
     if cfg.kind == "specblock" and cfg.specblock.tree == "sampled":  # the wire carries no draft distributions
         return "block-iterative delayed expansion, i.i.d. sampled groups (q not sent: verify with rule walk)"
     if cfg.kind == "specblock" and cfg.lookup != "none":
-        return f"one tree from {cfg.lookup} lookup and block-iterative expansion, by {cfg.hybrid.rank} (deterministic)"
+        arms = f"; per round one of {', '.join(cfg.arms.choose)} by measured cost" if cfg.arms.choose else ""
+        return (
+            f"one tree from {cfg.lookup} lookup and block-iterative expansion, by {cfg.hybrid.rank} "
+            f"(deterministic){arms}"
+        )
     return TREE_BUILDERS[cfg.kind]
 
 
@@ -66,7 +70,7 @@ def serve_drafter(cfg: Config, ready=None) -> None:
     adapter = OnlineAdapter(model, cfg.drafter.bandit) if cfg.drafter.bandit.enabled and model is not None else None
     shared = Shared(cfg.drafter)  # the suffix cache and calibration every session of this sidecar shares
     new_drafter = lambda client: make_drafter(cfg.drafter, model, shared, client)
-    asyncio.run(serve(cfg.server, new_drafter, info, adapter, ready))
+    asyncio.run(serve(cfg.server, new_drafter, info, adapter, ready, shared.arms))
 
 
 def spawn(

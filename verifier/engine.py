@@ -73,20 +73,24 @@ def committed_tokens(tree: DraftTree | None, verdict: Verdict, stop_ids: set[int
     return tokens[:room]
 
 
-def drafter_feedback(tree: DraftTree, verdict: Verdict, feedback_topk: int, kept: list[int] | None) -> Feedback:
+def drafter_feedback(
+    tree: DraftTree, verdict: Verdict, feedback_topk: int, kept: list[int] | None, verify_s: float
+) -> Feedback:
     """What the next update tells the drafter about its tree: the accepted nodes, the target's
-    probabilities and (feedback_topk > 0) the target's top-k at every row verification visited, in the
-    drafter's node ids where the tree was cut to the target's depth (kept: new node id -> drafter's)."""
+    probabilities, what verifying it cost (verify_s) and (feedback_topk > 0) the target's top-k at every
+    row verification visited, in the drafter's node ids where the tree was cut to the target's depth
+    (kept: new node id -> drafter's)."""
     topk = {}
     for row, dist in verdict.visited.items() if feedback_topk else ():
         top = dist.topk(min(feedback_topk, dist.shape[-1]))
         topk[row - 1] = (top.indices.tolist(), top.values.tolist())
-    feedback = Feedback(verdict.accepted, verdict.target_probs, topk)
+    feedback = Feedback(verdict.accepted, verdict.target_probs, topk, 1000 * verify_s)
     if kept is not None:
         feedback = Feedback(
             [kept[i] for i in feedback.accepted],
             {kept[i]: p for i, p in feedback.target_probs.items()},
             {kept[i] if i >= 0 else -1: top for i, top in feedback.target_topk.items()},
+            feedback.verify_ms,
         )
     return feedback
 
@@ -132,7 +136,7 @@ def generate(
         produced += len(tokens)
         pending = tokens[-1]
         new_tokens = tokens
-        feedback = drafter_feedback(tree, verdict, feedback_topk, kept) if tree else None
+        feedback = drafter_feedback(tree, verdict, feedback_topk, kept, t2 - t1) if tree else None
         hidden = states[[0] + [i + 1 for i in verdict.accepted]]  # rows of pending + accepted nodes
         yield Step(
             tokens,

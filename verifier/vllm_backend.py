@@ -73,6 +73,7 @@ class SidecarProposer:
         self.requests: list[_Request] = []  # in the row order of the last call
         self.opened = 0
         self.step_s: list[float] = []  # propose() wall time of the steps since the last timing line
+        self.returned: float | None = None  # when the last propose() returned: vLLM's step runs until the next
         log.info(
             "specdraft proposer: drafting through the sidecar at %s, up to %d tokens per step from %d-node trees",
             remote.address,
@@ -94,6 +95,9 @@ class SidecarProposer:
         """sampled_token_ids[i]: the tokens row i committed this step (empty while it is mid-prefill);
         token_ids_cpu[i, :num_tokens_no_spec[i]]: row i's whole context. Returns draft tokens per row."""
         t0 = time.perf_counter()
+        # vLLM's step between two calls (the batch's forward, rejection sampling, scheduling): what the
+        # sidecar is told verifying its last proposal cost
+        verify_ms = 1000 * (t0 - self.returned) if self.returned is not None else 0.0
         free = list(self.requests)
         live, drafts = [], []
         for i, sampled in enumerate(sampled_token_ids):
@@ -101,14 +105,15 @@ class SidecarProposer:
             req = self._claim(free, i, ctx)
             if req is None and sampled:  # a new request (or one back from preemption)
                 self.opened += 1
-                req = _Request(RemoteDrafter(self.conn, f"vllm-{self.opened}"))
+                req = _Request(RemoteDrafter(self.conn, f"vllm/{self.opened}"))
             if req is not None:
                 live.append(req)
-            drafts.append(self._step(req, ctx) if sampled else [])
+            drafts.append(self._step(req, ctx, verify_ms) if sampled else [])
         for req in free:  # finished or preempted
             req.drafter.close()
         self.requests = live
-        self._timed(time.perf_counter() - t0)
+        self.returned = time.perf_counter()
+        self._timed(self.returned - t0)
         return drafts
 
     def _timed(self, seconds: float) -> None:
@@ -133,14 +138,14 @@ class SidecarProposer:
             free.remove(req)
         return req
 
-    def _step(self, req: _Request, ctx: np.ndarray) -> list[int]:
+    def _step(self, req: _Request, ctx: np.ndarray, verify_ms: float) -> list[int]:
         new = ctx[len(req.seen) :]
         feedback = None
         if req.proposal:
             # vLLM committed the accepted draft tokens and then one of its own
             m = max(0, min(len(req.proposal), len(new) - 1))
             hits = int(np.cumprod(new[:m] == np.asarray(req.proposal[:m])).sum())
-            feedback = Feedback(accepted=req.path[:hits], target_probs={})
+            feedback = Feedback(accepted=req.path[:hits], target_probs={}, verify_ms=verify_ms)
         update = VerifierUpdate(new.tolist(), feedback, self.max_nodes, self.vocab_size)
         req.seen = ctx.copy()
         tree = req.drafter.draft(update)

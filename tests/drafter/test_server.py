@@ -178,6 +178,10 @@ BAD = [
         "feedback.probs[0]: 1.5 is not a probability",
     ),
     (
+        FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(verify_ms=float("nan")))],
+        "feedback.verify_ms: nan is not a time in milliseconds",
+    ),
+    (
         FB_TREE + [pb.VerifierUpdate(round=1, new_tokens=[3], feedback=pb.Feedback(prob_nodes=[99], probs=[0.5]))],
         "feedback.prob_nodes[0]: node 99 outside the previous tree",
     ),

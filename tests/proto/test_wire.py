@@ -24,7 +24,7 @@ def test_tensor_round_trip_is_bit_exact(dtype):
 def test_update_round_trip():
     up = VerifierUpdate(
         [5, 6, 7],
-        Feedback([0, 2], {0: 0.5, 1: 0.25}, {-1: ([5, 9], [0.75, 0.125])}),
+        Feedback([0, 2], {0: 0.5, 1: 0.25}, {-1: ([5, 9], [0.75, 0.125])}, 12.5),
         12,
         100,
         torch.randn(2, 8),  # the first update: a row per token but the newest
