@@ -26,15 +26,11 @@ from dataclasses import dataclass, field, replace
 
 from drafter.hybrid import Hybrid
 from drafter.specblock import Steps, drive
-from proto.interface import VerifierUpdate
+from proto.interface import VerifierUpdate, client_of
 from proto.tree import DraftTree
 
 SOURCES = ("lookup", "model", "both")
 ALL_CLIENTS = ""  # the pool of every client's sessions: a new label's starting point
-
-
-def client_of(label: str) -> str:
-    return label.split("/", 1)[0]
 
 
 def parse_arm(arm: str) -> tuple[str, int]:

@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import random
+import threading
 import time
 import typing
 from collections import OrderedDict
@@ -212,72 +213,123 @@ def paired_gain(before: torch.Tensor, after: torch.Tensor, z: float) -> float:
     return max(0.0, (up - down - z * math.sqrt(up + down)) / max(len(before), 1))
 
 
-def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    return (
-        {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad},
-        copy.deepcopy(opt.state_dict()),
-    )
-
-
-def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, snap: tuple[dict, dict]) -> None:
-    params, opt_state = snap
-    with torch.no_grad():
-        for k, v in model.named_parameters():
-            if k in params:
-                v.copy_(params[k])
-    opt.load_state_dict(opt_state)
+def training_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the drafter to train off the drafting path: its trainable parameters cloned, everything
+    frozen (the embedding, the draft head, the rope tables) shared, the drafting copy left out."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad}
+    memo[id(getattr(model, "_drafting", None))] = None
+    return copy.deepcopy(model, memo)
 
 
 class OnlineAdapter:
-    """Owns a learned drafter's online learning in a drafter process: feed it every update (`observe`),
-    it decides every cfg.decide_every rounds and updates the shared model in place (callers must not
-    draft while `observe` runs: the sidecar calls it between drafting rounds on its event loop)."""
+    """Owns a learned drafter's online learning in a drafter process: feed it every update (`observe`);
+    every cfg.decide_every rounds it decides, and an update trains a copy of the model on a background
+    thread (`training_copy`: the drafting path never waits for it) that is swapped in at a later `observe`,
+    between drafting rounds, only if the guard kept it. While one trains, decisions wait (the reward
+    window goes on). `observe` must not run inside a draft: the sidecar and the experiment call it
+    between rounds."""
 
-    def __init__(self, model, cfg: BanditConfig, clock=time.perf_counter):
-        self.model, self.cfg, self.clock = model, cfg, clock
+    def __init__(self, model, cfg: BanditConfig, clock=time.perf_counter, background: bool = True):
+        self.model, self.cfg, self.clock, self.background = model, cfg, clock, background
         model.version = 0  # its weights now change: sessions keep what they need to recompute
         self.buffer = FeedbackBuffer(cfg.buffer_positions, cfg.shared)
         self.bandit = CostAwareBandit(cfg.arms, cfg.algorithm, cfg.exploration, cfg.discount, cfg.seed)
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+        self.opt_state: dict | None = None  # the optimizer's state after the last kept update
         self.train_cfg = TrainConfig()  # the offline loss weights
         self.to_draft = draft_index(model.draft_ids, model.embedding.shape[0])
         self.rng = random.Random(cfg.seed)
         self.rounds = self.window_tokens = self.window_rounds = self.decisions = self.updates = self.rollbacks = 0
-        self.update_s = 0.0
+        self.update_s = 0.0  # updates' wall time, all of them
+        self.charged_s = 0.0  # CPU seconds of updates landed in the current window (charged to it)
         self.gain = 0.0  # the pulled arm's estimated relative throughput gain (0: skip)
+        self.tau = 0.0  # tokens per round in the window before the newest decision
         self.arm: int | None = None
         self.window_start = clock()
         self.last: dict = {}
+        self.running: threading.Thread | None = None
+        self.done: dict | None = None  # a finished update's result, waiting to land
 
     def observe(self, session: str, update: VerifierUpdate, first: bool, tree: DraftTree | None = None) -> None:
         """tree: the session's previous tree (the one update.feedback judges)."""
+        if self.done is not None:
+            self.land()
         self.buffer.add(session, update, tree)
         self.rounds += 1
         if not first:
             self.window_tokens += len(update.new_tokens)
             self.window_rounds += 1
-        if self.rounds % self.cfg.decide_every == 0:
+        if self.rounds % self.cfg.decide_every == 0 and self.running is None:
             self.decide()
 
     def decide(self) -> None:
+        """Book the window's reward (tokens per second of its wall time plus the CPU time of the updates
+        that landed in it, with a kept update's credited gain) to the arm pulled, and pull the next."""
         now = self.clock()
-        tok_s = self.window_tokens / max(now - self.window_start, 1e-9)
+        tok_s = self.window_tokens / max(now - self.window_start + self.charged_s, 1e-9)
         tau = self.window_tokens / max(self.window_rounds, 1)
         if self.arm is not None:
             self.bandit.record(self.arm, tok_s * (1 + self.cfg.horizon * self.gain))
         self.arm = self.bandit.choose()
         self.decisions += 1
-        self.window_start, self.window_tokens, self.window_rounds = now, 0, 0  # the update's time counts in its window
+        self.window_start, self.window_tokens, self.window_rounds, self.charged_s = now, 0, 0, 0.0
         steps = self.cfg.arms[self.arm]
-        self.last, self.gain = {"arm": steps, "tok_s": round(tok_s, 3), "tau": round(tau, 3)}, 0.0
-        if steps:
-            self.last.update(self.update(steps))
-            # agreement gain at the first drafted position -> tau gain: drafted tokens are (tau - 1) of tau
-            g = self.last.get("guard_top1")
-            if g and not self.last["rolled_back"] and tau > 1:
-                self.gain = self.last["gain_lcb"] / max(g[0], 1e-3) * (tau - 1) / tau
-            self.last["gain"] = round(self.gain, 4)
+        self.last, self.gain, self.tau = {"arm": steps, "tok_s": round(tok_s, 3), "tau": round(tau, 3)}, 0.0, tau
         log.info("bandit decision %d: %s; arms %s", self.decisions, self.last, self.bandit.stats())
+        if steps:
+            self.start(steps)
+
+    def start(self, steps: int) -> None:
+        train, guard = self.split()
+        if not train or not guard:
+            self.last.update(skipped="not enough feedback yet", gain=0.0)
+            return
+        work = lambda: setattr(self, "done", self.train(training_copy(self.model), steps, train, guard))
+        if not self.background:
+            work()
+            self.land()
+            return
+        self.running = threading.Thread(target=work, name="online-update", daemon=True)
+        self.running.start()
+
+    def update(self, steps: int) -> dict:
+        """One update now, on this thread: trained, guarded and landed (tests; the experiment's control)."""
+        train, guard = self.split()
+        if not train or not guard:
+            return {"skipped": "not enough feedback yet"}
+        self.done = self.train(training_copy(self.model), steps, train, guard)
+        return self.land()
+
+    def wait(self) -> None:
+        """Let a running update finish and land (the end of an experiment)."""
+        if self.running is not None:
+            self.running.join()
+        if self.done is not None:
+            self.land()
+
+    def land(self) -> dict:
+        """Swap a finished update's weights into the model if the guard kept it (on the caller's thread,
+        between rounds); count it, charge its CPU time to the window, credit its gain."""
+        result, self.done, self.running = self.done, None, None
+        params, opt_state = result.pop("params"), result.pop("opt_state")
+        if result["rolled_back"]:
+            self.rollbacks += 1
+        else:
+            with torch.no_grad():
+                for k, v in self.model.named_parameters():
+                    if k in params:
+                        v.copy_(params[k])
+            self.opt_state = opt_state
+            self.model.version += 1  # sessions recompute their context with the new weights
+        self.updates += 1
+        self.update_s += result["seconds"]
+        self.charged_s += result["cpu_s"]
+        # agreement gain at the first drafted position -> tau gain: drafted tokens are (tau - 1) of tau
+        g, tau = result["guard_top1"], self.tau
+        if not result["rolled_back"] and tau > 1:
+            self.gain = result["gain_lcb"] / max(g[0], 1e-3) * (tau - 1) / tau
+        self.last.update(result, gain=round(self.gain, 4))
+        log.info("online update landed: %s", self.last)
+        return result
 
     def split(self) -> tuple[list[dict], list[dict]]:
         """Training conversations and the guard set: the newest guard_positions generated rows (prompt rows
@@ -293,44 +345,40 @@ class OnlineAdapter:
                 train.append(conv)
         return train, guard
 
-    def update(self, steps: int) -> dict:
-        train, guard = self.split()
-        if not train or not guard:
-            return {"skipped": "not enough feedback yet"}
-        t0 = self.clock()
-        before = self.guard_hits(guard)
-        snap = snapshot(self.model, self.opt)
-        self.model.train()
+    def train(self, model, steps: int, train: list[dict], guard: list[dict]) -> dict:
+        """`steps` optimizer steps of the offline loss on `model` (a training copy), then the guard: kept
+        only if no more guard rows were lost than gained. Returns the verdict with the trained parameters
+        and optimizer state (unused when rolled back)."""
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        before = self.guard_hits(model, guard)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.cfg.lr, weight_decay=0.0)
+        if self.opt_state is not None:
+            opt.load_state_dict(self.opt_state)
+        model.train()
         for _ in range(steps):
-            self.opt.zero_grad()
+            opt.zero_grad()
             conv = window(self.rng.choice(train), self.cfg.window_positions, self.rng)
-            loss, _ = block_loss(self.model, conv, self.to_draft, self.train_cfg)
+            loss, _ = block_loss(model, conv, self.to_draft, self.train_cfg)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.opt.step()
-        self.model.eval()
-        after = self.guard_hits(guard)
-        rolled_back = int(after.sum()) < int(before.sum())
-        if rolled_back:
-            restore(self.model, self.opt, snap)
-            self.rollbacks += 1
-        else:
-            self.model.version += 1  # sessions recompute their context with the new weights
-        self.updates += 1
-        dt = self.clock() - t0
-        self.update_s += dt
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        model.eval()
+        after = self.guard_hits(model, guard)
         return {
             "guard_top1": [round(float(before.float().mean()), 4), round(float(after.float().mean()), 4)],
             "guard_rows": len(before),
             "gain_lcb": round(paired_gain(before, after, self.cfg.guard_z), 4),
-            "rolled_back": rolled_back,
-            "seconds": round(dt, 3),
+            "rolled_back": int(after.sum()) < int(before.sum()),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "cpu_s": round(time.thread_time() - cpu0, 3),
+            "params": {k: v.detach() for k, v in model.named_parameters() if v.requires_grad},
+            "opt_state": opt.state_dict(),
         }
 
-    def guard_hits(self, guard: list[dict]) -> torch.Tensor:
+    def guard_hits(self, model, guard: list[dict]) -> torch.Tensor:
         """Per scored guard row: does the drafter's first block position agree with the target's top-1."""
         with torch.no_grad():
-            return torch.cat([block_loss(self.model, g, self.to_draft, self.train_cfg)[1]["hits"] for g in guard])
+            return torch.cat([block_loss(model, g, self.to_draft, self.train_cfg)[1]["hits"] for g in guard])
 
     def stats(self) -> dict:
         return {
@@ -338,6 +386,7 @@ class OnlineAdapter:
             "updates": self.updates,
             "rollbacks": self.rollbacks,
             "update_s": self.update_s,
+            "updating": self.running is not None,
             "buffer_positions": self.buffer.positions(),
             "buffer_acceptance": self.buffer.acceptance(),
             "last": self.last,

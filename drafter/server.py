@@ -526,7 +526,8 @@ class DrafterService(pb_grpc.DrafterServicer):
         if self.adapter is None:
             return {}
         st = self.adapter.stats()
-        flat = {k: float(st[k]) for k in ("decisions", "updates", "rollbacks", "update_s", "buffer_positions")}
+        keys = ("decisions", "updates", "rollbacks", "update_s", "updating", "buffer_positions")
+        flat = {k: float(st[k]) for k in keys}
         for arm, a in st["arms"].items():
             flat[f"{arm}_pulls"], flat[f"{arm}_mean_tok_s"] = a["pulls"], a["mean_tok_s"]
         if st["buffer_acceptance"] is not None:
@@ -811,6 +812,8 @@ async def serve(
         service.pool.shutdown(wait=False, cancel_futures=True)
     if stop_metrics is not None:
         stop_metrics()
+    if adapter is not None:  # an online update training in the background finishes before the process ends
+        await asyncio.to_thread(adapter.wait)
     log.info("stopped after %d rounds in %d sessions", service.stats.rounds, service.stats.sessions_total)
 
 

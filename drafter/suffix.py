@@ -9,10 +9,10 @@ matches decide, shorter ones offer alternatives, and every candidate node carrie
 probability given its parent (the weight of the occurrences through it over those through its parent).
 
 The shared store holds the committed output of sessions (never their prompts), one document per
-session, each under a scope key: "" for `global`, the client's label for `client`. A lookup only sees
-documents of its own key, so one client never receives a continuation that only another client's text
-contains. It is bounded in tokens; the oldest document goes first. It lives in memory: a restart
-starts it empty."""
+session, each under a scope key: "" for `global`, the client for `client` (the client_label up to its
+first "/": proto.interface.client_of). A lookup only sees documents of its own key, so one client never
+receives a continuation that only another client's text contains. It is bounded in tokens; the oldest
+document goes first. It lives in memory: a restart starts it empty."""
 
 import threading
 import typing
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 from drafter.hybrid import Scored
 from proto import checks
-from proto.interface import VerifierUpdate
+from proto.interface import VerifierUpdate, client_of
 
 
 @dataclass
 class SuffixConfig:
-    # what the cross-session store shares: nothing (session), among the sessions of one client_label
-    # (client), or among all sessions (global)
+    # what the cross-session store shares: nothing (session), among the sessions of one client (client:
+    # the client_label up to its first "/"), or among all sessions (global)
     scope: typing.Literal["session", "client", "global"] = "client"
     max_tokens: int = 500_000  # committed tokens the shared store keeps (all clients); oldest session evicted first
     min_match: int = 2  # shortest context suffix that counts as a match
@@ -152,7 +152,7 @@ class SuffixSession:
         self.own = SuffixIndex(cfg)
         self.own_doc = self.own.open("")
         self.store = store if cfg.scope != "session" else None
-        self.key = client if cfg.scope == "client" else ""
+        self.key = client_of(client) if cfg.scope == "client" else ""
         self.shared_doc = self.store.open(self.key) if self.store is not None else -1
         self.context: list[int] = []
         self.started = False  # the first update is the prompt: it never enters the shared store

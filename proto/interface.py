@@ -34,6 +34,13 @@ class SamplingParams:
         checks.fraction(self, "top_p", low_open=True)
 
 
+def client_of(label: str) -> str:
+    """The client a session's client_label names: the label up to its first "/" ("vllm/17" -> "vllm",
+    "HumanEval/3" -> "HumanEval"). What a drafter shares per client (the suffix cache under scope client,
+    the arms' tallies) is keyed by it."""
+    return label.split("/", 1)[0]
+
+
 @dataclass
 class Feedback:
     """The verifier's verdict on the previous tree."""

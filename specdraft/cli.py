@@ -19,7 +19,7 @@ DOCS = {
     "prepare-data": ("training.md", ("target", "data")),
     "generate-replies": ("training.md", ("target", "verifier", "replies")),
     "train": ("training.md", ("target", "train")),
-    "bandit-experiment": ("online-learning.md", ("target", "drafter", "sampling", "verify", "experiment")),
+    "experiment": ("online-learning.md", ("target", "drafter", "sampling", "verify", "experiment")),
     "prepare": ("setup.md", ()),
 }
 
@@ -223,27 +223,26 @@ def cmd_train(args) -> None:
     run_train(config_for(args, "train", override), args.evaluate)
 
 
-def cmd_bandit_experiment(args) -> None:
+def cmd_experiment(args) -> None:
     from tqdm import tqdm
 
-    from specdraft.config import ConfigError
     from specdraft.experiment import print_summary, run_experiment
 
     def override(cfg):
         if args.prompts_per_segment is not None:
             cfg.experiment.prompts_per_segment = [args.prompts_per_segment] * len(cfg.experiment.stream)
+        if args.interleaved is not None:
+            cfg.experiment.interleaved = args.interleaved
 
-    cfg = config_for(args, "bandit-experiment", override)
-    if cfg.drafter.kind != "specblock" or cfg.drafter.mode != "inprocess":
-        raise ConfigError(
-            "drafter: the experiment needs an in-process learned drafter (kind: specblock, mode: inprocess)"
-        )
+    cfg = config_for(args, "experiment", override)
     ex = cfg.experiment
-    with tqdm(total=len(ex.policies) * sum(ex.prompts_per_segment), desc="bandit experiment", unit="prompt") as bar:
+    policies = sum(len(cfg.drafter.arms.choose) if p == "fixed" else 1 for p in ex.policies)
+    requests = sum(ex.prompts_per_segment) + ex.interleaved
+    with tqdm(total=policies * requests, desc="experiment", unit="request") as bar:
 
         def progress(policy, row):
             bar.update()
-            bar.set_postfix(policy=policy, tau=f"{row['tau']:.2f}", updates=row["updates"])
+            bar.set_postfix(policy=policy, segment=row["segment"], tau=f"{row['tau']:.2f}")
 
         report = run_experiment(cfg, progress)
     print_summary(report)
@@ -462,23 +461,26 @@ def add_train(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-def add_bandit_experiment(sub) -> None:
+def add_experiment(sub) -> None:
     x = sub.add_parser(
-        "bandit-experiment",
-        help="online learning under a domain shift: never / always / bandit",
-        description="Decode one prompt stream (experiment.stream, e.g. HumanEval then MT-Bench) once per "
-        "policy from the same drafter checkpoint: never update, update every window, or "
-        "let the cost-aware bandit decide (drafter.bandit). Prints tokens/s, tau and update "
-        "cost per segment; writes experiment.json and a PNG to experiment.output.",
+        "experiment",
+        help="the cost-aware choice of drafter and tree budget (and online updates) on a mixed stream",
+        description="Decode one mixed stream of requests (experiment.stream: a block of each source, then "
+        "`interleaved` requests taking turns) once per policy: plain decoding, every arm of "
+        "drafter.arms.choose alone, the bandit choosing among them per session, and the bandit with online "
+        "drafter updates. Prints tokens/s against the best fixed arm in hindsight and the default arm, the "
+        "regret, =AR at temperature 0 and the arms chosen; writes experiment.json and a PNG (cumulative "
+        "tokens/s and regret over the stream) to experiment.output.",
         epilog=EPILOG,
     )
-    x.add_argument("--config", default="configs/bandit-experiment.yaml", help="YAML config (default: %(default)s)")
+    x.add_argument("--config", default="configs/experiment.yaml", help="YAML config (default: %(default)s)")
     x.add_argument(
         "--prompts-per-segment",
         type=positive_int,
-        help="prompts in every stream segment (overrides experiment.prompts_per_segment)",
+        help="requests in every source's block (overrides experiment.prompts_per_segment)",
     )
-    x.set_defaults(func=cmd_bandit_experiment)
+    x.add_argument("--interleaved", type=int, help="requests after the blocks (overrides experiment.interleaved)")
+    x.set_defaults(func=cmd_experiment)
 
 
 def add_prepare(sub) -> None:
@@ -502,7 +504,7 @@ def parser() -> argparse.ArgumentParser:
         add_generate_replies,
         add_prepare_data,
         add_train,
-        add_bandit_experiment,
+        add_experiment,
         add_prepare,
     ):
         add(sub)

@@ -165,25 +165,37 @@ class EvalConfig:
 
 @dataclass
 class ExperimentConfig:
-    stream: list[str] = field(default_factory=lambda: ["humaneval", "mt_bench"])  # segments, in order
-    prompts_per_segment: list[int] = field(default_factory=lambda: [8, 8])  # one count per stream segment
-    max_new_tokens: int = 96
-    policies: list[str] = field(default_factory=lambda: ["never", "always", "bandit"])
-    always_steps: int = 4
-    output: str = "reports/bandit"  # experiment.json and experiment.png
+    # the stream: a block of each source in turn (mt_bench:1, humaneval or a .jsonl / .json of
+    # conversations), prompts_per_segment[i] requests each; then `interleaved` requests taking turns among
+    # the sources (segment "mixed"), each source continuing after the prompts its block used
+    stream: list[str] = field(default_factory=lambda: ["mt_bench:1", "humaneval"])
+    prompts_per_segment: list[int] = field(default_factory=lambda: [8, 8])  # one count per stream source
+    interleaved: int = 0
+    max_new_tokens: int = 32
+    # ar: plain decoding; fixed: each arm of drafter.arms.choose alone (the first: the shipped default's);
+    # bandit: the choice among them; bandit+updates: and online updates (drafter.bandit)
+    policies: list[str] = field(default_factory=lambda: ["ar", "fixed", "bandit"])
+    feedback_topk: int = 8  # bandit+updates: the target's top-k it learns from (the other policies get none)
+    output: str = "reports/experiment"  # experiment.json and experiment.png
 
     def validate(self) -> None:
         for i, name in enumerate(self.stream):
             check_dataset(f"stream[{i}]", name)
         for i, name in enumerate(self.policies):
-            if name not in ("never", "always", "bandit"):
-                raise ValueError(f"policies[{i}]: {name!r} is not one of never, always, bandit")
-        if len(self.prompts_per_segment) != len(self.stream) or any(n <= 0 for n in self.prompts_per_segment):
+            if name not in POLICIES:
+                raise ValueError(f"policies[{i}]: {name!r} is not one of {', '.join(POLICIES)}")
+        if len(self.prompts_per_segment) != len(self.stream) or any(n < 0 for n in self.prompts_per_segment):
             raise ValueError(
-                f"prompts_per_segment: one count > 0 per stream segment ({len(self.stream)}), "
+                f"prompts_per_segment: one count >= 0 per stream source ({len(self.stream)}), "
                 f"got {self.prompts_per_segment}"
             )
-        checks.positive(self, "max_new_tokens", "always_steps")
+        if sum(self.prompts_per_segment) + self.interleaved == 0:
+            raise ValueError("prompts_per_segment, interleaved: the stream has no request")
+        checks.nonneg(self, "interleaved", "feedback_topk")
+        checks.positive(self, "max_new_tokens")
+
+
+POLICIES = ("ar", "fixed", "bandit", "bandit+updates")
 
 
 @dataclass
@@ -198,7 +210,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # `specdraft prepare-data` only
     replies: RepliesConfig = field(default_factory=RepliesConfig)  # `specdraft generate-replies` only
     train: TrainConfig = field(default_factory=TrainConfig)  # `specdraft train` only
-    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # `specdraft bandit-experiment` only
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # `specdraft experiment` only
 
 
 # The sections each command reads; a command validates these, once.
@@ -210,7 +222,7 @@ COMMAND_SECTIONS = {
     "prepare-data": ("target", "data"),
     "generate-replies": ("target", "verifier", "replies"),
     "train": ("target", "train"),
-    "bandit-experiment": ("target", "drafter", "sampling", "verify", "experiment"),
+    "experiment": ("target", "drafter", "sampling", "verify", "experiment"),
     "proposer": ("drafter",),
 }
 WIRE_INT = 2**31  # integers travel as (u)int32 on the wire and in tensor sizes: beyond that is a typo
@@ -274,6 +286,12 @@ def _validate_section(section, key: str) -> None:
 def cross_checks(cfg: Config, sections: tuple[str, ...]) -> None:
     """Value checks that span sections."""
     d = cfg.drafter
+    if "experiment" in sections and set(cfg.experiment.policies) - {"ar"}:
+        if d.mode != "inprocess" or not d.arms.choose:
+            raise ConfigError(
+                "drafter.arms.choose: the experiment's fixed and bandit policies need the in-process hybrid "
+                "with its arms listed (e.g. [both:8, lookup:8, both:4])"
+            )
     if "data" in sections and cfg.data.max_tokens > cfg.target.max_seq_len:
         raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
     stream = cfg.train.stream
