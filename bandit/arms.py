@@ -107,7 +107,7 @@ def ucb(t: Tally, exploration: float) -> tuple[int, str]:
     best, total = max(rates), sum(t.rounds)
     score = [r + exploration * best * math.sqrt(2 * math.log(max(total, 1.0)) / n) for r, n in zip(rates, t.rounds)]
     arm = max(range(len(score)), key=lambda a: (score[a], -a))
-    return arm, "best" if rates[arm] == best else "exploring"
+    return arm, "best" if rates[arm] >= best * (1 - 1e-9) else "exploring"  # (float sums: equal rates differ)
 
 
 class ArmChooser:
@@ -161,9 +161,9 @@ class ArmChooser:
 
 
 class ArmDrafter:
-    """A hybrid session whose every round drafts with the arm its session bandit picks. The round's reward
-    is booked when the next update arrives: the tokens it commits over the previous round's drafting time
-    plus its verification time."""
+    """A hybrid session whose every round drafts with the arm its session bandit picks. A round's reward
+    is booked when the next update arrives: the tokens it commits over the round's drafting time plus its
+    verification time. The first round is not booked: its drafting reads the prompt, whatever the arm."""
 
     def __init__(self, inner: Hybrid, chooser: ArmChooser, label: str, clock=time.perf_counter):
         self.inner, self.chooser, self.client, self.clock = inner, chooser, client_of(label), clock
@@ -171,6 +171,7 @@ class ArmDrafter:
         self.own = Tally(len(chooser.arms))  # this session's rounds only (what joins the pool)
         self.arm: int | None = None
         self.why = ""
+        self.prompt_round = True  # the newest round drafted right after reading the prompt
         self.draft_s = 0.0
         self.sent = 0.0  # when the previous tree was returned
         self.choose_s = 0.0  # the bandit's own time over the session (bookkeeping and choice)
@@ -194,11 +195,12 @@ class ArmDrafter:
 
     def draft_steps(self, update: VerifierUpdate) -> Steps[DraftTree | None]:
         t0 = self.clock()
-        if self.arm is not None:
+        if self.arm is not None and not self.prompt_round:
             fb = update.feedback
             verify_s = fb.verify_ms / 1000 if fb is not None and fb.verify_ms > 0 else t0 - self.sent
             for tally in (self.tally, self.own):
                 tally.add(self.arm, len(update.new_tokens), self.draft_s + verify_s)
+        self.prompt_round = self.arm is None
         self.arm, self.why = ucb(self.tally, self.chooser.cfg.exploration)
         self.pulls[self.arm] += 1
         self.chooser.chose(self.client, self.arm, self.why)
@@ -211,6 +213,6 @@ class ArmDrafter:
         return tree
 
     def close(self) -> None:
-        if self.arm is not None:
+        if sum(self.own.rounds):
             self.chooser.end(self.client, self.own)
         self.inner.close()

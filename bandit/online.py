@@ -4,14 +4,15 @@ Every update a drafter process receives tells it, for free, what the target comm
 drafts, and the target's features there. `FeedbackBuffer` keeps the newest of that (a memory cap) in the
 same shape as the offline training shards, so an online update is a few optimizer steps of the offline
 loss (`drafter.train.block_loss`) on it. Updates cost compute on the machine that also drafts, so every
-`decide_every` drafting rounds a bandit picks an arm, "skip" or "update n steps". A guard measures each
-update on the newest generated rows, held out of it: per row, whether the drafter's first position agrees
-with the target's top-1 before and after (a paired comparison, free of the noise of which prompts a
-window happened to serve). It rolls the update back (weights and optimizer state, bit for bit) when more
-rows were lost than gained.
+`decide_every` drafting rounds a bandit picks an arm, "skip" or "update n steps". An update trains a copy
+of the drafter on a background thread, so drafting never waits for it. A guard measures it on the newest
+generated rows, held out of it: per row, whether the drafter's first position agrees with the target's
+top-1 before and after (a paired comparison, free of the noise of which prompts a window happened to
+serve). The copy is swapped in between two rounds only when no more rows were lost than gained.
 
-The reward of the arm pulled is the tokens/s the whole process served over the next window, the update's
-own wall time included (its cost, measured), plus the gain a kept update goes on delivering after that
+The reward of the arm pulled is the tokens/s the whole process served over the next window, with the
+CPU time of the updates that landed in it added to its seconds (their cost, measured), plus the gain a
+kept update goes on delivering after that
 window: the window's tokens/s x `horizon` windows x the update's relative throughput gain, estimated from
 the guard: the paired agreement gain's lower confidence bound (`paired_gain`), relative to the agreement
 before, scaled by the share of tau that drafted tokens make, (tau - 1) / tau.
@@ -279,6 +280,8 @@ class OnlineAdapter:
             self.start(steps)
 
     def start(self, steps: int) -> None:
+        """An update of `steps` steps on the buffer as it is now: on a background thread (landing at a later
+        `observe`), or, with background False (tests), trained and landed before returning."""
         train, guard = self.split()
         if not train or not guard:
             self.last.update(skipped="not enough feedback yet", gain=0.0)
@@ -291,14 +294,6 @@ class OnlineAdapter:
         self.running = threading.Thread(target=work, name="online-update", daemon=True)
         self.running.start()
 
-    def update(self, steps: int) -> dict:
-        """One update now, on this thread: trained, guarded and landed (tests; the experiment's control)."""
-        train, guard = self.split()
-        if not train or not guard:
-            return {"skipped": "not enough feedback yet"}
-        self.done = self.train(training_copy(self.model), steps, train, guard)
-        return self.land()
-
     def wait(self) -> None:
         """Let a running update finish and land (the end of an experiment)."""
         if self.running is not None:
@@ -306,7 +301,7 @@ class OnlineAdapter:
         if self.done is not None:
             self.land()
 
-    def land(self) -> dict:
+    def land(self) -> None:
         """Swap a finished update's weights into the model if the guard kept it (on the caller's thread,
         between rounds); count it, charge its CPU time to the window, credit its gain."""
         result, self.done, self.running = self.done, None, None
@@ -329,7 +324,6 @@ class OnlineAdapter:
             self.gain = result["gain_lcb"] / max(g[0], 1e-3) * (tau - 1) / tau
         self.last.update(result, gain=round(self.gain, 4))
         log.info("online update landed: %s", self.last)
-        return result
 
     def split(self) -> tuple[list[dict], list[dict]]:
         """Training conversations and the guard set: the newest guard_positions generated rows (prompt rows

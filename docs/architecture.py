@@ -20,7 +20,7 @@ COLOURS = {
 OWNS = {
     "specdraft": "the application: CLI, YAML config, assets, eval, bench, experiment, serve, vLLM rows",
     "verifier": "target model, decode loop, verification rules, RemoteDrafter, vLLM proposer",
-    "bandit": "online learning: feedback buffer, guarded updates, cost-aware bandit",
+    "bandit": "drafter and budget by measured cost; online updates",
     "drafter": "n-gram / SpecBlock / random drafters, trees, training, the gRPC sidecar",
     "proto": "the API: Drafter, VerifierUpdate, Feedback, DraftTree, specdraft.v1 wire, config checks",
     "kernels": "tensor primitives: tree mask, attention, linear, KV compaction, shared layers",

@@ -190,6 +190,7 @@ def run_step_bench(cfg: Config, drafters: list[DrafterConfig], prompts: int, max
     factories = {label: drafter_factory(d, target) if d else None for label, d in runs}
     steps: dict[str, list[Step]] = {label: [] for label, _ in runs}
     lookup_s = dict.fromkeys(steps, 0.0)  # time in a hybrid's lookup source (the suffix cache, n-grams)
+    choose_s = dict.fromkeys(steps, 0.0)  # time in the arms' bandit (drafter.arms.choose): its own cost
     for prompt in tqdm(ids, desc="step bench", unit="prompt"):
         for label, d in runs:  # interleaved per prompt: the machine's drift falls on all alike
             drafter = factories[label](label) if d else None
@@ -197,13 +198,18 @@ def run_step_bench(cfg: Config, drafters: list[DrafterConfig], prompts: int, max
             steps[label] += list(decode(target, prompt, run_cfg, stops, drafter, max_new_tokens))
             if drafter is not None:
                 lookup_s[label] += getattr(drafter, "lookup_s", 0.0)
+                choose_s[label] += getattr(drafter, "choose_s", 0.0)
                 drafter.close()
     decode_ms = step_costs(steps["plain decoding"])["step"]
     rows = {}
     for label, st in steps.items():
         if label != "plain decoding":
             n = max(sum(not s.prefill for s in st), 1)
-            rows[label] = step_costs(st) | {"tau": tau(st), "lookup": 1000 * lookup_s[label] / n}
+            rows[label] = step_costs(st) | {
+                "tau": tau(st),
+                "lookup": 1000 * lookup_s[label] / n,
+                "bandit": 1000 * choose_s[label] / n,
+            }
     return {"decode_ms": decode_ms, "rows": rows, "suffix_store": suffix_store_rss(cfg.drafter.suffix)}
 
 
@@ -233,7 +239,7 @@ def print_step_bench(results: dict) -> None:
     d = results["decode_ms"]
     print(f"\nper speculative step, ms (x plain decode step = {d:.1f} ms, same prompts and run)")
     cols = [("drafter", 28), ("nodes", 7)] + [(p, 14) for p in STEP_PARTS] + [("verify", 14), ("tau", 6)]
-    cols += [("lookup", 14)]
+    cols += [("lookup", 14), ("bandit", 8)]
     cols += [(f"ceiling t{t}", 11) for t in (2, 3, 4)]
     rows = []
     for label, r in results["rows"].items():
@@ -241,9 +247,11 @@ def print_step_bench(results: dict) -> None:
         cells = [f"{r[p]:.2f} ({r[p] / d:.2f})" for p in STEP_PARTS] + [f"{verify:.1f} ({verify / d:.2f})"]
         ceilings = [f"{t * d / r['step']:.2f}" for t in (2, 3, 4)]
         lookup = f"{r['lookup']:.2f} ({r['lookup'] / d:.3f})"
-        rows.append([label, f"{r['nodes']:.1f}"] + cells + [f"{r['tau']:.2f}", lookup] + ceilings)
+        extra = [f"{r['tau']:.2f}", lookup, f"{r['bandit']:.3f}"]
+        rows.append([label, f"{r['nodes']:.1f}"] + cells + extra + ceilings)
     print_columns(cols, rows)
-    print("(lookup: of draft, the time in a hybrid's lookup source: the suffix cache or n-grams)")
+    print("(lookup: of draft, the time in a hybrid's lookup source: the suffix cache or n-grams; bandit: of draft,")
+    print(" the time the arms' bandit spends booking rewards and choosing, drafter.arms.choose)")
     st = results["suffix_store"]
     print(
         f"suffix store filled to twice drafter.suffix.max_tokens = {st['max_tokens']:,}: holds {st['tokens']:,} "

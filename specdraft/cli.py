@@ -19,7 +19,7 @@ DOCS = {
     "prepare-data": ("training.md", ("target", "data")),
     "generate-replies": ("training.md", ("target", "verifier", "replies")),
     "train": ("training.md", ("target", "train")),
-    "experiment": ("online-learning.md", ("target", "drafter", "sampling", "verify", "experiment")),
+    "experiment": ("bandit.md", ("target", "drafter", "sampling", "verify", "experiment")),
     "prepare": ("setup.md", ()),
 }
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from bandit.arms import ArmDrafter
 from bandit.online import OnlineAdapter
 from drafter.data import chat_prompt
+from proto.interface import client_of
 from specdraft.assets import load_target
 from specdraft.build import Shared, load_drafter_model, make_drafter
 from specdraft.config import ConfigError
@@ -135,7 +136,8 @@ def run_policies(cfg, target, stops, jobs, progress=None) -> dict:
             rec = run_prompt(target, ids, pcfg, stops, drafter)
             wall = clock.stop()  # includes any update run inside this request's rounds
             arms = drafter.inner if isinstance(drafter, AdaptingDrafter) else drafter
-            pulls = dict(zip(pcfg.drafter.arms.choose, arms.pulls)) if isinstance(arms, ArmDrafter) else {}
+            chose = isinstance(arms, ArmDrafter)
+            pulls = dict(zip(pcfg.drafter.arms.choose, arms.pulls)) if chose else {}
             if drafter is not None:
                 drafter.close()
             rows[policy].append(
@@ -147,6 +149,7 @@ def run_policies(cfg, target, stops, jobs, progress=None) -> dict:
                     "wall_s": wall,
                     "tau": tau(rec["steps"]),
                     "pulls": pulls,
+                    "choose_s": arms.choose_s if chose else 0.0,  # the bandit's own time in this request
                     "updates": adapter.updates if adapter else 0,
                     "update_s": adapter.update_s if adapter else 0.0,
                 }
@@ -173,10 +176,27 @@ def regret_curve(rows: list[dict], best_rate: float) -> list[float]:
     return out
 
 
+def oracles(runs: dict, arms: list[str]) -> dict:
+    """Upper bounds of a choice among the fixed arms, in hindsight (tokens/s): the best arm per client
+    (a per-client choice that never explores) and per request (a per-session one)."""
+    fixed = [a for a in arms if a in runs]
+    if not fixed:
+        return {}
+    by_request = list(zip(*(runs[a]["rows"] for a in fixed)))  # the same request under every arm
+    per_request = [max(rs, key=lambda r: r["tokens"] / r["wall_s"]) for rs in by_request]
+    per_client = []
+    for client in dict.fromkeys(client_of(rs[0]["id"]) for rs in by_request):
+        mine = [i for i, rs in enumerate(by_request) if client_of(rs[0]["id"]) == client]
+        best = max(range(len(fixed)), key=lambda a: rate([by_request[i][a] for i in mine]))
+        per_client += [by_request[i][best] for i in mine]
+    return {"per_client": rate(per_client), "per_request": rate(per_request)}
+
+
 def summarize(runs: dict, arms: list[str], temperature: float) -> dict:
     fixed = {a: rate(runs[a]["rows"]) for a in arms if a in runs}
     best = max(fixed, key=fixed.get) if fixed else None
-    out = {"best_fixed": best, "default_arm": arms[0] if arms else None, "policies": {}}
+    out = {"best_fixed": best, "default_arm": arms[0] if arms else None, "oracles": oracles(runs, arms)}
+    out["policies"] = {}
     for policy, run in runs.items():
         rows = run["rows"]
         segments = {}
@@ -192,6 +212,7 @@ def summarize(runs: dict, arms: list[str], temperature: float) -> dict:
             "tau": sum(r["tau"] for r in rows) / len(rows),
             "segments": segments,
             "arm_share": {a: n / max(sum(pulls.values()), 1) for a, n in pulls.items()},
+            "choose_us_per_round": 1e6 * sum(r["choose_s"] for r in rows) / max(sum(pulls.values()), 1),
             "updates": rows[-1]["updates"],
             "update_s": rows[-1]["update_s"],
         }
@@ -283,6 +304,14 @@ def print_summary(report: dict) -> None:
         )
     print_columns(cols, rows)
     print(f"best fixed arm in hindsight: {s['best_fixed']}; the shipped default's arm: {s['default_arm']}")
+    default = s["policies"].get(s["default_arm"], {}).get("tokens_per_s")
+    for name, v in s["oracles"].items():
+        print(
+            f"in hindsight, the best fixed arm {name.replace('_', ' ')}: {v:.2f} tok/s ({v / default:.3f}x the default)"
+        )
+    for policy, p in s["policies"].items():
+        if len(p["arm_share"]) > 1:
+            print(f"{policy}: its own bookkeeping and choice {p['choose_us_per_round']:.1f} us a round")
     segs = list(next(iter(s["policies"].values()))["segments"])
     cols = [("policy", 15)] + [(f"{g} tok/s", len(g) + 8) for g in segs]
     print_columns(

@@ -65,13 +65,13 @@ def test_the_step_table_prints_each_part_as_a_fraction_of_a_decode_step_and_the_
 
     row = {"draft": 2.0, "forward": 30.0, "head": 3.0, "rule": 1.0, "commit": 0.5, "nodes": 12.0, "tau": 2.5}
     row["step"] = row["draft"] + row["forward"] + row["head"] + row["rule"] + row["commit"]
-    row["lookup"] = 0.4
+    row["lookup"], row["bandit"] = 0.4, 0.012
     store = {"max_tokens": 1000, "tokens": 1000, "rss_mib": 3.0}
     print_step_bench({"decode_ms": 40.0, "rows": {"fake": row}, "suffix_store": store})
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("fake"))
     assert "2.00 (0.05)" in line and "30.00 (0.75)" in line and "34.5 (0.86)" in line  # verify = 30+3+1+0.5
-    assert "0.40 (0.010)" in line and "holds 1,000 tokens, RSS +3 MiB" in out
+    assert "0.40 (0.010)" in line and " 0.012 " in line and "holds 1,000 tokens, RSS +3 MiB" in out
     ceilings = [float(x) for x in line.split()[-3:]]
     assert ceilings == [pytest.approx(t * 40.0 / 36.5, abs=0.005) for t in (2, 3, 4)]
 

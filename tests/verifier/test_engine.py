@@ -139,3 +139,5 @@ def test_drafter_receives_hidden_states_of_every_committed_token_but_the_newest(
     seq = tokens[:-1]
     ref = target_fp32.prefill(seq)  # the same tokens read in one plain prefill
     assert (torch.cat(hidden) - ref).abs().max() < 1e-3
+    # every verdict says what verifying its tree cost (the arms' reward): milliseconds, measured
+    assert all(0 < u.feedback.verify_ms < 60_000 for u in rec.updates[1:])
