@@ -46,7 +46,7 @@ class ArmsConfig:
     # the arms a session chooses among each round; empty = no choice (the drafter drafts as configured).
     # Needs the hybrid (drafter.kind specblock with a lookup); nodes <= drafter.max_nodes
     choose: list[str] = field(default_factory=list)
-    exploration: float = 0.3  # UCB bonus scale, in units of the best arm's tokens/s
+    exploration: float = 0.15  # UCB bonus scale, in units of the best arm's tokens/s
     prior_rounds: float = 32.0  # a client's pooled rounds count as at most this many per arm in a new session
     client_discount: float = 0.9  # per ended session, the weight left to the client's older sessions
     max_clients: int = 256  # client labels remembered (least recently seen forgotten first)

@@ -426,20 +426,21 @@ def test_the_drafter_is_made_on_the_first_update_for_its_client_label():
 
 
 def test_the_suffix_cache_is_shared_within_a_client_and_never_across_clients(tmp_path):
-    """A real sidecar with drafter.kind suffix, scope client: a later session of the same client_label
-    drafts from an earlier session's committed output; another client's session gets nothing from it."""
+    """A real sidecar with drafter.kind suffix, scope client: a later session of the same client (the
+    client_label up to its first "/") drafts from an earlier session's committed output; another client's
+    session gets nothing from it."""
     from tests.sidecar import TOKEN_ENV, Sidecar
 
     s = Sidecar(tmp_path, f"token_env: {TOKEN_ENV}", other_yaml="drafter: {kind: suffix, suffix: {scope: client}}")
     try:
         secret = [901, 902, 903, 904, 905, 906]
-        session(s.stub, [first([1, 2], client_label="a"), pb.VerifierUpdate(round=1, new_tokens=secret, max_nodes=8)])
+        session(s.stub, [first([1, 2], client_label="a/1"), pb.VerifierUpdate(round=1, new_tokens=secret, max_nodes=8)])
         probe = [7, 901, 902]  # a prompt that ends in the secret's first two tokens
 
         def drafted(label):
             return list(session(s.stub, [first(probe, client_label=label)])[0].tokens)
 
-        assert drafted("a")[:4] == secret[2:6]
-        assert drafted("b") == []  # b's sessions never saw a's text
+        assert drafted("a/2")[:4] == secret[2:6] and drafted("a")[:4] == secret[2:6]
+        assert drafted("b") == [] and drafted("ab/1") == []  # other clients' sessions never saw a's text
     finally:
         assert s.stop() == 0

@@ -3,6 +3,7 @@ decoding token for token, whatever the drafter proposes."""
 
 import inspect
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,22 @@ def test_greedy_speculative_equals_ar_token_for_token(kind, target_fp32, prompts
             "specblock": lambda: untrained_specblock(target_fp32),
         }[kind]()
         assert run(target_fp32, ids, drafter) == ar
+
+
+def test_the_default_configs_drafter_equals_ar_token_for_token(target_fp32, prompts_and_ar):
+    """configs/default.yaml's drafter (the hybrid with its arms' bandit on, the committed SpecBlock), its
+    sessions sharing the suffix cache and the client's arm tallies as a sidecar's do."""
+    from specdraft.build import Shared, load_drafter_model, make_drafter
+    from specdraft.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "default.yaml", "eval").drafter
+    model = load_drafter_model(cfg, target_fp32.args, target_fp32.embedding)
+    shared = Shared(cfg)
+    for i, (ids, ar) in enumerate(prompts_and_ar):
+        drafter = make_drafter(cfg, model, shared, f"test/{i}")
+        assert run(target_fp32, ids, drafter, max_nodes=cfg.max_nodes) == ar
+        drafter.close()
+    assert cfg.arms.choose and sum(shared.arms.pulled) > 0
 
 
 def test_oracle_drafts_are_accepted_in_long_runs(target_fp32, prompts_and_ar):
