@@ -226,6 +226,7 @@ def cmd_train(args) -> None:
 def cmd_experiment(args) -> None:
     from tqdm import tqdm
 
+    from specdraft.config import ConfigError
     from specdraft.experiment import print_summary, run_experiment
 
     def override(cfg):
@@ -236,6 +237,11 @@ def cmd_experiment(args) -> None:
 
     cfg = config_for(args, "experiment", override)
     ex = cfg.experiment
+    if set(ex.policies) - {"ar"} and (cfg.drafter.mode != "inprocess" or not cfg.drafter.arms.choose):
+        raise ConfigError(
+            "drafter.arms.choose: the experiment's fixed and bandit policies need the in-process hybrid "
+            "with its arms listed (e.g. [both:8, lookup:8, both:4])"
+        )
     policies = sum(len(cfg.drafter.arms.choose) if p == "fixed" else 1 for p in ex.policies)
     requests = sum(ex.prompts_per_segment) + ex.interleaved
     with tqdm(total=policies * requests, desc="experiment", unit="request") as bar:

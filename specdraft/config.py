@@ -286,12 +286,6 @@ def _validate_section(section, key: str) -> None:
 def cross_checks(cfg: Config, sections: tuple[str, ...]) -> None:
     """Value checks that span sections."""
     d = cfg.drafter
-    if "experiment" in sections and set(cfg.experiment.policies) - {"ar"}:
-        if d.mode != "inprocess" or not d.arms.choose:
-            raise ConfigError(
-                "drafter.arms.choose: the experiment's fixed and bandit policies need the in-process hybrid "
-                "with its arms listed (e.g. [both:8, lookup:8, both:4])"
-            )
     if "data" in sections and cfg.data.max_tokens > cfg.target.max_seq_len:
         raise ConfigError(f"data.max_tokens: {cfg.data.max_tokens} > target.max_seq_len {cfg.target.max_seq_len}")
     stream = cfg.train.stream

@@ -67,6 +67,16 @@ def test_a_config_with_arms_the_drafter_cannot_draw_is_refused(tmp_path, capsys,
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_an_experiment_with_bandit_policies_and_no_arms_exits_2_naming_the_field(tmp_path, capsys):
+    from specdraft.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("drafter: {kind: ngram}\nexperiment: {policies: [ar, bandit]}\n")
+    assert main(["experiment", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "drafter.arms.choose: the experiment's fixed and bandit policies" in err
+
+
 def test_ucb_tries_every_arm_then_follows_the_rates_and_ties_go_to_the_earlier_arm():
     t = Tally(3)
     assert ucb(t, 0.2) == (0, "untried")
