@@ -68,7 +68,7 @@ def serve_drafter(cfg: Config, ready=None) -> None:
         tree_builder=tree_builder(cfg.drafter),
     )
     adapter = OnlineAdapter(model, cfg.drafter.bandit) if cfg.drafter.bandit.enabled and model is not None else None
-    shared = Shared(cfg.drafter)  # the suffix cache and calibration every session of this sidecar shares
+    shared = Shared(cfg.drafter)  # the suffix cache, calibration and arm tallies every session here shares
     new_drafter = lambda client: make_drafter(cfg.drafter, model, shared, client)
     asyncio.run(serve(cfg.server, new_drafter, info, adapter, ready, shared.arms))
 
