@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from drafter.hybrid import Hybrid
 from drafter.specblock import Steps, drive
+from proto import checks
 from proto.interface import VerifierUpdate, client_of
 from proto.tree import DraftTree
 
@@ -59,12 +60,9 @@ class ArmsConfig:
                 raise ValueError(f"choose[{i}]: {e}") from None
         if len(set(self.choose)) != len(self.choose):
             raise ValueError(f"choose: an arm is listed twice in {self.choose}")
-        if not self.exploration >= 0 or not self.prior_rounds >= 0:
-            raise ValueError("exploration and prior_rounds: must be >= 0")
-        if not 0 < self.client_discount <= 1:
-            raise ValueError(f"client_discount: must be in (0, 1], got {self.client_discount}")
-        if self.max_clients < 1:
-            raise ValueError(f"max_clients: must be >= 1, got {self.max_clients}")
+        checks.nonneg(self, "exploration", "prior_rounds")
+        checks.fraction(self, "client_discount", low_open=True)
+        checks.positive(self, "max_clients")
 
 
 class Tally:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 def positive(section, *names: str) -> None:
     for name in names:
-        if getattr(section, name) <= 0:
+        if not getattr(section, name) > 0:  # (NaN fails too)
             raise ValueError(f"{name}: must be > 0, got {getattr(section, name)}")
 
 
 def nonneg(section, *names: str) -> None:
     for name in names:
-        if getattr(section, name) < 0:
+        if not getattr(section, name) >= 0:  # (NaN fails too)
             raise ValueError(f"{name}: must be >= 0, got {getattr(section, name)}")
 
 

@@ -5,7 +5,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bandit.arms import ArmChooser, ArmDrafter, ArmsConfig
+from bandit.arms import ArmChooser, ArmDrafter, ArmsConfig, parse_arm
 from bandit.online import BanditConfig
 from drafter.hybrid import Calibration, Hybrid, HybridConfig
 from drafter.ngram import NgramConfig, NgramDrafter
@@ -61,7 +61,7 @@ class DrafterConfig:
                 f"(kind {self.kind!r}, lookup {self.lookup!r})"
             )
         for arm in self.arms.choose:
-            if int(arm.partition(":")[2]) > self.max_nodes:
+            if parse_arm(arm)[1] > self.max_nodes:
                 raise ValueError(f"arms.choose: {arm} asks for more nodes than max_nodes {self.max_nodes}")
         if self.bandit.enabled and self.kind != "specblock":
             raise ValueError(

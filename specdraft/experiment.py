@@ -166,14 +166,19 @@ def rate(rows: list[dict]) -> float:
     return sum(r["tokens"] for r in rows) / max(sum(r["wall_s"] for r in rows), 1e-9)
 
 
-def regret_curve(rows: list[dict], best_rate: float) -> list[float]:
-    """Cumulative regret in tokens after each request: what the best fixed arm's rate (in hindsight, over
-    the whole stream) would have committed in the policy's time so far, minus what the policy committed."""
+def cumulative(rows: list[dict]) -> list[tuple[int, float]]:
+    """(tokens, seconds) committed and spent up to and including each request."""
     out, toks, wall = [], 0, 0.0
     for r in rows:
         toks, wall = toks + r["tokens"], wall + r["wall_s"]
-        out.append(best_rate * wall - toks)
+        out.append((toks, wall))
     return out
+
+
+def regret_curve(rows: list[dict], best_rate: float) -> list[float]:
+    """Cumulative regret in tokens after each request: what the best fixed arm's rate (in hindsight, over
+    the whole stream) would have committed in the policy's time so far, minus what the policy committed."""
+    return [best_rate * wall - toks for toks, wall in cumulative(rows)]
 
 
 def oracles(runs: dict, arms: list[str]) -> dict:
@@ -237,10 +242,7 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     for policy, run in runs.items():
         rows = run["rows"]
-        toks, wall, cum = 0, 0.0, []
-        for r in rows:
-            toks, wall = toks + r["tokens"], wall + r["wall_s"]
-            cum.append(toks / wall)
+        cum = [toks / wall for toks, wall in cumulative(rows)]
         a.plot(range(1, len(rows) + 1), cum, label=policy, lw=2 if policy.startswith("bandit") else 1)
     best = summary["best_fixed"]
     if best is not None:
